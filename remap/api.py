@@ -1,0 +1,66 @@
+"""The Python API: what every CLI command calls, usable without the CLI.
+
+    from remap import api
+    plan, ckpt = api.plan("path/to/hf", "hf-to-mlx")
+    print(api.report(plan).ok)
+    api.convert(plan, ckpt, "out/mlx")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from remap import execute
+from remap.check import check_data
+from remap.io.checkpoint import Checkpoint, open_checkpoint
+from remap.layouts import Detection, detect
+from remap.ops import TensorType
+from remap.plan import Plan, build_plan
+from remap.report import Report, build_report
+from remap.spec.invert import invert_spec
+from remap.spec.load import Spec, load_spec
+
+
+def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
+    return open_checkpoint(str(src), revision=revision, allow_pickle=allow_pickle)
+
+
+def identify(checkpoint: Checkpoint) -> Detection:
+    return detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, checkpoint.config)
+
+
+def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    return invert_spec(spec) if inverse else spec
+
+
+def plan(
+    src: str | Path | Checkpoint,
+    spec: str | Path | Spec,
+    *,
+    inverse: bool = False,
+    params: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+) -> tuple[Plan, Checkpoint]:
+    """Plan a conversion from the source's headers and config.json alone (no tensor bytes)."""
+    checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision)
+    spec = load(spec, inverse=inverse)
+    detected = identify(checkpoint)
+    source_variant = detected.variant if detected.layout == spec.source_layout else None
+    tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
+    built = build_plan(spec, tensors, checkpoint.config, params=params, dtype=dtype,
+                       variant=variant, source_variant=source_variant)
+    return built, checkpoint
+
+
+def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = False) -> Report:
+    """The shape-verification report; with `check`, every claim measured on the bytes."""
+    findings = check_data(plan, checkpoint.read) if check and checkpoint is not None else None
+    return build_report(plan, findings)
+
+
+def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:
+    return execute.convert(plan, checkpoint, dst, **options)

@@ -1,0 +1,222 @@
+"""The `remap` command. Every command is a thin shell over remap.api: parse, call, print.
+
+Exit codes: 0 success, 1 a check failed (report not OK, parity drift), 2 bad input (a
+RemapError: one line saying which file / tensor / rule and what was expected; --debug for the
+traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from remap import __version__, api
+from remap.errors import RemapError
+from remap.names import collapse
+from remap.report import render_json, render_markdown, render_rich
+from remap.spec.expr import evaluate
+from remap.spec.invert import invert_document
+from remap.spec.load import bundled_specs, dump_spec, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan, convert, verify and parity-check DeepSeek-V3-family checkpoints.")
+console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug
+    if version:
+        console.print(f"remap {__version__}")
+        raise typer.Exit(0)
+
+
+def _params(values: List[str]) -> dict[str, Any]:
+    params = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RemapError(f"--param {item!r}", expected="KEY=VALUE")
+        params[key] = evaluate(value, {}) if value[:1].isdigit() or value in ("true", "false", "null") else value
+    return params
+
+
+SpecOption = typer.Option(..., "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file.")
+InverseOption = typer.Option(False, "--inverse", help="Run the spec backwards.")
+VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g. mlx: embed_q | kv_b_proj).")
+DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to this dtype (bf16, f16, f32).")
+ParamOption = typer.Option([], "--param", "-p", help="Spec parameter KEY=VALUE (repeatable).")
+RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit) for a repo id.")
+
+
+def _emit_report(report, *, full: bool, json_file: Optional[Path], markdown_file: Optional[Path]) -> None:
+    render_rich(report, console, full=full)
+    if json_file:
+        json_file.write_text(render_json(report) + "\n")
+    if markdown_file:
+        markdown_file.write_text(render_markdown(report, full=full))
+
+
+@app.command()
+def inspect(
+    checkpoint: str = typer.Argument(..., help="Directory, .safetensors file, .pt/.bin, or hub repo id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    full: bool = typer.Option(False, "--full", help="One row per tensor (no collapsing of layer indices)."),
+    revision: Optional[str] = RevisionOption,
+) -> None:
+    """What a checkpoint is: its tensors, the detected layout and variant, its config."""
+    ckpt = api.open_source(checkpoint, revision=revision)
+    tensors = ckpt.tensors
+    detection = api.identify(ckpt)
+    summary = {
+        "source": ckpt.source,
+        "files": list(ckpt.files),
+        "tensors": len(tensors),
+        "bytes": sum(t.nbytes for t in tensors.values()),
+        "layout": detection.layout,
+        "variant": detection.variant,
+        "detail": detection.describe(),
+        "config": {k: v for k, v in (detection.config or ckpt.config or {}).items() if not isinstance(v, (dict, list))},
+    }
+    if as_json:
+        summary["tensor_list"] = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table(title=f"{ckpt.source}: {len(tensors)} tensors, {summary['bytes'] / 2**20:.1f} MiB", header_style="bold")
+        for column in ("tensor", "shape", "dtype", "MiB"):
+            table.add_column(column, overflow="fold")
+        items = sorted(tensors.values(), key=lambda t: _natural(t.name))
+        groups = [(t.name, [t]) for t in items] if full else collapse(items, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype))
+        for name, members in groups:
+            t = members[0]
+            table.add_row(name, str(list(t.shape)), t.dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
+        console.print(table)
+        shown = ", ".join(f"{k}={v}" for k, v in summary["config"].items() if k in _CONFIG_SUMMARY)
+        console.print(f"config: {shown or '(no config.json)'}")
+        console.print(f"layout: [bold]{detection.describe()}[/]" if detection.layout else f"[red]layout: {detection.describe()}[/]")
+    if detection.layout is None:
+        raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
+
+
+_CONFIG_SUMMARY = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                   "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "vocab_size")
+
+
+def _natural(name: str):
+    from remap.plan import natural_key
+    return natural_key(name)
+
+
+@app.command()
+def report(
+    src: str = typer.Argument(..., help="Source checkpoint."),
+    spec: str = SpecOption,
+    inverse: bool = InverseOption,
+    variant: Optional[str] = VariantOption,
+    dtype: Optional[str] = DtypeOption,
+    param: List[str] = ParamOption,
+    check_data: bool = typer.Option(False, "--check-data", help="Read the bytes behind every claim and measure it."),
+    full: bool = typer.Option(False, "--full", help="One row per tensor."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown here."),
+    revision: Optional[str] = RevisionOption,
+) -> None:
+    """Plan a conversion from headers alone and verify it against the target layout."""
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant, revision=revision)
+    result = api.report(plan, ckpt, check=check_data)
+    _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Source checkpoint: directory, file, or hub repo id."),
+    dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
+    spec: str = SpecOption,
+    inverse: bool = InverseOption,
+    variant: Optional[str] = VariantOption,
+    dtype: Optional[str] = DtypeOption,
+    param: List[str] = ParamOption,
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
+    check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
+    full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
+    revision: Optional[str] = RevisionOption,
+) -> None:
+    """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant, revision=revision)
+    result = api.report(plan, ckpt, check=check_data)
+    if dry_run or not result.ok:
+        render_rich(result, console, full=full)
+        if not result.ok:
+            err.print(f"[red]not converting[/]: {result.problems[0]}")
+        raise typer.Exit(0 if result.ok else 1)
+    total = sum(o.nbytes for o in [])  # filled below
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
+        done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
+                           workers=workers, force=force, resume=resume, progress=lambda n: bar.advance(task, n))
+    console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
+                  f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
+
+
+def _coverage(result) -> str:
+    from remap.report import coverage_line
+    return coverage_line(result).split(" -> ")[0]
+
+
+@app.command()
+def invert(
+    spec: str = typer.Argument(..., help="Spec to invert (bundled name or file)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
+) -> None:
+    """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert."""
+    text = dump_spec(invert_document(load_spec(spec)))
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        print(text, end="")
+
+
+@app.command()
+def specs() -> None:
+    """List the bundled mapping specs."""
+    table = Table(header_style="bold")
+    for column in ("spec", "from", "to", "description"):
+        table.add_column(column, overflow="fold")
+    for path in bundled_specs():
+        s = load_spec(path)
+        table.add_row(s.name, s.source_layout, s.target_layout, s.description.strip())
+    console.print(table)
+
+
+def run() -> None:
+    try:
+        app(standalone_mode=False)
+    except RemapError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: nothing was written to the destination")
+        sys.exit(130)

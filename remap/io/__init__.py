@@ -1,0 +1,35 @@
+"""Checkpoint I/O: safetensors headers, opening any checkpoint, the streaming sharded writer.
+
+Knows files and bytes only, never specs or layouts.
+"""
+
+from remap.io.checkpoint import Checkpoint, open_checkpoint
+from remap.io.headers import DTYPES, DType, TensorInfo, read_header, safetensors_dtype
+from remap.io.writer import (
+    ShardPlan,
+    ShardWriter,
+    TensorEntry,
+    atomic_output,
+    plan_shards,
+    sha256_file,
+    shard_is_complete,
+    write_index,
+)
+
+__all__ = [
+    "DTYPES",
+    "Checkpoint",
+    "DType",
+    "ShardPlan",
+    "ShardWriter",
+    "TensorEntry",
+    "TensorInfo",
+    "atomic_output",
+    "open_checkpoint",
+    "plan_shards",
+    "read_header",
+    "safetensors_dtype",
+    "sha256_file",
+    "shard_is_complete",
+    "write_index",
+]

@@ -1,0 +1,262 @@
+"""Reading safetensors headers, and the dtype table.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the data
+section. Planning needs only the header, so reading one never touches the data; opening the
+163 shards of a full DeepSeek-V3 costs 163 small reads.
+
+The checks follow the format as the safetensors crate enforces it (safetensors/src/tensor.rs,
+`read_metadata` and `Metadata::validate`): header at most 100 MB; tensors sorted by offsets
+tile the data section exactly (no gap, no overlap, nothing left over); each byte span equals
+shape x dtype size. We add what serde lets through silently: duplicate names (the last one
+would win) and non-integer shapes. Every failure is a RemapError naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from remap.errors import RemapError
+
+# The same cap the safetensors crate applies; checked before the header is read, so a corrupt
+# length field cannot make us allocate gigabytes.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its size in bits and the numpy dtype that holds it (None when
+    numpy has no packed form, as for the 4- and 6-bit microscaling formats)."""
+
+    name: str
+    bits: int
+    numpy: np.dtype | None
+
+
+def _dtypes(*rows: tuple[str, int, Any]) -> dict[str, DType]:
+    return {name: DType(name, bits, None if np_type is None else np.dtype(np_type)) for name, bits, np_type in rows}
+
+
+# In the order of the crate's `Dtype` enum, which is increasing alignment: writers sort tensors
+# by this order (descending) so every tensor starts aligned to its element size.
+DTYPES: dict[str, DType] = _dtypes(
+    ("BOOL", 8, np.bool_),
+    ("F4", 4, None),
+    ("F6_E2M3", 6, None),
+    ("F6_E3M2", 6, None),
+    ("U8", 8, np.uint8),
+    ("I8", 8, np.int8),
+    ("F8_E5M2", 8, ml_dtypes.float8_e5m2),
+    ("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
+    ("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
+    ("F8_E4M3FNUZ", 8, ml_dtypes.float8_e4m3fnuz),
+    ("F8_E5M2FNUZ", 8, ml_dtypes.float8_e5m2fnuz),
+    ("I16", 16, np.int16),
+    ("U16", 16, np.uint16),
+    ("F16", 16, np.float16),
+    ("BF16", 16, ml_dtypes.bfloat16),
+    ("I32", 32, np.int32),
+    ("U32", 32, np.uint32),
+    ("F32", 32, np.float32),
+    ("C64", 64, np.complex64),
+    ("F64", 64, np.float64),
+    ("I64", 64, np.int64),
+    ("U64", 64, np.uint64),
+)
+
+# numpy's dtype names equal torch's ("bfloat16", "float8_e4m3fn"), so one table names both.
+_BY_NUMPY_NAME = {d.numpy.name: d.name for d in DTYPES.values() if d.numpy is not None}
+
+
+def safetensors_dtype(numpy_or_torch_name: str) -> str | None:
+    """The safetensors dtype for a numpy dtype name ("bfloat16") or a torch dtype as text
+    ("torch.bfloat16"); None if safetensors has none."""
+    return _BY_NUMPY_NAME.get(numpy_or_torch_name.removeprefix("torch."))
+
+
+def byte_size(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes that `shape` elements of `dtype` take; RemapError if they do not fill whole bytes."""
+    bits = math.prod(shape) * DTYPES[dtype].bits
+    if bits % 8:
+        raise RemapError(f"{math.prod(shape)} elements of {dtype} do not fill whole bytes", expected="whole bytes")
+    return bits // 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. `start`/`end` are absolute byte offsets in `file`
+    (8 + header length + data_offsets); None for a tensor that is not a byte span of a
+    safetensors file (one from a torch state dict)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int | None = None
+    end: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return byte_size(self.dtype, self.shape)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors file (in file order) and its `__metadata__` ({} if none).
+
+    Reads only the header. RemapError if the file is not a well-formed safetensors file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            header_len = _header_length(f.read(8), file_size, path)
+            raw = f.read(header_len)
+    except OSError as e:
+        raise RemapError(f"cannot read: {e.strerror}", file=str(path)) from e
+
+    header = _parse_json(raw, path)
+    metadata = _metadata(header.pop("__metadata__", {}), path)
+    data_start = 8 + header_len
+    spans = {name: _entry(name, entry, path) for name, entry in header.items()}
+    _check_tiling(spans, file_size - data_start, path)
+    tensors = {
+        name: TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+        for name, (dtype, shape, begin, end) in sorted(spans.items(), key=lambda item: item[1][2:])
+    }
+    return tensors, metadata
+
+
+def _header_length(prefix: bytes, file_size: int, path: Path) -> int:
+    if len(prefix) < 8:
+        raise RemapError(
+            f"file is {file_size} bytes, too short for a safetensors header",
+            file=str(path),
+            expected="an 8-byte little-endian header length, then the JSON header",
+        )
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise RemapError(
+            f"header length field says {header_len} bytes; not a safetensors file, or corrupt",
+            file=str(path),
+            expected=f"at most {MAX_HEADER_BYTES} bytes",
+        )
+    if 8 + header_len > file_size:
+        raise RemapError(
+            f"header length field says {header_len} bytes but the file has only {file_size - 8} after it "
+            "(truncated download?)",
+            file=str(path),
+            expected="a header that fits in the file",
+        )
+    return header_len
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
+    expected = "a JSON object of tensor entries"
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError as e:
+        raise RemapError(f"header is not UTF-8 text (byte {e.start})", file=str(path), expected=expected) from e
+    except _DuplicateKey as e:
+        raise RemapError(f"header names '{e}' twice", file=str(path), expected="unique names") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise RemapError(f"header is not valid JSON: {e}", file=str(path), expected=expected) from e
+    if not isinstance(header, dict):
+        raise RemapError(f"header is a JSON {type(header).__name__}", file=str(path), expected=expected)
+    return header
+
+
+def _metadata(value: Any, path: Path) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise RemapError("__metadata__ is not a map of strings", file=str(path), expected='{"key": "text", ...}')
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    # bool is an int in Python, but `true` is no size
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, its fields checked."""
+
+    def bad(message: str, expected: str) -> RemapError:
+        return RemapError(message, file=str(path), tensor=name, expected=expected)
+
+    if not isinstance(entry, dict):
+        raise bad(f"entry is a JSON {type(entry).__name__}", '{"dtype": ..., "shape": [...], "data_offsets": [b, e]}')
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise bad(f"unknown dtype {dtype!r}", "one of " + ", ".join(DTYPES))
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers", "e.g. [4096, 7168]")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} is not a [begin, end] byte range", "two integers, 0 <= begin <= end")
+    shape = tuple(shape)
+    try:
+        size = byte_size(dtype, shape)
+    except RemapError as e:
+        raise e.within(file=str(path), tensor=name)
+    begin, end = offsets
+    if end - begin != size:
+        raise bad(
+            f"data_offsets span {end - begin} bytes but shape {list(shape)} of {dtype} needs {size}",
+            f"{size} bytes",
+        )
+    return dtype, shape, begin, end
+
+
+def _check_tiling(spans: dict[str, tuple[str, tuple[int, ...], int, int]], data_len: int, path: Path) -> None:
+    """Sorted by offsets, the tensors must cover the data section exactly, as safetensors requires."""
+    position, previous = 0, None
+    for name, (_, _, begin, end) in sorted(spans.items(), key=lambda item: item[1][2:]):
+        if end > data_len:
+            raise RemapError(
+                f"data ends at byte {end} of the data section, which has only {data_len} bytes (truncated file?)",
+                file=str(path),
+                tensor=name,
+                expected=f"data_offsets within [0, {data_len}]",
+            )
+        if begin != position:
+            what = f"overlaps tensor '{previous}'" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise RemapError(
+                f"data_offsets [{begin}, {end}] {what}",
+                file=str(path),
+                tensor=name,
+                expected=f"to start at byte {position}: tensors tile the data section without gaps or overlaps",
+            )
+        position, previous = end, name
+    if position != data_len:
+        raise RemapError(
+            f"the last {data_len - position} bytes of the data section belong to no tensor",
+            file=str(path),
+            expected=f"a data section of {position} bytes",
+        )

@@ -1,0 +1,161 @@
+"""Layouts by name, and detection: which layout and variant a checkpoint's tensors are.
+
+Detection compares, for every layout and variant, the tensors the layout expects for the
+checkpoint's config.json (as that layout reads it) with the checkpoint's names and shapes. A
+checkpoint matches when both name sets are equal and every shape agrees; otherwise the
+detection keeps, per layout, its closest variant and what differs, so a caller can say why
+nothing matched instead of guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Mapping, Sequence
+
+from remap.errors import RemapError
+from remap.layouts.base import Expected, Layout
+
+_MODULES = ("hf", "mlx", "scratch", "deepseek")
+LAYOUTS: dict[str, Layout] = {name: import_module(f"{__name__}.{name}").LAYOUT for name in _MODULES}
+
+Shape = tuple[int, ...]
+# What detection needs of a checkpoint: name -> (shape, dtype), as the safetensors headers say.
+Tensors = Mapping[str, tuple[Sequence[int], str]]
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise RemapError(f"unknown layout {name!r}", expected=", ".join(LAYOUTS)) from None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one layout variant compares with a checkpoint."""
+
+    layout: str
+    variant: str | None
+    unexpected: tuple[str, ...] = ()  # in the checkpoint, not in the layout
+    missing: tuple[str, ...] = ()  # in the layout, not in the checkpoint
+    wrong_shape: tuple[tuple[str, Shape, Shape], ...] = ()  # (name, checkpoint's, layout's)
+    error: str | None = None  # why the layout could not be compared at all (e.g. its config)
+
+    @property
+    def exact(self) -> bool:
+        return self.error is None and not (self.unexpected or self.missing or self.wrong_shape)
+
+    @property
+    def distance(self) -> int:
+        return len(self.unexpected) + len(self.missing) + len(self.wrong_shape)
+
+    def describe(self, examples: int = 3) -> str:
+        where = f"{self.layout} ({self.variant})" if self.variant else self.layout
+        if self.error:
+            return f"{where}: {self.error}"
+        if self.exact:
+            return f"{where}: matches"
+        parts = []
+        for label, names in (("unexpected", self.unexpected), ("missing", self.missing)):
+            if names:
+                parts.append(f"{len(names)} {label}, e.g. {', '.join(names[:examples])}")
+        if self.wrong_shape:
+            shown = ", ".join(f"{n} {list(got)} not {list(want)}" for n, got, want in self.wrong_shape[:examples])
+            parts.append(f"{len(self.wrong_shape)} of the wrong shape, e.g. {shown}")
+        return f"{where}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The layout a checkpoint matches, or per layout its closest variant."""
+
+    match: Fit | None  # the first exact fit, in LAYOUTS and variant order
+    closest: tuple[Fit, ...]  # per layout: its exact fit, else its nearest variant
+    config: dict[str, Any] | None  # the config as the matching layout read it
+    unmatched: tuple[str, ...]  # checkpoint tensors no layout's closest variant holds as they are
+    total: int  # tensors in the checkpoint
+
+    @property
+    def layout(self) -> str | None:
+        return self.match.layout if self.match else None
+
+    @property
+    def variant(self) -> str | None:
+        return self.match.variant if self.match else None
+
+    def describe(self, examples: int = 3) -> str:
+        if self.match:
+            return f"{self.match.layout} ({self.match.variant})"
+        shown = ", ".join(self.unmatched[:examples])
+        if not self.unmatched:
+            head = "no layout matches exactly"
+        elif len(self.unmatched) == self.total:
+            head = f"not a DeepSeek checkpoint: none of its {self.total} tensors fit a layout, e.g. {shown}"
+        else:
+            head = f"no layout matches: {len(self.unmatched)} of {self.total} tensors fit no layout, e.g. {shown}"
+        return "; ".join([head, *(fit.describe(examples) for fit in self.closest)])
+
+
+def _compare(layout: str, variant: str, tensors: Tensors, expected: Mapping[str, Expected]) -> Fit:
+    wrong = []
+    for name, (shape, _dtype) in tensors.items():
+        want = expected.get(name)
+        if want is not None and tuple(shape) != want.shape:
+            wrong.append((name, tuple(shape), want.shape))
+    return Fit(
+        layout,
+        variant,
+        unexpected=tuple(name for name in tensors if name not in expected),
+        missing=tuple(name for name in expected if name not in tensors),
+        wrong_shape=tuple(wrong),
+    )
+
+
+def _fits(
+    name: str, layout: Layout, tensors: Tensors, raw_config: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, list[Fit]]:
+    """(config, one Fit per variant) for one layout; a layout that cannot read the config gives one error Fit."""
+    if raw_config is None:
+        return None, [Fit(name, None, error="no config.json: a layout needs the model's sizes")]
+    try:
+        config = layout.read_config(raw_config)
+    except RemapError as error:
+        return None, [Fit(name, None, error=str(error))]
+    fits = []
+    for variant in layout.variants:
+        try:
+            fits.append(_compare(name, variant, tensors, layout.expected(config, variant)))
+        except RemapError as error:
+            fits.append(Fit(name, variant, error=str(error)))
+    return config, fits
+
+
+def detect(tensors: Tensors, raw_config: Mapping[str, Any] | None) -> Detection:
+    """Which layout and variant `tensors` (name -> (shape, dtype)) are, for this config.json."""
+    match, match_config, closest = None, None, []
+    for name, layout in LAYOUTS.items():
+        config, fits = _fits(name, layout, tensors, raw_config)
+        exact = [fit for fit in fits if fit.exact]
+        if exact and match is None:
+            match, match_config = exact[0], config
+        comparable = [fit for fit in fits if fit.error is None]
+        if exact:
+            closest.append(exact[0])
+        elif comparable:
+            closest.append(min(comparable, key=lambda fit: fit.distance))
+        else:
+            closest.append(fits[0])
+    # A tensor fits a layout when its closest variant holds it with that shape.
+    held = set()
+    for fit in closest:
+        if fit.error is None:
+            misfits = set(fit.unexpected) | {name for name, _, _ in fit.wrong_shape}
+            held |= {name for name in tensors if name not in misfits}
+    return Detection(
+        match=match,
+        closest=tuple(closest),
+        config=match_config,
+        unmatched=tuple(name for name in tensors if name not in held),
+        total=len(tensors),
+    )

@@ -1,0 +1,237 @@
+"""The `deepseek` layout: DeepSeek's own inference code and the files its convert.py writes.
+
+Provenance: github.com/deepseek-ai/DeepSeek-V3 at commit 9b4e9788e4a3a731f7567338ed15d3ec549ce03b
+(2025-08-27), inference/model.py, inference/convert.py and inference/configs/*.json.
+
+Names: `embed.weight`; per layer `layers.{i}.attn_norm.weight` and `ffn_norm.weight`; attention
+`attn.wq` (without q LoRA) or `attn.wq_a`, `attn.q_norm`, `attn.wq_b`, then `attn.wkv_a`,
+`attn.kv_norm`, `attn.wkv_b`, `attn.wo`; a dense layer's `ffn.w1/w2/w3` (gate/down/up); a MoE
+layer's router `ffn.gate.weight` (+ `ffn.gate.bias`, V3's e_score_correction_bias),
+`ffn.experts.{e}.w1/w2/w3` and `ffn.shared_experts.w1/w2/w3`; then `norm.weight`, `head.weight`.
+convert.py drops the MTP layer; model.py has no attention or MLP biases and always its own head.
+
+model.py creates the router bias only when dim == 7168, a shortcut that equals "the model routes
+like V3" for every release; this layout keys the bias on V3 routing (topk_method noaux_tc), so a
+small V3 carries it as convert.py writes it.
+
+Variants:
+  bf16  model.py with dtype "bf16" (also what fp8_cast_bf16.py output converts to).
+  fp8   model.py with dtype "fp8": every Linear but `head` in float8_e4m3fn with a float32
+        `{module}.scale` per 128 x 128 block (model.py's block_size); convert.py renames the HF
+        weight_scale_inv to it.
+
+Model parallelism: convert.py writes `model{r}-mp{N}.safetensors`, one per rank. `split_of(name)`
+says how a tensor spreads: sliced on dim 0 (embed, wq, wq_b, wkv_b, w1, w3, head), on dim 1
+(wo, w2), whole on the rank that owns a routed expert (rank r holds experts r*E/N .. (r+1)*E/N - 1,
+keeping their global index), or replicated. A scale splits like its weight. `expected` is the
+single mp=1 file; `shards(config, mp)` every rank's file.
+
+Config: DeepSeek's ModelArgs JSON (inference/configs: dim, n_layers, ...) or an HF config.json
+(what convert.py's source carries), both read into the HF key names of remap.layouts.hf.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from remap.errors import RemapError
+from remap.layouts.base import F32, Expected
+from remap.layouts.hf import (
+    MODEL_TYPES,
+    ExpectedTensors,
+    config_error,
+    normalised_config,
+    read_transformers_config,
+)
+
+BLOCK = (128, 128)  # model.py's block_size
+
+# inference/model.py ModelArgs: its key -> (HF key, default), for the keys that shape tensors or routing.
+_MODEL_ARGS: dict[str, tuple[str, Any]] = {
+    "vocab_size": ("vocab_size", 102400),
+    "dim": ("hidden_size", 2048),
+    "inter_dim": ("intermediate_size", 10944),
+    "moe_inter_dim": ("moe_intermediate_size", 1408),
+    "n_layers": ("num_hidden_layers", 27),
+    "n_dense_layers": ("first_k_dense_replace", 1),
+    "n_heads": ("num_attention_heads", 16),
+    "n_routed_experts": ("n_routed_experts", 64),
+    "n_shared_experts": ("n_shared_experts", 2),
+    "n_activated_experts": ("num_experts_per_tok", 6),
+    "n_expert_groups": ("n_group", 1),
+    "n_limited_groups": ("topk_group", 1),
+    "score_func": ("scoring_func", "softmax"),
+    "route_scale": ("routed_scaling_factor", 1.0),
+    "q_lora_rank": ("q_lora_rank", 0),
+    "kv_lora_rank": ("kv_lora_rank", 512),
+    "qk_nope_head_dim": ("qk_nope_head_dim", 128),
+    "qk_rope_head_dim": ("qk_rope_head_dim", 64),
+    "v_head_dim": ("v_head_dim", 128),
+}
+
+
+def _read_model_args(raw: Mapping[str, Any]) -> dict[str, Any]:
+    values = {hf_key: raw.get(key, default) for key, (hf_key, default) in _MODEL_ARGS.items()}
+    v3 = values["scoring_func"] == "sigmoid"  # sigmoid routing with a bias arrived with V3
+    grouped = values["n_group"] > 1
+    values.update(
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        q_lora_rank=values["q_lora_rank"] or None,  # model.py: 0 means no q LoRA
+        moe_layer_freq=1,
+        topk_method="noaux_tc" if v3 else "group_limited_greedy" if grouped else "greedy",
+        norm_topk_prob=v3,  # model.py renormalises the top-k weights only for sigmoid scores
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        num_nextn_predict_layers=0,
+        quantization_config=(
+            {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
+            if raw.get("dtype") == "fp8"
+            else None
+        ),
+    )
+    return normalised_config(values)
+
+
+def read_deepseek_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek's ModelArgs JSON, or an HF config.json, as model.py would build the model."""
+    if "model_type" not in raw and "dim" in raw:
+        return _read_model_args(raw)
+    if raw.get("model_type") not in MODEL_TYPES:
+        expected = f"{' or '.join(MODEL_TYPES)}, or DeepSeek's ModelArgs JSON (dim, n_layers, ...)"
+        raise config_error(f"model_type is {raw.get('model_type')!r}", "model_type", expected)
+    config = read_transformers_config(raw)
+    for key in ("attention_bias", "mlp_bias"):
+        if config[key]:
+            raise config_error(f"{key} is true", key, "false: DeepSeek's model.py has no biases")
+    # model.py always holds its own head; convert.py drops the MTP layer.
+    return {**config, "tie_word_embeddings": False, "num_nextn_predict_layers": 0}
+
+
+def _attention(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
+    hidden, heads, rank = c["hidden_size"], c["num_attention_heads"], c["kv_lora_rank"]
+    qk_head = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    if c["q_lora_rank"] is None:
+        t.linear(f"{p}.wq", heads * qk_head, hidden)
+    else:
+        t.linear(f"{p}.wq_a", c["q_lora_rank"], hidden)
+        t.add(f"{p}.q_norm.weight", (c["q_lora_rank"],))
+        t.linear(f"{p}.wq_b", heads * qk_head, c["q_lora_rank"])
+    t.linear(f"{p}.wkv_a", rank + c["qk_rope_head_dim"], hidden)
+    t.add(f"{p}.kv_norm.weight", (rank,))
+    t.linear(f"{p}.wkv_b", heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), rank)
+    t.linear(f"{p}.wo", hidden, heads * c["v_head_dim"])
+
+
+def _mlp(t: ExpectedTensors, p: str, hidden: int, width: int) -> None:
+    t.linear(f"{p}.w1", width, hidden)
+    t.linear(f"{p}.w2", hidden, width)
+    t.linear(f"{p}.w3", width, hidden)
+
+
+def _block(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
+    p, hidden = f"layers.{i}", c["hidden_size"]
+    t.add(f"{p}.attn_norm.weight", (hidden,))
+    t.add(f"{p}.ffn_norm.weight", (hidden,))
+    _attention(t, f"{p}.attn", c)
+    if i < c["first_k_dense_replace"]:
+        _mlp(t, f"{p}.ffn", hidden, c["intermediate_size"])
+        return
+    experts, width = c["n_routed_experts"], c["moe_intermediate_size"]
+    t.add(f"{p}.ffn.gate.weight", (experts, hidden))
+    if c["topk_method"] == "noaux_tc":
+        t.add(f"{p}.ffn.gate.bias", (experts,), F32)
+    for e in range(experts):
+        _mlp(t, f"{p}.ffn.experts.{e}", hidden, width)
+    _mlp(t, f"{p}.ffn.shared_experts", hidden, width * c["n_shared_experts"])
+
+
+@dataclass(frozen=True)
+class Split:
+    """How convert.py spreads one tensor over model-parallel ranks."""
+
+    dim: int | None = None  # sliced into equal parts along this dim
+    expert: int | None = None  # a routed expert's tensor: whole, on the rank that owns the expert
+    # neither: replicated on every rank
+
+
+# convert.py's table: module -> the dim its tensors slice along (ColumnParallelLinear and
+# ParallelEmbedding split rows, RowParallelLinear columns). Modules not named are replicated.
+_SLICED = {"embed": 0, "wq": 0, "wq_b": 0, "wkv_b": 0, "w1": 0, "w3": 0, "head": 0, "wo": 1, "w2": 1}
+_ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
+
+
+def split_of(name: str) -> Split:
+    if match := _ROUTED_EXPERT.search(name):
+        return Split(expert=int(match.group(1)))
+    return Split(dim=_SLICED.get(name.split(".")[-2]))
+
+
+def shard_file(rank: int, mp: int) -> str:
+    return f"model{rank}-mp{mp}.safetensors"
+
+
+class DeepseekLayout:
+    name = "deepseek"
+    variants = ("bf16", "fp8")
+
+    def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        return read_deepseek_config(raw)
+
+    def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
+        """The tensors of the single-rank file, model0-mp1.safetensors."""
+        variant = variant or self.variants[0]
+        if variant not in self.variants:
+            raise RemapError(
+                f"unknown variant {variant!r}", rule="layout deepseek", expected=", ".join(self.variants)
+            )
+        c = config
+        t = ExpectedTensors(BLOCK if variant == "fp8" else None, scale="scale")
+        hidden, vocab = c["hidden_size"], c["vocab_size"]
+        t.add("embed.weight", (vocab, hidden))
+        for i in range(c["num_hidden_layers"]):
+            _block(t, i, c)
+        t.add("norm.weight", (hidden,))
+        t.linear("head", vocab, hidden, quantized=False)
+        return t.out
+
+    def shards(
+        self, config: Mapping[str, Any], mp: int, variant: str | None = None
+    ) -> dict[str, dict[str, Expected]]:
+        """Every rank's file for model parallelism `mp`, as convert.py cuts the mp=1 tensors."""
+        experts = config["n_routed_experts"]
+        if mp < 1 or experts % mp:
+            raise RemapError(
+                f"{experts} routed experts do not split over {mp} ranks",
+                rule="model parallelism",
+                expected="mp >= 1 dividing n_routed_experts",
+            )
+        ranks: list[dict[str, Expected]] = [{} for _ in range(mp)]
+        for name, tensor in self.expected(config, variant).items():
+            split = split_of(name)
+            if split.expert is not None:
+                ranks[split.expert // (experts // mp)][name] = tensor
+                continue
+            if split.dim is not None:
+                tensor = _slice(tensor, split.dim, mp)
+            for rank in ranks:
+                rank[name] = tensor
+        return {shard_file(r, mp): tensors for r, tensors in enumerate(ranks)}
+
+
+def _slice(tensor: Expected, dim: int, mp: int) -> Expected:
+    size = tensor.shape[dim]
+    if size % mp:
+        raise RemapError(
+            f"dim {dim} of size {size} does not split over {mp} ranks",
+            tensor=tensor.name,
+            rule="model parallelism",
+            expected=f"a multiple of {mp}",
+        )
+    shape = tensor.shape[:dim] + (size // mp,) + tensor.shape[dim + 1 :]
+    return Expected(tensor.name, shape, tensor.dtype)
+
+
+LAYOUT = DeepseekLayout()

@@ -1,0 +1,42 @@
+"""Collapse tensor names for reading: 61 layers x 256 experts become one line.
+
+`model.layers.{0..60}.mlp.experts.{0..255}.gate_proj.weight` stands for every name that differs
+only in those numbers; the sets are exact (non-contiguous indices print as `{0,2,5}`), but a
+collapsed line with two sets does not promise every combination exists.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Hashable, Iterable, TypeVar
+
+T = TypeVar("T")
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def template(name: str) -> tuple[str, tuple[int, ...]]:
+    """('model.layers.#.mlp.experts.#.w', (3, 7)) — the name with dot-separated numbers taken out."""
+    numbers = tuple(int(m) for m in _NUMBER.findall(name))
+    return _NUMBER.sub("#", name), numbers
+
+
+def format_indices(values: Iterable[int]) -> str:
+    ordered = sorted(set(values))
+    if len(ordered) == 1:
+        return str(ordered[0])
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{{{ordered[0]}..{ordered[-1]}}}"
+    return "{" + ",".join(map(str, ordered)) + "}"
+
+
+def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Hashable] = lambda _: None) -> list[tuple[str, list[T]]]:
+    """Group items whose names share a template and whose `key` agrees; first-seen order."""
+    groups: dict[tuple, list[T]] = {}
+    for item in items:
+        groups.setdefault((template(name(item))[0], key(item)), []).append(item)
+    result = []
+    for (pattern, _), members in groups.items():
+        columns = list(zip(*(template(name(m))[1] for m in members)))
+        parts = iter(format_indices(col) for col in columns)
+        result.append((re.sub("#", lambda _: next(parts), pattern), members))
+    return result

@@ -1,0 +1,138 @@
+"""What every op is: a small pure step on the list of tensors a rule is building.
+
+A rule starts with its source tensors as a list, in `from` order; each op takes that list and
+returns a new one (most act on one element, picked by `input`). An op knows four things:
+- `types`: output shapes and dtypes from input shapes and dtypes (planning reads no bytes);
+- `apply`: the numpy computation (pure: no I/O);
+- `invert`: the op(s) that undo it, written as spec YAML (so `remap invert` can emit a spec);
+- `loss`: what it discards, with the claim that makes discarding safe (or "lossy").
+
+Ops are built from a YAML mapping whose values may be expressions over the config; `build`
+evaluates them once at plan time, so a planned op holds plain integers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from remap.errors import RemapError
+from remap.spec.expr import evaluate_int
+
+Shape = tuple[int, ...]
+
+# What a discarded piece of data is claimed to be. Only "lossy" changes the function; the
+# others are promises that `--check-data` verifies where data can show it.
+CLAIMS = ("zero", "redundant", "unused", "lossy")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: Shape
+    dtype: str  # safetensors dtype name: BF16, F32, F8_E4M3, ...
+
+    def with_shape(self, shape: Sequence[int]) -> "TensorType":
+        return TensorType(tuple(int(s) for s in shape), self.dtype)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Data a step discards or changes, and why that is (or is not) safe."""
+
+    claim: str  # one of CLAIMS, or "rounding" for a narrowing cast
+    what: str  # human description: "rows 32:64 of each head of input 0"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What the bytes say about a claim: the largest magnitude the claim says is irrelevant."""
+
+    claim: str
+    what: str
+    magnitude: float  # max |discarded| for zero, max |difference| for redundant, ...
+    holds: bool | None  # None where data cannot tell (an "unused" claim)
+
+
+class NotInvertible(RemapError):
+    pass
+
+
+@dataclass(frozen=True)
+class Op:
+    name: ClassVar[str]
+    # Parameters that are size expressions (evaluated to int) or lists of them.
+    int_params: ClassVar[tuple[str, ...]] = ()
+    list_params: ClassVar[tuple[str, ...]] = ()
+
+    input: int = 0  # which element of the list the op acts on, for single-input ops
+
+    @classmethod
+    def build(cls, raw: Mapping[str, Any], names: Mapping[str, Any]) -> "Op":
+        values: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key == "op":
+                continue
+            if key not in known:
+                raise RemapError(f"op '{cls.name}' has no parameter '{key}'", expected=", ".join(sorted(known)))
+            if key in cls.int_params or key == "input":
+                values[key] = evaluate_int(value, names)
+            elif key in cls.list_params:
+                values[key] = tuple(evaluate_int(v, names) for v in _as_list(value))
+            else:  # words (claim, dtype, reason) are literal, never expressions
+                values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise RemapError(f"op '{cls.name}': {exc}") from None
+
+    # -- the four things an op knows -------------------------------------------------------
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        raise NotImplementedError
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        raise NotInvertible(f"op '{cls.name}' has no inverse")
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        return None
+
+    def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        """Measure what `loss` discards, on real data (for --check-data)."""
+        return []
+
+    # -- helpers for single-input ops ------------------------------------------------------
+    def _pick(self, items: list) -> Any:
+        if not 0 <= self.input < len(items):
+            raise RemapError(
+                f"op '{self.name}' input {self.input} out of range", expected=f"0..{len(items) - 1}"
+            )
+        return items[self.input]
+
+    def _replace(self, items: list, value: Any) -> list:
+        return [value if k == self.input else item for k, item in enumerate(items)]
+
+    def _axis(self, shape: Shape, axis: int) -> int:
+        if not -len(shape) <= axis < len(shape):
+            raise RemapError(f"op '{self.name}': axis {axis} out of range for shape {list(shape)}")
+        return axis % len(shape)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def expr_text(value: Any) -> str:
+    """An expression as text, parenthesised so it can be combined into a larger one."""
+    return f"({value})" if isinstance(value, str) else str(value)
+
+
+def max_abs(array: np.ndarray) -> float:
+    return float(np.max(np.abs(array.astype(np.float32)))) if array.size else 0.0

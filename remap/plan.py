@@ -1,0 +1,361 @@
+"""Spec x source headers x config -> Plan: what every output tensor is made of. No tensor bytes.
+
+The plan is the heart of remap: the report prints it, the executor carries it out, parity uses
+it to name the rules behind a diverging layer. It is plain data (`to_dict` gives JSON).
+
+Accounting is strict: every source tensor ends up used by exactly one rule (tied weights may be
+re-read by a rule marked `reuse`), dropped by a rule that says why, or listed as unmatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from remap import dtypes
+from remap.errors import RemapError
+from remap.layouts import get_layout
+from remap.ops import Loss, Op, TensorType, build_op
+from remap.spec.expr import evaluate, evaluate_int
+from remap.spec.load import Rule, Spec
+from remap.spec.pattern import Pattern
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rule applied to one binding of its variables: sources -> ops -> outputs.
+
+    `groups` holds the source names: one group normally; one group per stacked element when the
+    rule stacks (each group goes through `ops` alone and lands at its index of the new axis 0).
+    `take` is the index an unstacking rule reads from axis 0 of every source.
+    """
+
+    rule: str
+    outputs: tuple[Output, ...]
+    groups: tuple[tuple[str, ...], ...] = ()
+    ops: tuple[Op, ...] = ()
+    stacked: bool = False
+    take: int | None = None
+    fill: str | None = None
+    losses: tuple[Loss, ...] = ()
+
+    @property
+    def sources(self) -> list[str]:
+        return [name for group in self.groups for name in group]
+
+
+@dataclass(frozen=True)
+class Dropped:
+    name: str
+    rule: str
+    claim: str
+    reason: str
+    same_as: str | None = None
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    source_tensors: dict[str, TensorType]
+    source_config: dict  # config.json of the source, as given
+    target_config: dict  # config.json to write for the target
+    names: dict  # the namespace expressions were evaluated in
+    steps: list[Step] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    reused: dict[str, list[str]] = field(default_factory=dict)  # tensor -> rules re-reading it
+    # A composed spec plans stage by stage; a later stage's sources are the earlier stage's
+    # outputs, computed on demand when the plan runs (nothing intermediate is written).
+    upstream: "Plan | None" = None
+    name: str = ""
+
+    @property
+    def stages(self) -> list["Plan"]:
+        chain, plan = [], self
+        while plan is not None:
+            chain.append(plan)
+            plan = plan.upstream
+        return chain[::-1]
+
+    @property
+    def first(self) -> "Plan":
+        return self.stages[0]
+
+    @property
+    def outputs(self) -> list[Output]:
+        return [o for step in self.steps for o in step.outputs]
+
+    @property
+    def losses(self) -> list[tuple[str, Loss]]:
+        return [(step.rule, loss) for step in self.steps for loss in step.losses]
+
+    def to_dict(self) -> dict:
+        if self.upstream is not None:
+            return {"spec": self.name, "stages": [stage._stage_dict() for stage in self.stages]}
+        return self._stage_dict()
+
+    def _stage_dict(self) -> dict:
+        return {
+            "spec": self.spec.name,
+            "from": self.spec.source_layout,
+            "to": self.spec.target_layout,
+            "source_variant": self.names["source_variant"],
+            "target_variant": self.names["target_variant"],
+            "source_config": self.source_config,
+            "target_config": self.target_config,
+            "steps": [_step_dict(s) for s in self.steps],
+            "dropped": [dataclasses.asdict(d) for d in self.dropped],
+            "unmatched": self.unmatched,
+            "reused": self.reused,
+        }
+
+
+def natural_key(name: str) -> tuple:
+    """layers.2 sorts before layers.10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def translate_config(change: Mapping[str, Any], raw: Mapping[str, Any], names: Mapping[str, Any]) -> dict:
+    """The target config.json: the source's, with the spec's `set`, `derive` and `remove` applied."""
+    out = dict(raw)
+    out.update(change.get("set", {}))
+    for key, expression in change.get("derive", {}).items():
+        try:
+            out[key] = evaluate(expression, names)
+        except RemapError as exc:
+            raise exc.within(rule=f"config.derive.{key}") from None
+    for key in change.get("remove", []):
+        out.pop(key, None)
+    return out
+
+
+def namespace(spec: Spec, config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
+    """Config values plus the spec's params (defaults may be expressions; overrides win)."""
+    names = dict(config)
+    for key, default in spec.params.items():
+        value = (overrides or {}).get(key, default)
+        names[key] = evaluate(value, names) if isinstance(value, str) else value
+    unknown = set(overrides or {}) - set(spec.params)
+    if unknown:
+        raise RemapError(f"unknown parameter '{sorted(unknown)[0]}'", file=spec.path,
+                         expected=", ".join(spec.params) or "no parameters")
+    return names
+
+
+def build_plan(
+    spec: Spec,
+    tensors: Mapping[str, TensorType],
+    raw_config: Mapping[str, Any] | None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    source_variant: str | None = None,
+) -> Plan:
+    if spec.parts:
+        return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant)
+    raw = dict(raw_config or {})
+    source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
+    variants = {
+        "source_variant": source_variant or spec.source_variant or source.variants[0],
+        "target_variant": variant or spec.variant or target.variants[0],
+    }
+    for layout, key in ((source, "source_variant"), (target, "target_variant")):
+        if variants[key] not in layout.variants:
+            raise RemapError(f"layout '{layout.name}' has no variant '{variants[key]}'", expected=" | ".join(layout.variants))
+    # raw keys too: a spec may stash a value in config.json for its inverse to read back
+    names = namespace(spec, {**raw, **source.read_config(raw), **variants}, params)
+    target_config = translate_config(spec.config, raw, names)
+    if spec.scope == "target":
+        names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
+    plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name)
+    planner = _Planner(plan, sorted(tensors, key=natural_key), dtypes.canonical(dtype) if dtype else None)
+    for rule in spec.rules:
+        try:
+            planner.add(rule)
+        except RemapError as exc:
+            raise exc.within(file=spec.where(rule), rule=rule.id) from None
+    planner.finish()
+    return plan
+
+
+def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:
+    declared = {key for part in spec.parts for key in part.params}
+    if set(params) - declared:
+        raise RemapError(f"unknown parameter '{sorted(set(params) - declared)[0]}'", file=spec.path,
+                         expected=", ".join(sorted(declared)) or "no parameters")
+    plan: Plan | None = None
+    last = len(spec.parts) - 1
+    for k, part in enumerate(spec.parts):
+        stage = build_plan(
+            part, tensors, raw_config,
+            params={key: v for key, v in params.items() if key in part.params},
+            dtype=dtype if k == last else None,
+            variant=(variant or spec.variant) if k == last else None,
+            source_variant=(source_variant or spec.source_variant) if k == 0 else None,
+        )
+        stage.upstream, plan = plan, stage
+        tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
+        raw_config = stage.target_config
+    plan.name = spec.name
+    return plan
+
+
+class _Planner:
+    def __init__(self, plan: Plan, names: list[str], dtype: str | None):
+        self.plan, self.names, self.dtype = plan, names, dtype
+        self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
+        self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
+
+    # -- rules ---------------------------------------------------------------------------
+    def add(self, rule: Rule) -> None:
+        {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
+
+    def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
+        """Source names matching `pattern` whose variables pass the rule's `when`."""
+        found = [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
+        if rule.when is None:
+            return found
+        return [(n, b) for n, b in found if evaluate(rule.when, {**self.plan.names, **b})]
+
+    def _map(self, rule: Rule) -> None:
+        first, *others = rule.sources
+        if rule.stack:
+            groups: dict[tuple, list[tuple[int, dict]]] = {}
+            for _, binding in self._bindings(first, rule):
+                key = tuple(sorted((k, v) for k, v in binding.items() if k != rule.stack))
+                groups.setdefault(key, []).append((binding[rule.stack], binding))
+            for key, members in groups.items():
+                members.sort(key=lambda m: m[0])
+                indices = [m[0] for m in members]
+                if indices != list(range(len(indices))):
+                    missing = sorted(set(range(max(indices) + 1)) - set(indices))
+                    raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
+                                     tensor=first.fill(members[0][1]), expected=f"{rule.stack} = 0..{max(indices)} all present")
+                self._step(rule, dict(key), [[p.fill(b) for p in rule.sources] for _, b in members])
+            return
+        for name, binding in self._bindings(first, rule):
+            self._step(rule, binding, [[name] + [p.fill(binding) for p in others]])
+
+    def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
+        for group in groups:
+            for name in group:
+                if name not in self.plan.source_tensors:
+                    raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
+                                     expected="every `from` pattern to exist for each match of the first")
+        ops = tuple(build_op(raw, {**self.plan.names, **binding}) for raw in rule.ops)
+        types = [self.plan.source_tensors[n] for n in groups[0]]
+        if rule.unstack:
+            return self._unstack(rule, binding, groups[0], ops, types)
+        losses: list[Loss] = []
+        for group in groups[1:]:  # every stacked element must look like the first
+            other = [self.plan.source_tensors[n] for n in group]
+            if other != types:
+                raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
+        types, ops = self._run_types(ops, types, losses)
+        if len(types) != len(rule.to):
+            raise RemapError(f"ops leave {len(types)} tensors for {len(rule.to)} `to` patterns",
+                             expected=f"{len(rule.to)} tensors after the last op")
+        if rule.stack:
+            types = [t.with_shape((len(groups),) + t.shape) for t in types]
+        outputs = tuple(Output(p.fill(binding), t.shape, t.dtype) for p, t in zip(rule.to, types))
+        self._record(rule, groups, outputs)
+        self.plan.steps.append(Step(rule.id, outputs, tuple(map(tuple, groups)), ops, bool(rule.stack), None, None, tuple(losses)))
+
+    def _unstack(self, rule: Rule, binding: dict, group: list[str], ops: tuple, types: list[TensorType]) -> None:
+        counts = {t.shape[0] for t in types}
+        if len(counts) != 1 or any(len(t.shape) < 2 for t in types):
+            raise RemapError(f"cannot unstack {group}: leading axes {[list(t.shape) for t in types]} differ")
+        sliced = [t.with_shape(t.shape[1:]) for t in types]
+        losses: list[Loss] = []
+        out_types, ops = self._run_types(ops, sliced, losses)
+        if len(out_types) != len(rule.to):
+            raise RemapError(f"ops leave {len(out_types)} tensors for {len(rule.to)} `to` patterns")
+        for index in range(counts.pop()):
+            names = {**binding, rule.unstack: index}
+            outputs = tuple(Output(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
+            self._record(rule, [group] if index == 0 else [], outputs)
+            self.plan.steps.append(Step(rule.id, outputs, (tuple(group),), ops, False, index, None, tuple(losses)))
+
+    def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss]):
+        for op in ops:
+            loss = op.loss(types)
+            types = op.types(types)
+            if loss:
+                losses.append(loss)
+        if self.dtype:  # --dtype: a final cast of every floating output
+            extra = []
+            for k, t in enumerate(types):
+                if dtypes.is_float(t.dtype) and t.dtype != self.dtype:
+                    cast = build_op({"op": "cast", "dtype": self.dtype, "input": k}, {})
+                    if (loss := cast.loss(types)):
+                        losses.append(loss)
+                    types = cast.types(types)
+                    extra.append(cast)
+            ops = ops + tuple(extra)
+        return types, ops
+
+    def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
+        for output in outputs:
+            if output.name in self.written:
+                raise RemapError(f"output '{output.name}' is written by two rules: {self.written[output.name]} and this one")
+            self.written[output.name] = rule.id
+        for name in (n for g in groups for n in g):
+            if rule.reuse:
+                self.plan.reused.setdefault(name, []).append(rule.id)
+            elif name in self.used and self.used[name] != rule.id:
+                raise RemapError(f"source tensor '{name}' is matched by two rules: {self.used[name]} and this one",
+                                 tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
+            else:
+                self.used[name] = rule.id
+
+    def _drop(self, rule: Rule) -> None:
+        for pattern in rule.sources:
+            for name, binding in self._bindings(pattern, rule):
+                if name in self.used:
+                    raise RemapError(f"source tensor '{name}' is both dropped and used by {self.used[name]}", tensor=name)
+                same_as = rule.same_as.fill(binding) if rule.same_as else None
+                if same_as is not None and same_as not in self.plan.source_tensors:
+                    raise RemapError(f"`same_as` names '{same_as}', which the source does not have", tensor=name)
+                self.used[name] = rule.id
+                self.plan.dropped.append(Dropped(name, rule.id, rule.claim, rule.reason, same_as))
+
+    def _fill(self, rule: Rule) -> None:
+        if rule.like:
+            bindings = [b for _, b in self._bindings(rule.like, rule)]
+        else:
+            bindings = [{}] if rule.when is None or evaluate(rule.when, self.plan.names) else []
+        for binding in bindings:
+            shape = tuple(evaluate_int(s, {**self.plan.names, **binding}) for s in rule.shape)
+            like = rule.like.fill(binding) if rule.like else None
+            dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
+                self.plan.source_tensors[like].dtype if like else "F32")
+            outputs = (Output(rule.to[0].fill(binding), shape, self.dtype if self.dtype and dtypes.is_float(dtype) else dtype),)
+            self._record(rule, [], outputs)
+            self.plan.steps.append(Step(rule.id, outputs, fill=rule.fill))
+
+    def finish(self) -> None:
+        used = set(self.used) | set(self.plan.reused)
+        self.plan.unmatched = [n for n in self.names if n not in used]
+
+
+def _step_dict(step: Step) -> dict:
+    return {
+        "rule": step.rule,
+        "outputs": [dataclasses.asdict(o) for o in step.outputs],
+        "sources": [list(g) for g in step.groups],
+        "ops": [{"op": op.name, **{k: v for k, v in dataclasses.asdict(op).items() if v is not None}} for op in step.ops],
+        "stacked": step.stacked,
+        "take": step.take,
+        "fill": step.fill,
+        "losses": [dataclasses.asdict(loss) for loss in step.losses],
+    }

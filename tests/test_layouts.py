@@ -1,0 +1,417 @@
+"""The hf, mlx and deepseek layouts against the runtimes they describe, and detection.
+
+hf: the tensors transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM write with
+save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
+fine-grained FP8 integration, and the MTP layer transformers' MtpModel loads and saves.
+mlx: the parameters of mlx-lm's deepseek_v3.Model, and what its sanitize turns the kv_b_proj
+variant and an hf checkpoint into. deepseek: DeepSeek's inference code cannot be installed, so
+its layout is checked for a consistent model-parallel split and for holding exactly hf's tensors
+under other names (convert.py only renames and slices).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+import torch
+from mlx.utils import tree_flatten
+from mlx_lm.models import deepseek_v3 as mlx_deepseek_v3
+from mlx_lm.utils import MODEL_REMAPPING
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    FineGrainedFP8Config,
+)
+from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+from transformers.modeling_layers import MtpModel
+
+from remap.errors import RemapError
+from remap.layouts import LAYOUTS, detect, get_layout
+from remap.layouts.base import F32, FLOAT, FP8
+from remap.layouts.deepseek import LAYOUT as DEEPSEEK
+from remap.layouts.deepseek import shard_file, split_of
+from remap.layouts.hf import CONFIG_KEYS
+from remap.layouts.hf import LAYOUT as HF
+from remap.layouts.mlx import LAYOUT as MLX
+from remap.layouts.mlx import MODEL_TYPES as MLX_MODEL_TYPES
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_attention_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 8,
+    "num_experts_per_tok": 2,
+}
+# config.json contents, covering: q_lora_rank null and set; first_k_dense_replace 0, 1, 2;
+# n_shared_experts 1 and 2; n_group 1 and > 1; tied and untied; attention and MLP biases;
+# a moe_layer_freq that mlx-lm honours and transformers ignores.
+CONFIGS = {
+    "v3-qlora-dense1": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 2, "q_lora_rank": 24,
+                        "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1,
+                        "n_group": 2, "topk_group": 1, "tie_word_embeddings": False},
+    "v3-noqlora-moe0-tied": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 2, "q_lora_rank": None,
+                             "first_k_dense_replace": 0, "n_routed_experts": 4, "n_shared_experts": 2,
+                             "n_group": 1, "topk_group": 1, "tie_word_embeddings": True},
+    "v3-dense2-attnbias": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 3, "q_lora_rank": 16,
+                           "first_k_dense_replace": 2, "n_routed_experts": 8, "n_shared_experts": 1,
+                           "n_group": 4, "topk_group": 2, "attention_bias": True, "tie_word_embeddings": False},
+    "v3-freq2": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 4, "q_lora_rank": None,
+                 "first_k_dense_replace": 1, "moe_layer_freq": 2, "n_routed_experts": 8, "n_shared_experts": 2,
+                 "n_group": 2, "topk_group": 1, "tie_word_embeddings": False},
+    "v2-lite": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 2, "q_lora_rank": None,
+                "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 2,
+                "topk_method": "greedy", "tie_word_embeddings": False},
+    "v2-grouped-biases-tied": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 2, "q_lora_rank": 24,
+                               "first_k_dense_replace": 0, "n_routed_experts": 4, "n_shared_experts": 1,
+                               "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1,
+                               "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+}
+V3 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v3"]
+TRANSFORMERS = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+                "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM)}
+# Shapes of the real DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3).
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+               "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+               "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+               "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3,
+               "num_nextn_predict_layers": 1, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                      "weight_block_size": [128, 128]}}
+
+
+def _transformers_config(raw):
+    config_class, _ = TRANSFORMERS[raw["model_type"]]
+    return config_class(**{k: v for k, v in raw.items() if k != "model_type"})
+
+
+def _dtype_fits(dtype_class: str, dtype: str) -> bool:
+    """dtype: a safetensors dtype name."""
+    if dtype_class == FLOAT:
+        return dtype in ("BF16", "F16", "F32")
+    return {FP8: "F8_E4M3", F32: "F32"}[dtype_class] == dtype
+
+
+def _names_shapes(tensors) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(entry.shape) for name, entry in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Per config: the header (name -> (shape, dtype)) and path of what save_pretrained writes."""
+    out = {}
+    for name, raw in CONFIGS.items():
+        torch.manual_seed(0)
+        _, model_class = TRANSFORMERS[raw["model_type"]]
+        model = model_class(_transformers_config(raw)).to(torch.bfloat16)
+        directory = tmp_path_factory.mktemp(name)
+        model.save_pretrained(directory)
+        path = directory / "model.safetensors"
+        with safe_open(path, framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        out[name] = (header, path)
+    return out
+
+
+# --- config reading ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [*CONFIGS.values(), {"model_type": "deepseek_v3"}, {"model_type": "deepseek_v2"},
+                                 {"model_type": "deepseek_v3", "num_local_experts": 7, "num_mtp_layers": 2}])
+def test_hf_reads_config_as_transformers_does(raw):
+    ours = HF.read_config(raw)
+    theirs = _transformers_config(raw)
+    # moe_layer_freq: not a transformers field (it builds MoE at every layer >= first_k_dense_replace,
+    # which test_hf_equals_save_pretrained checks on the freq-2 config)
+    compared = [k for k in ours if hasattr(theirs, k) and k not in ("moe_layer_freq", "quantization_config")]
+    assert len(compared) >= 20
+    assert {k: ours[k] for k in compared} == {k: getattr(theirs, k) for k in compared}
+
+
+@pytest.mark.parametrize("raw", [*(CONFIGS[n] for n in V3), {"model_type": "deepseek_v3"}])
+def test_mlx_reads_config_as_model_args_does(raw):
+    ours = MLX.read_config(raw)
+    theirs = mlx_deepseek_v3.ModelArgs.from_dict(raw)
+    compared = [k for k in ours if hasattr(theirs, k) and k != "model_type"]
+    assert len(compared) >= 20
+    assert {k: ours[k] for k in compared} == {k: getattr(theirs, k) for k in compared}
+
+
+def test_every_layout_reads_into_the_same_keys():
+    raw = CONFIGS["v3-qlora-dense1"]
+    for layout in (HF, MLX, DEEPSEEK):
+        assert tuple(layout.read_config(raw)) == CONFIG_KEYS
+    assert tuple(DEEPSEEK.read_config({"dim": 32, "n_layers": 2})) == CONFIG_KEYS
+
+
+def test_mlx_model_types_are_the_ones_mlx_lm_loads_with_deepseek_v3():
+    assert {MODEL_REMAPPING.get(t, t) for t in MLX_MODEL_TYPES} == {"deepseek_v3"}
+
+
+@pytest.mark.parametrize("bad", [{"hidden_size": None}, {"num_hidden_layers": -1}, {"kv_lora_rank": 1.5},
+                                 {"model_type": "llama"}, {"model_type": None}])
+def test_unreadable_configs_are_user_errors(bad):
+    raw = {**CONFIGS["v3-qlora-dense1"], **bad}
+    for layout in (HF, MLX, DEEPSEEK):
+        with pytest.raises(RemapError):
+            layout.read_config(raw)
+
+
+# --- hf -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hf_equals_save_pretrained(name, saved):
+    header, _ = saved[name]
+    expected = HF.expected(HF.read_config(CONFIGS[name]), "bf16")
+    assert {k: shape for k, (shape, _) in header.items()} == _names_shapes(expected)
+    assert all(_dtype_fits(expected[k].dtype, dtype) for k, (_, dtype) in header.items())
+
+
+def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes():
+    raw = {**CONFIGS["v3-qlora-dense1"], "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    model = DeepseekV3ForCausalLM(_transformers_config(raw))
+    replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"],
+                            quantization_config=FineGrainedFP8Config(weight_block_size=(16, 16)))
+    expected = HF.expected(HF.read_config(raw), "fp8")
+    # transformers fuses routed experts in memory; their on-disk per-expert names are checked below
+    held = {n: t for n, t in model.state_dict().items() if ".mlp.experts." not in n}
+    ours = {n: e for n, e in expected.items() if ".mlp.experts." not in n}
+    assert {n: tuple(t.shape) for n, t in held.items()} == {n: e.shape for n, e in ours.items()}
+    safetensors_dtype = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}
+    assert all(_dtype_fits(ours[n].dtype, safetensors_dtype[t.dtype]) for n, t in held.items())
+
+    # Routed experts: the bf16 names, each weight FP8 with the scale FP8Linear would give it.
+    bf16 = HF.expected(HF.read_config(raw), "bf16")
+    for name, tensor in bf16.items():
+        if ".mlp.experts." in name:
+            linear = FP8Linear(tensor.shape[1], tensor.shape[0], block_size=(16, 16))
+            scale = name.replace(".weight", ".weight_scale_inv")
+            assert expected[name].dtype == FP8 and expected[name].shape == tensor.shape
+            assert expected[scale].dtype == F32 and expected[scale].shape == tuple(linear.weight_scale_inv.shape)
+
+
+def test_hf_fp8_mtp_is_the_official_deepseek_v3_checkpoint():
+    """The official FP8 release: 91,991 tensors in 163 files (its model.safetensors.index.json)."""
+    config = HF.read_config(DEEPSEEK_V3)
+    expected = HF.expected(config, "fp8-mtp")
+    assert len(expected) == 91991
+    layer = "model.layers.61"
+    assert expected[f"{layer}.eh_proj.weight"].shape == (7168, 14336)
+    assert expected[f"{layer}.eh_proj.weight"].dtype == FLOAT  # MTP's projection ships unquantized
+    assert expected[f"{layer}.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 56)
+    assert expected[f"{layer}.mlp.experts.255.down_proj.weight_scale_inv"].shape == (56, 16)
+    assert expected["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == F32
+
+
+def test_hf_mtp_is_what_transformers_mtp_model_loads_and_saves(tmp_path):
+    # transformers' MtpModel finds MTP weights by the pattern model.layers.61 (DeepSeek-V3's index),
+    # so the model needs 61 layers; dense ones keep it small.
+    raw = {**TINY, "model_type": "deepseek_v3", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 61,
+           "q_lora_rank": 8, "first_k_dense_replace": 61, "n_routed_experts": 4, "n_shared_experts": 1,
+           "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 1}
+    DeepseekV3ForCausalLM(_transformers_config(raw)).save_pretrained(tmp_path / "main")
+    config = HF.read_config(raw)
+    base, with_mtp = HF.expected(config, "bf16"), HF.expected(config, "bf16-mtp")
+    mtp = {n: torch.randn(e.shape) for n, e in with_mtp.items() if n not in base}
+    weights = load_file(tmp_path / "main" / "model.safetensors")
+    save_file({**weights, **mtp}, tmp_path / "main" / "model.safetensors", metadata={"format": "pt"})
+
+    main = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "main")
+    mtp_model = MtpModel.from_pretrained(main)  # raises on any MTP weight it misses
+    mtp_model.save_pretrained(tmp_path / "mtp")
+    with safe_open(tmp_path / "mtp" / "model.safetensors", framework="pt") as f:
+        written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.layers.61.")}
+    # The MTP's embedding and head are the main model's: transformers ignores the checkpoint's copies.
+    shared = {n for n in mtp if any(s in n for s in MtpModel._keys_to_ignore_on_load_unexpected)}
+    assert shared == {"model.layers.61.embed_tokens.weight", "model.layers.61.shared_head.head.weight"}
+    assert written == {n: tuple(t.shape) for n, t in mtp.items() if n not in shared}
+
+
+# --- mlx ----------------------------------------------------------------------------------
+
+
+def _mlx_model(raw):
+    return mlx_deepseek_v3.Model(mlx_deepseek_v3.ModelArgs.from_dict(raw))
+
+
+def _mlx_shapes(arrays) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(array.shape) for name, array in arrays}
+
+
+@pytest.mark.parametrize("name", V3)
+def test_mlx_embed_q_equals_mlx_lm_model(name):
+    model = _mlx_model(CONFIGS[name])
+    expected = MLX.expected(MLX.read_config(CONFIGS[name]), "embed_q")
+    assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
+
+
+@pytest.mark.parametrize("name", V3)
+def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
+    model = _mlx_model(CONFIGS[name])
+    expected = MLX.expected(MLX.read_config(CONFIGS[name]), "kv_b_proj")
+    weights = {n: mx.random.normal(e.shape) for n, e in expected.items()}
+    assert _mlx_shapes(model.sanitize(weights).items()) == _mlx_shapes(tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("name", [n for n in V3 if CONFIGS[n].get("moe_layer_freq", 1) == 1])
+def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
+    _, path = saved[name]
+    raw = CONFIGS[name]
+    sanitized = _mlx_shapes(_mlx_model(raw).sanitize(mx.load(str(path))).items())
+    expected = _names_shapes(MLX.expected(MLX.read_config(raw), "embed_q"))
+    if raw["tie_word_embeddings"]:
+        # mlx-lm's deepseek_v3 always holds lm_head: a tied hf checkpoint lacks it and will not load
+        del expected["lm_head.weight"]
+    assert sanitized == expected
+
+
+def test_mlx_refuses_quantized_configs_until_described():
+    config = MLX.read_config({**CONFIGS["v3-qlora-dense1"], "quantization": {"group_size": 64, "bits": 4}})
+    with pytest.raises(RemapError, match="quantized"):
+        MLX.expected(config)
+
+
+# --- deepseek -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deepseek_holds_hf_tensors_renamed(name):
+    raw = CONFIGS[name]
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        with pytest.raises(RemapError, match="no biases"):
+            DEEPSEEK.read_config(raw)
+        return
+    raw = {**raw, "tie_word_embeddings": False}  # DeepSeek's model always has its own head
+    hf_config, config = HF.read_config(raw), DEEPSEEK.read_config(raw)
+    hf, ours = HF.expected(hf_config, "bf16").values(), DEEPSEEK.expected(config, "bf16").values()
+    assert Counter(t.shape for t in ours) == Counter(t.shape for t in hf)
+    # with FP8 the dtypes agree too (bf16 files differ in the router bias: DeepSeek's is always float32)
+    hf, ours = HF.expected(hf_config, "fp8").values(), DEEPSEEK.expected(config, "fp8").values()
+    assert Counter((t.shape, t.dtype) for t in ours) == Counter((t.shape, t.dtype) for t in hf)
+
+
+def test_deepseek_model_args_config_reads_like_the_hf_config():
+    """inference/configs/config_671B.json's sizes give the tensors of DeepSeek-V3's config.json."""
+    model_args = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+                  "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                  "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+                  "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                  "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"}
+    from_model_args = DEEPSEEK.read_config(model_args)
+    from_hf = DEEPSEEK.read_config(DEEPSEEK_V3)
+    assert DEEPSEEK.expected(from_model_args, "fp8") == DEEPSEEK.expected(from_hf, "fp8")
+    assert from_model_args["quantization_config"]["weight_block_size"] == [128, 128]
+    assert DEEPSEEK.read_config({**model_args, "q_lora_rank": 0})["q_lora_rank"] is None
+
+
+@pytest.mark.parametrize("variant", DEEPSEEK.variants)
+@pytest.mark.parametrize("mp", [1, 2, 8])
+def test_deepseek_shards_cut_the_single_file_exactly(mp, variant):
+    config = DEEPSEEK.read_config(DEEPSEEK_V3)  # full size: FP8 scales split evenly only there
+    full = DEEPSEEK.expected(config, variant)
+    files = DEEPSEEK.shards(config, mp, variant)
+    assert list(files) == [shard_file(r, mp) for r in range(mp)]
+    assert set().union(*files.values()) == set(full)
+    for name, tensor in full.items():
+        split = split_of(name)
+        parts = [shard[name] for shard in files.values() if name in shard]
+        if split.expert is not None:
+            assert parts == [tensor]
+            assert name in files[shard_file(split.expert // (config["n_routed_experts"] // mp), mp)]
+        elif split.dim is None:
+            assert parts == [tensor] * mp
+        else:
+            assert len(parts) == mp
+            assert sum(p.shape[split.dim] for p in parts) == tensor.shape[split.dim]
+            assert all(p.shape[:split.dim] + p.shape[split.dim + 1:] ==
+                       tensor.shape[:split.dim] + tensor.shape[split.dim + 1:] for p in parts)
+    sliced = {name: split_of(name).dim for name in full if split_of(name).dim is not None}
+    assert set(sliced.values()) == {0, 1}
+    assert any(n.endswith(".scale") for n in sliced) == (variant == "fp8")  # a scale splits with its weight
+
+
+def test_deepseek_shards_refuse_an_uneven_split():
+    config = DEEPSEEK.read_config(CONFIGS["v3-qlora-dense1"])
+    with pytest.raises(RemapError):
+        DEEPSEEK.shards(config, 3)  # 4 experts
+    with pytest.raises(RemapError, match="does not split"):
+        DEEPSEEK.shards({**config, "n_routed_experts": 64}, 64)
+
+
+# --- registry and detection ---------------------------------------------------------------
+
+
+def test_registry_names_every_layout():
+    assert set(LAYOUTS) == {"hf", "mlx", "scratch", "deepseek"}
+    assert all(layout.name == name for name, layout in LAYOUTS.items())
+    with pytest.raises(RemapError, match="hf, mlx, scratch, deepseek"):
+        get_layout("llama")
+
+
+def _as_checkpoint(expected):
+    return {name: (tensor.shape, "BF16") for name, tensor in expected.items()}
+
+
+@pytest.mark.parametrize("layout", [HF, MLX, DEEPSEEK])
+def test_each_layout_variant_detects_as_itself(layout):
+    raw = {**CONFIGS["v3-qlora-dense1"], "num_nextn_predict_layers": 1}
+    for variant in layout.variants:
+        detection = detect(_as_checkpoint(layout.expected(layout.read_config(raw), variant)), raw)
+        assert (detection.layout, detection.variant) == (layout.name, variant)
+        assert detection.config == layout.read_config(raw)
+
+
+def test_real_checkpoints_detect(saved):
+    for name in ("v3-qlora-dense1", "v2-lite"):
+        header, _ = saved[name]
+        assert (detect(header, CONFIGS[name]).layout, detect(header, CONFIGS[name]).variant) == ("hf", "bf16")
+    raw = CONFIGS["v3-dense2-attnbias"]
+    params = {n: (tuple(a.shape), "F32") for n, a in tree_flatten(_mlx_model(raw).parameters())}
+    assert (detect(params, raw).layout, detect(params, raw).variant) == ("mlx", "embed_q")
+
+
+def test_a_wrong_shape_is_named_not_matched():
+    raw = CONFIGS["v3-qlora-dense1"]
+    tensors = _as_checkpoint(HF.expected(HF.read_config(raw)))
+    tensors["model.layers.1.self_attn.kv_b_proj.weight"] = ((64, 8), "BF16")
+    detection = detect(tensors, raw)
+    assert detection.layout is None
+    hf = next(fit for fit in detection.closest if fit.layout == "hf")
+    assert (hf.variant, hf.unexpected, hf.missing) == ("bf16", (), ())
+    assert hf.wrong_shape == (("model.layers.1.self_attn.kv_b_proj.weight", (64, 8), (64, 16)),)
+    assert "kv_b_proj.weight [64, 8] not [64, 16]" in detection.describe()
+
+
+LLAMA = {f"model.layers.{i}.{part}.weight": (shape, "BF16") for i in range(2) for part, shape in (
+    ("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (8, 32)), ("self_attn.v_proj", (8, 32)),
+    ("self_attn.o_proj", (32, 32)), ("mlp.gate_proj", (48, 32)), ("mlp.up_proj", (48, 32)),
+    ("mlp.down_proj", (32, 48)), ("input_layernorm", (32,)), ("post_attention_layernorm", (32,)))}
+LLAMA.update({"model.embed_tokens.weight": ((64, 32), "BF16"), "model.norm.weight": ((32,), "BF16"),
+              "lm_head.weight": ((64, 32), "BF16")})
+
+
+@pytest.mark.parametrize("raw", [{"model_type": "llama", "hidden_size": 32}, None])
+def test_a_llama_checkpoint_fits_no_layout(raw):
+    detection = detect(LLAMA, raw)
+    assert detection.layout is None and detection.config is None
+    assert len(detection.unmatched) == len(LLAMA)
+    assert detection.describe().startswith(f"not a DeepSeek checkpoint: none of its {len(LLAMA)} tensors fit")
+
+
+def test_llama_tensors_under_a_deepseek_config_are_named():
+    detection = detect(LLAMA, {**CONFIGS["v3-noqlora-moe0-tied"], "tie_word_embeddings": False})
+    assert detection.layout is None
+    assert "model.layers.0.self_attn.k_proj.weight" in detection.unmatched
+    assert "model.embed_tokens.weight" not in detection.unmatched  # hf and mlx hold it with this shape
+    examples = "model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight"
+    assert f"fit no layout, e.g. {examples}" in detection.describe()
