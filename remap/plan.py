@@ -10,6 +10,7 @@ re-read by a rule marked `reuse`), dropped by a rule that says why, or listed as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -77,6 +78,7 @@ class Plan:
     # outputs, computed on demand when the plan runs (nothing intermediate is written).
     upstream: "Plan | None" = None
     name: str = ""
+    variant_pinned: bool = True  # False: the target variant is whichever the outputs turn out to be
 
     @property
     def stages(self) -> list["Plan"]:
@@ -89,6 +91,46 @@ class Plan:
     @property
     def first(self) -> "Plan":
         return self.stages[0]
+
+    @functools.cached_property
+    def producers(self) -> dict[str, Step]:
+        """Output name -> the step that makes it."""
+        return {o.name: step for step in self.steps for o in step.outputs}
+
+    def lineage(self, step: Step) -> tuple[list[str], list[str]]:
+        """The first stage's source tensors a step reads, and the names of the ops applied on
+        the way, through any earlier stages."""
+        names, ops, plan = step.sources, _op_names(step), self.upstream
+        while plan is not None:
+            before = [plan.producers[n] for n in names if n in plan.producers]
+            ops = list(dict.fromkeys(name for s in before for name in _op_names(s))) + ops
+            names = [n for name in names for n in (plan.producers[name].sources if name in plan.producers else [name])]
+            plan = plan.upstream
+        return names, ops
+
+    def fates(self) -> dict[str, tuple[str, str | None]]:
+        """Each source tensor of the first stage: ("used", None) when it reaches a final output,
+        ("dropped", claim) when it is dropped (here or, through what it became, in a later
+        stage), ("unmatched", None) when no rule took it."""
+        stages = self.stages
+        needed = {n for step in stages[-1].steps for n in step.sources}
+        dropped = {d.name: d.claim for d in stages[-1].dropped}
+        for stage in reversed(stages[:-1]):
+            reached, claims = set(), {d.name: d.claim for d in stage.dropped}
+            for step in stage.steps:
+                outputs = [o.name for o in step.outputs]
+                if any(o in needed for o in outputs):
+                    reached.update(step.sources)
+                else:
+                    claim = next((dropped[o] for o in outputs if o in dropped), None)
+                    claims.update((n, claim) for n in step.sources if n not in claims)
+            needed, dropped = reached, claims
+        unmatched = set(stages[0].unmatched)
+        return {
+            name: ("used", None) if name in needed else ("unmatched", None) if name in unmatched
+            else ("dropped", dropped.get(name))
+            for name in stages[0].source_tensors
+        }
 
     @property
     def outputs(self) -> list[Output]:
@@ -177,7 +219,8 @@ def build_plan(
     target_config = translate_config(spec.config, raw, names)
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
-    plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name)
+    plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name,
+                variant_pinned=bool(variant or spec.variant))
     planner = _Planner(plan, sorted(tensors, key=natural_key), dtypes.canonical(dtype) if dtype else None)
     for rule in spec.rules:
         try:
@@ -207,6 +250,7 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
         tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
         raw_config = stage.target_config
     plan.name = spec.name
+    plan.variant_pinned = plan.variant_pinned or bool(spec.variant)
     return plan
 
 
@@ -221,11 +265,13 @@ class _Planner:
         {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
-        """Source names matching `pattern` whose variables pass the rule's `when`."""
+        """Source names matching `pattern` whose variables (and `dtype`, the matched tensor's)
+        pass the rule's `when`."""
         found = [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
         if rule.when is None:
             return found
-        return [(n, b) for n, b in found if evaluate(rule.when, {**self.plan.names, **b})]
+        tensors = self.plan.source_tensors
+        return [(n, b) for n, b in found if evaluate(rule.when, {**self.plan.names, **b, "dtype": tensors[n].dtype})]
 
     def _map(self, rule: Rule) -> None:
         first, *others = rule.sources
@@ -346,6 +392,10 @@ class _Planner:
     def finish(self) -> None:
         used = set(self.used) | set(self.plan.reused)
         self.plan.unmatched = [n for n in self.names if n not in used]
+
+
+def _op_names(step: Step) -> list[str]:
+    return [f"fill {step.fill}"] if step.fill else [op.name for op in step.ops]
 
 
 def _step_dict(step: Step) -> dict:

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from remap import __version__
@@ -77,8 +78,13 @@ def _dtype_fits(dtype: str, want: str) -> bool:
 def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Report:
     first, spec = plan.first, plan.spec
     target_layout = get_layout(spec.target_layout)
+    target_config = target_layout.read_config(plan.target_config)
     variant = plan.names["target_variant"]
-    expected = target_layout.expected(target_layout.read_config(plan.target_config), variant)
+    if not plan.variant_pinned:  # e.g. an MTP layer passed through: whichever variant the outputs are
+        produced_names = {o.name for o in plan.outputs}
+        variant = next((v for v in target_layout.variants
+                        if set(target_layout.expected(target_config, v)) == produced_names), variant)
+    expected = target_layout.expected(target_config, variant)
 
     rows = []
     for step in plan.steps:
@@ -92,23 +98,24 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
                 status = f"dtype: expected {want.dtype}"
             else:
                 status = "ok"
-            rows.append(Row(output.name, list(output.shape), output.dtype, _origin(plan, step),
-                            [op.name for op in step.ops] or ([f"fill {step.fill}"] if step.fill else []), step.rule, status))
+            sources, ops = plan.lineage(step)
+            rows.append(Row(output.name, list(output.shape), output.dtype, sources, ops, step.rule, status))
     produced = {r.name for r in rows}
     missing = [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype} for e in expected.values() if e.name not in produced]
 
     dropped = [{"stage": s.name, **asdict(d)} for s in plan.stages for d in s.dropped]
     unmatched = [n for s in plan.stages for n in s.unmatched]
-    total = len(first.source_tensors)
-    first_dropped = len(first.dropped)
-    used = total - first_dropped - len(first.unmatched)
-    by_claim = Counter(d.claim for d in first.dropped)
+    fates = Counter(plan.fates().values())
+    by_claim = Counter()
+    for (fate, claim), n in fates.items():
+        if fate == "dropped":
+            by_claim[claim] += n
     coverage = {
-        "source_tensors": total,
-        "used": used,
-        "dropped": first_dropped,
+        "source_tensors": len(first.source_tensors),
+        "used": fates[("used", None)],
+        "dropped": sum(by_claim.values()),
         "dropped_by_claim": dict(by_claim),
-        "unmatched": len(first.unmatched),
+        "unmatched": fates[("unmatched", None)],
         "intermediate_unmatched": len(unmatched) - len(first.unmatched),
         "target_tensors": len(rows),
         "source_bytes": sum(_nbytes(t.shape, t.dtype) for t in first.source_tensors.values()),
@@ -133,13 +140,6 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
     if broken:
         report.problems.append(f"{len(broken)} claims do not hold on the data, e.g. {broken[0].rule}: {broken[0].what} (max |x| {broken[0].magnitude:.3g})")
     return report
-
-
-def _origin(plan: Plan, step) -> list[str]:
-    if step.fill:
-        return []
-    names = step.sources
-    return [c for c, _ in collapse(names, lambda n: n)]
 
 
 def _nbytes(shape, dtype: str) -> int:
@@ -175,11 +175,17 @@ def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
 
 
 # -- rendering ---------------------------------------------------------------------------------
-def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, Row, int]]:
+def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], Row]]:
+    """(name, collapsed source names, first row) per group of rows alike but for indices."""
     if full:
-        return [(r.name, r, 1) for r in rows]
+        return [(r.name, _collapse_names(r.sources), r) for r in rows]
     key = lambda r: (tuple(r.shape), r.dtype, tuple(r.ops), r.status, r.rule)
-    return [(name, members[0], len(members)) for name, members in collapse(rows, lambda r: r.name, key)]
+    return [(name, _collapse_names([s for m in members for s in m.sources]), members[0])
+            for name, members in collapse(rows, lambda r: r.name, key)]
+
+
+def _collapse_names(names: list[str]) -> list[str]:
+    return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
 
 
 def coverage_line(report: Report) -> str:
@@ -194,19 +200,19 @@ def coverage_line(report: Report) -> str:
 
 def render_rich(report: Report, console: Console, *, full: bool = False) -> None:
     src, tgt = report.source, report.target
-    console.print(f"[bold]{report.spec}[/]: {src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']})")
+    console.print(f"[bold]{escape(report.spec)}[/]: {src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']})")
     table = Table(show_lines=False, header_style="bold")
     for column in ("target tensor", "shape", "dtype", "from", "ops", "status"):
         table.add_column(column, overflow="fold")
-    for name, row, count in _collapsed_rows(report.rows, full):
+    for name, sources, row in _collapsed_rows(report.rows, full):
         status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(name, str(row.shape), row.dtype, "\n".join(row.sources), " > ".join(row.ops), status)
+        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(sources)), " > ".join(row.ops), status)
     console.print(table)
     for m in report.missing:
-        console.print(f"[red]missing[/] {m['name']} {m['shape']}")
+        console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
     console.print(coverage_line(report))
     if report.unmatched:
-        console.print("[red]unmatched:[/] " + ", ".join(n for n, _ in collapse(report.unmatched, lambda n: n)))
+        console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
     if report.losses:
         losses = Table(title="what the conversion discards or rounds", header_style="bold")
         for column in ("rule", "claim", "what", "x", "measured", "why it is safe"):
@@ -217,10 +223,10 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
                 measured = f"[red]{measured} LOSSY[/]"
             elif loss.holds:
                 measured = f"[green]{measured} holds[/]"
-            losses.add_row(loss.rule, loss.claim, loss.what, str(loss.count), measured, loss.reason)
+            losses.add_row(escape(loss.rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
         console.print(losses)
     for problem in report.problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(f"[red]problem:[/] {escape(problem)}")
     console.print("[green]OK[/]: target layout met, every source tensor accounted for" if report.ok else "[red]NOT OK[/]")
 
 
@@ -234,8 +240,8 @@ def render_markdown(report: Report, *, full: bool = False) -> str:
              f"{src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']}): **{'OK' if report.ok else 'NOT OK'}**", "",
              coverage_line(report), "",
              "| target tensor | shape | dtype | from | ops | status |", "|---|---|---|---|---|---|"]
-    for name, row, _ in _collapsed_rows(report.rows, full):
-        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in row.sources)} | {' > '.join(row.ops)} | {row.status} |")
+    for name, sources, row in _collapsed_rows(report.rows, full):
+        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in sources)} | {' > '.join(row.ops)} | {row.status} |")
     if report.missing:
         lines += ["", "Missing: " + ", ".join(f"`{m['name']}`" for m in report.missing)]
     if report.losses:

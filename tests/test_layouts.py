@@ -192,12 +192,14 @@ def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes():
 
     # Routed experts: the bf16 names, each weight FP8 with the scale FP8Linear would give it.
     bf16 = HF.expected(HF.read_config(raw), "bf16")
-    for name, tensor in bf16.items():
-        if ".mlp.experts." in name:
-            linear = FP8Linear(tensor.shape[1], tensor.shape[0], block_size=(16, 16))
-            scale = name.replace(".weight", ".weight_scale_inv")
-            assert expected[name].dtype == FP8 and expected[name].shape == tensor.shape
-            assert expected[scale].dtype == F32 and expected[scale].shape == tuple(linear.weight_scale_inv.shape)
+    experts = {n: t for n, t in bf16.items() if ".mlp.experts." in n}
+    scales = {n.replace(".weight", ".weight_scale_inv") for n in experts}
+    assert {n for n in expected if ".mlp.experts." in n} == set(experts) | scales
+    for name, tensor in experts.items():
+        linear = FP8Linear(tensor.shape[1], tensor.shape[0], block_size=(16, 16))
+        scale = name.replace(".weight", ".weight_scale_inv")
+        assert expected[name].dtype == FP8 and expected[name].shape == tensor.shape
+        assert expected[scale].dtype == F32 and expected[scale].shape == tuple(linear.weight_scale_inv.shape)
 
 
 def test_hf_fp8_mtp_is_the_official_deepseek_v3_checkpoint():

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from remap.errors import RemapError
-from remap.spec.expr import evaluate_int
+from remap.spec.expr import evaluate, evaluate_int
 
 Shape = tuple[int, ...]
 
@@ -82,6 +82,8 @@ class Op:
             if key in cls.int_params or key == "input":
                 values[key] = evaluate_int(value, names)
             elif key in cls.list_params:
+                if isinstance(value, str):  # one expression giving the whole list
+                    value = evaluate(value, names)
                 values[key] = tuple(evaluate_int(v, names) for v in _as_list(value))
             else:  # words (claim, dtype, reason) are literal, never expressions
                 values[key] = value

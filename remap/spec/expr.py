@@ -1,6 +1,7 @@
 """Size expressions over config values, evaluated safely.
 
-Specs write sizes as `num_attention_heads * v_head_dim`. We parse with `ast` and walk a small
+Specs write sizes as `num_attention_heads * v_head_dim`, or read a nested config value with a
+constant subscript (`quantization_config['weight_block_size']`). We parse with `ast` and walk a small
 whitelist of node types: integer arithmetic, comparisons, boolean logic, a few functions. No
 attribute access, no calls but the whitelist, no `eval` — a spec file is untrusted input.
 """
@@ -109,6 +110,14 @@ def _eval(node: ast.AST, names: Mapping[str, Any], text: str) -> Any:
                 current = right
             else:
                 return True
+        case ast.Subscript(value=value, slice=ast.Constant(value=key)) if isinstance(key, (str, int)):
+            container = _eval(value, names, text)
+            if not isinstance(container, (dict, list, tuple)):
+                raise RemapError(f"cannot index {type(container).__name__} in {text!r}")
+            try:
+                return container[key]
+            except (KeyError, IndexError):
+                raise RemapError(f"no [{key!r}] in {text!r}") from None
         case ast.IfExp(test=test, body=body, orelse=orelse):
             return _eval(body if _eval(test, names, text) else orelse, names, text)
         case ast.Call(func=ast.Name(id=fname), args=args, keywords=[]) if fname in _FUNCTIONS:
