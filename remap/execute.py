@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from remap import __version__, dtypes
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
-from remap.io.writer import ShardPlan, ShardWriter, atomic_output, plan_shards, sha256_file, shard_is_complete, write_index
+from remap.io.writer import (ShardPlan, ShardWriter, TensorEntry, atomic_output, plan_shards, sha256_file,
+                             shard_is_complete, write_index)
+from remap.layouts import deepseek
 from remap.plan import Plan, Step
 
 MANIFEST = "remap-manifest.json"
@@ -29,6 +33,56 @@ REPORT = "remap-report.json"
 FORMAT = {"hf": "pt", "mlx": "mlx", "scratch": "pt", "deepseek": "pt"}
 
 Progress = Callable[[int], None]  # called with bytes written
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one output tensor's bytes go: a file, and for model parallelism its rank's slice."""
+
+    file: str
+    dim: int | None = None  # None: the whole tensor
+    rank: int = 0
+    ranks: int = 1
+
+    def cut(self, array):
+        return array if self.dim is None else np.split(array, self.ranks, axis=self.dim)[self.rank]
+
+
+def hf_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str, list[Placement]]]:
+    """transformers' scheme: shards filled in order (model-0000k-of-0000n.safetensors)."""
+    shards = plan_shards([(o.name, o.dtype, o.shape) for o in outputs], max_shard_size)
+    return shards, {e.name: [Placement(s.file)] for s in shards for e in s.entries}
+
+
+def model_parallel_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str, list[Placement]]]:
+    """DeepSeek's convert.py scheme: model{r}-mp{N}.safetensors, one file per rank."""
+    mp = int(names.get("mp", 1))
+    experts = names["n_routed_experts"]
+    if mp < 1 or experts % mp:
+        raise RemapError(f"--param mp={mp} does not divide {experts} routed experts", expected="mp >= 1 dividing n_routed_experts")
+    files = [deepseek.shard_file(r, mp) for r in range(mp)]
+    entries: list[list[TensorEntry]] = [[] for _ in range(mp)]
+    placements: dict[str, list[Placement]] = {}
+    for o in outputs:
+        split = deepseek.split_of(o.name)
+        if split.expert is not None:
+            owner = split.expert // (experts // mp)
+            entries[owner].append(TensorEntry(o.name, o.dtype, o.shape))
+            placements[o.name] = [Placement(files[owner])]
+            continue
+        shape = o.shape
+        if split.dim is not None:
+            if shape[split.dim] % mp:
+                raise RemapError(f"dim {split.dim} of {list(shape)} does not split over {mp} ranks", tensor=o.name)
+            shape = shape[: split.dim] + (shape[split.dim] // mp,) + shape[split.dim + 1 :]
+        for r in range(mp):
+            entries[r].append(TensorEntry(o.name, o.dtype, shape))
+        placements[o.name] = [Placement(files[r], split.dim, r, mp) for r in range(mp)]
+    return [ShardPlan(f, tuple(e)) for f, e in zip(files, entries)], placements
+
+
+# How each target layout names and splits its files.
+FILE_SCHEMES = {"deepseek": model_parallel_files}
 
 
 @dataclass(frozen=True)
@@ -54,9 +108,8 @@ def convert(
     start = time.perf_counter()
     target = plan.spec.target_layout
     metadata = {"format": FORMAT.get(target, "pt")}
-    outputs = [o for step in plan.steps for o in step.outputs]
-    shards = plan_shards([(o.name, o.dtype, o.shape) for o in outputs], max_shard_size)
-    shard_of = {entry.name: shard for shard in shards for entry in shard.entries}
+    scheme = FILE_SCHEMES.get(target, hf_files)
+    shards, placements = scheme(plan.outputs, max_shard_size, plan.names)
     total = sum(shard.nbytes for shard in shards)
 
     with atomic_output(dst, force=force, resume=resume) as out:
@@ -65,15 +118,15 @@ def convert(
             progress(sum(s.nbytes for s in shards if s.file in done))
         writers = {s.file: ShardWriter(out / s.file, s.entries, metadata) for s in shards if s.file not in done}
         try:
-            steps = [step for step in plan.steps if any(shard_of[o.name].file in writers for o in step.outputs)]
-            _run_steps(plan, checkpoint, steps, writers, shard_of, workers, progress)
+            steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
+            _run_steps(plan, checkpoint, steps, writers, placements, workers, progress)
             for writer in writers.values():
                 writer.close()
         except BaseException:
             for writer in writers.values():
                 writer._abandon()
             raise
-        if len(shards) > 1:
+        if len(shards) > 1 and scheme is hf_files:
             write_index(out, shards)
         _write_json(out / "config.json", plan.target_config)
         for path in checkpoint.extra_files:
@@ -85,20 +138,23 @@ def convert(
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
 
-def _run_steps(plan, checkpoint, steps, writers, shard_of, workers, progress) -> None:
+def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) -> None:
     read = StagedReader(plan, checkpoint.read)
 
     def run(step: Step) -> None:
-        for index, arrays in _pieces(plan, checkpoint, step, read):
+        whole = all(p.dim is None for o in step.outputs for p in placements[o.name])
+        for index, arrays in _pieces(plan, checkpoint, step, read, raw_ok=whole):
             for output, array in zip(step.outputs, arrays):
-                writer = writers.get(shard_of[output.name].file)
-                if writer is None:
-                    continue
-                piece = array if isinstance(array, memoryview) else _as_dtype(array, output.dtype, output.name)
-                nbytes = piece.nbytes
-                writer.write(output.name, piece, offset=0 if index is None else index * nbytes)
-                if progress:
-                    progress(nbytes)
+                if not isinstance(array, memoryview):
+                    _check_dtype(array, output.dtype, output.name)
+                for place in placements[output.name]:
+                    writer = writers.get(place.file)
+                    if writer is None:
+                        continue
+                    piece = array if isinstance(array, memoryview) else place.cut(array)
+                    writer.write(output.name, piece, offset=0 if index is None else index * piece.nbytes)
+                    if progress:
+                        progress(piece.nbytes)
 
     if workers <= 1:
         for step in steps:
@@ -110,9 +166,9 @@ def _run_steps(plan, checkpoint, steps, writers, shard_of, workers, progress) ->
             future.result()
 
 
-def _pieces(plan: Plan, checkpoint: Checkpoint, step: Step, read):
+def _pieces(plan: Plan, checkpoint: Checkpoint, step: Step, read, raw_ok: bool):
     """A step's pieces; a pure move (no ops, one source, same dtype) is raw bytes, never decoded."""
-    if plan.upstream is None and not step.ops and step.fill is None and step.take is None and len(step.outputs) == 1:
+    if raw_ok and plan.upstream is None and not step.ops and step.fill is None and step.take is None and len(step.outputs) == 1:
         sources = [group[0] for group in step.groups if len(group) == 1]
         if len(sources) == len(step.groups) and all(
             checkpoint.tensors[s].dtype == step.outputs[0].dtype for s in sources
@@ -123,11 +179,9 @@ def _pieces(plan: Plan, checkpoint: Checkpoint, step: Step, read):
     yield from step_pieces(step, read)
 
 
-def _as_dtype(array, dtype: str, name: str):
-    want = dtypes.numpy_dtype(dtype)
-    if array.dtype != want:
+def _check_dtype(array, dtype: str, name: str) -> None:
+    if array.dtype != dtypes.numpy_dtype(dtype):
         raise RemapError(f"computed {array.dtype}, the plan says {dtype}", tensor=name)
-    return array
 
 
 def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str]) -> dict:
