@@ -24,6 +24,8 @@ CONFIG = {
     "num_hidden_layers": 61,
     "target_variant": "embed_q",
     "tie_word_embeddings": False,
+    "rope_scaling": {"type": "yarn", "factor": 40},
+    "layer_types": ["dense", "moe"],
 }
 
 
@@ -66,6 +68,8 @@ def test_config_names_are_read():
         ("max(hidden_size, 2 * kv_lora_rank)", 7168),
         ("min(cdiv(hidden_size, 128), 10) + 1", 11),
         ("ceil(7 / 2)", 4),
+        ("rope_scaling['factor'] * 2", 80),  # a nested config value, by literal key
+        ("layer_types[1] == 'moe'", True),
         ("int(7 / 2)", 3),
     ],
 )
@@ -137,8 +141,13 @@ def test_literals_pass_through():
         ("min(1, key=abs)", "unsupported syntax"),
         ("lambda: 1", "unsupported syntax"),
         ("(lambda: 1)()", "unsupported syntax"),
-        ("hidden_size[0]", "unsupported syntax"),
-        ("'abc'[0]", "unsupported syntax"),
+        ("rope_scaling[hidden_size]", "unsupported syntax"),  # only a literal key
+        ("layer_types[0:2]", "unsupported syntax"),
+        ("hidden_size[0]", "cannot index int"),
+        ("'abc'[0]", "cannot index str"),
+        ("rope_scaling['beta']", "no ['beta']"),
+        ("layer_types[5]", "no [5]"),
+        ("rope_scaling['factor'].__class__", "unsupported syntax"),
         ("[1, 2]", "unsupported syntax"),
         ("2 ** 10", "unsupported syntax"),
         ("x := 1", "invalid expression"),
@@ -188,3 +197,8 @@ def test_evaluate_int_refuses_non_integers(text):
     with pytest.raises(RemapError) as info:
         evaluate_int(text, CONFIG)
     assert info.value.expected == "an integer"
+
+
+def test_python_syntax_warnings_are_not_printed(recwarn):
+    evaluate("1if 1else 2", {})  # Python warns 'invalid decimal literal' when it parses this
+    assert not [w for w in recwarn if issubclass(w.category, SyntaxWarning)]

@@ -3,6 +3,8 @@ parameters either work or raise RemapError (the one error the CLI prints as a us
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,11 +12,13 @@ from hypothesis import strategies as st
 from remap.errors import RemapError
 from remap.ops import OPS, TensorType, build_op
 from remap.spec.expr import evaluate, evaluate_int
+from remap.spec.invert import invert_spec
 from remap.spec.load import parse_spec, spec_from_document
 from remap.spec.pattern import Pattern
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-NAMES = {"hidden_size": 64, "heads": 4, "q_lora_rank": None, "target_variant": "embed_q", "flag": True}
+NAMES = {"hidden_size": 64, "heads": 4, "q_lora_rank": None, "target_variant": "embed_q", "flag": True,
+         "rope_scaling": {"factor": 40}, "layer_types": ["dense", "moe"]}
 
 
 def returns_or_remap_error(function, *args):
@@ -27,8 +31,8 @@ def returns_or_remap_error(function, *args):
 # -- expressions ------------------------------------------------------------------------------
 
 _EXPR_TOKENS = st.sampled_from(
-    ["hidden_size", "heads", "q_lora_rank", "target_variant", "flag", "nope", "0", "1", "7", "128", "2.5", "1e400",
-     "'embed_q'", "'%d'", "+", "-", "*", "/", "//", "%", "**", "(", ")", ",", "<", "<=", "==", "!=", " is ", " not ",
+    ["hidden_size", "heads", "q_lora_rank", "target_variant", "flag", "rope_scaling", "layer_types", "[0]",
+     "['factor']", "nope", "0", "1", "7", "128", "2.5", "1e400", "'embed_q'", "'%d'", "+", "-", "*", "/", "//", "%", "**", "(", ")", ",", "<", "<=", "==", "!=", " is ", " not ",
      " and ", " or ", " if ", " else ", "null", "true", "cdiv", "min", "max", "ceil", "int", "__import__", ".",
      "__class__", "[", "]", "lambda", ":", "=", ";", "\n", " ", "{", "}", "'", '"', "\\", "\x00"]
 )
@@ -82,52 +86,77 @@ def test_any_spec_text_returns_or_raises_remap_error(text):
 
 _LEAF = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 10), st.floats(allow_nan=True), st.text(max_size=10),
-    st.sampled_from(["a", "a.{i}", "b.{i}.{e}", "c.{w:x|y}", "{r*}", "a.{j}", "zero", "lossy", "unused", "omit",
-                     "i < 3", "num_heads", "split", "slice", "pad", "cast", "bf16", "e", "i"]),
+    st.sampled_from(["a", "zero", "lossy", "omit", "i < 3", "num_heads", "split", "bf16", "e", "i"]),
 )
 _VALUE = st.recursive(
     _LEAF,
     lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=6), children, max_size=4)),
     max_leaves=12,
 )
-_RULE_KEYS = ["to", "from", "ops", "stack", "unstack", "reuse", "when", "name", "drop", "claim", "reason", "same_as",
-              "inverse", "fill", "shape", "dtype", "like", "bogus"]
-_OP = st.fixed_dictionaries(
-    {"op": st.sampled_from([*OPS, "bogus"])},
-    optional={k: _LEAF for k in ["input", "axis", "sizes", "heads", "stop", "size", "claim", "dtype", "block", "times"]},
+# Mostly well-formed pieces, so that many documents get past the schema into rule building.
+_NAME_PATTERN = st.sampled_from(["a", "a.{i}", "b.{i}.{e}", "c.{w:x|y}", "d.{i}.{r*}", "e.{j}", "f.{e}", "g.{w:|}", "{i}.{i}"])
+_PATTERNS = st.one_of(_NAME_PATTERN, st.lists(_NAME_PATTERN, min_size=1, max_size=3))
+_EXPRESSION = st.one_of(st.integers(-2, 8), st.sampled_from(["i < 3", "heads", "1 +", "target_variant == 'x'", "i"]))
+_OP = st.sampled_from(sorted(OPS)).flatmap(
+    lambda name: st.fixed_dictionaries(
+        {"op": st.just(name)},
+        optional={f.name: st.one_of(_EXPRESSION, st.lists(_EXPRESSION, max_size=3), _CLAIM)
+                  for f in dataclasses.fields(OPS[name])},
+    )
 )
-_RULE = st.dictionaries(
-    st.sampled_from(_RULE_KEYS),
-    st.one_of(_LEAF, st.lists(_LEAF, max_size=3), st.lists(_OP, max_size=3), _VALUE),
-    max_size=6,
+_CLAIM = st.sampled_from(["zero", "redundant", "unused", "lossy", "maybe"])
+_VARIABLE = st.sampled_from(["i", "e", "j", "w"])
+_MAP_RULE = st.fixed_dictionaries(
+    {"to": _PATTERNS, "from": _PATTERNS},
+    optional={"ops": st.lists(_OP, max_size=3), "stack": _VARIABLE, "unstack": _VARIABLE, "reuse": st.booleans(),
+              "when": _EXPRESSION, "name": st.text(max_size=5)},
+)
+_DROP_RULE = st.fixed_dictionaries(
+    {"drop": _PATTERNS, "claim": _CLAIM, "reason": st.text(min_size=1, max_size=5)},
+    optional={"same_as": _NAME_PATTERN, "inverse": st.one_of(st.just("omit"), _VALUE), "when": _EXPRESSION},
+)
+_FILL_RULE = st.fixed_dictionaries(
+    {"fill": st.sampled_from(["zeros", "ones", "twos"]), "to": _NAME_PATTERN, "shape": st.lists(_EXPRESSION, max_size=3)},
+    optional={"dtype": _LEAF, "like": _NAME_PATTERN, "when": _EXPRESSION},
+)
+_RULE = st.one_of(
+    _MAP_RULE, _DROP_RULE, _FILL_RULE, _MAP_RULE,
+    st.tuples(st.one_of(_MAP_RULE, _DROP_RULE, _FILL_RULE), st.text(max_size=6), _VALUE).map(lambda t: {**t[0], t[1]: t[2]}),
+    st.dictionaries(st.text(max_size=6), _VALUE, max_size=4),
 )
 _DOCUMENT = st.one_of(
-    _VALUE,
     st.fixed_dictionaries(
         {"remap": st.just(1), "name": st.just("fuzz"), "from": st.just("hf"), "to": st.just("mlx"),
-         "rules": st.lists(_RULE, max_size=4)},
+         "rules": st.lists(_RULE, min_size=1, max_size=3)},
+        optional={"variant": st.just("embed_q"), "scope": st.sampled_from(["source", "target"])},
+    ),
+    st.fixed_dictionaries(
+        {"remap": st.just(1), "name": st.just("fuzz"), "from": st.just("hf"), "to": st.just("mlx"),
+         "rules": st.lists(_RULE, min_size=1, max_size=3)},
         optional={"variant": _LEAF, "scope": _LEAF, "params": _VALUE, "config": _VALUE, "compose": _VALUE},
     ),
+    _VALUE,
 )
 
 
 @FUZZ
 @given(_DOCUMENT)
 def test_any_document_returns_or_raises_remap_error(document):
-    returns_or_remap_error(spec_from_document, document)
+    spec = returns_or_remap_error(spec_from_document, document)
+    if spec is not None:
+        returns_or_remap_error(invert_spec, spec)
 
 
 # -- ops: built from any parameters, planned types are what apply computes -----------------------
 
 _SMALL = st.integers(-2, 5)
-_OP_PARAMS = st.fixed_dictionaries(
-    {"op": st.sampled_from(sorted(set(OPS) - {"dequant_fp8", "cast"}))},
-    optional={
-        "input": st.integers(0, 2), "axis": _SMALL, "count": _SMALL, "heads": _SMALL, "start": _SMALL,
-        "stop": _SMALL, "size": _SMALL, "before": _SMALL, "after": _SMALL, "to": _SMALL, "times": _SMALL,
-        "sizes": st.lists(_SMALL, max_size=3), "axes": st.lists(st.integers(-1, 3), max_size=3),
-        "claim": st.sampled_from(["zero", "redundant", "unused", "lossy", "maybe"]),
-    },
+_PARAMETER = {"input": st.integers(0, 2), "sizes": st.lists(_SMALL, max_size=3), "claim": _CLAIM,
+              "axes": st.lists(st.integers(-1, 3), max_size=3)}
+_OP_PARAMS = st.sampled_from(sorted(set(OPS) - {"dequant_fp8", "cast"})).flatmap(
+    lambda name: st.fixed_dictionaries(
+        {"op": st.just(name)},
+        optional={f.name: _PARAMETER.get(f.name, _SMALL) for f in dataclasses.fields(OPS[name]) if f.name != "reason"},
+    )
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -169,8 +170,6 @@ CONFIG = {"num_hidden_layers": 3, "num_attention_heads": 4, "qk_nope_head_dim": 
 
 
 def _strip_kinds(patterns):
-    import re
-
     return [re.sub(r"\{(\w+)[^}]*\}", r"{\1}", p.text) for p in patterns]
 
 

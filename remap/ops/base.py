@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from remap.errors import RemapError
-from remap.spec.expr import evaluate, evaluate_int
+from remap.spec.expr import evaluate, evaluate_int, names_in
 
 Shape = tuple[int, ...]
 
@@ -91,6 +91,15 @@ class Op:
             return cls(**values)
         except TypeError as exc:
             raise RemapError(f"op '{cls.name}': {exc}") from None
+
+    @classmethod
+    def names_read(cls, raw: Mapping[str, Any]) -> set[str]:
+        """The config (or rule variable) names this op's expressions read."""
+        names: set[str] = set()
+        for key in (*cls.int_params, *cls.list_params, "input"):
+            for value in _as_list(raw.get(key)):
+                names |= names_in(value)
+        return names
 
     # -- the four things an op knows -------------------------------------------------------
     def types(self, inputs: list[TensorType]) -> list[TensorType]:

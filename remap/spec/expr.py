@@ -9,8 +9,10 @@ attribute access, no calls but the whitelist, no `eval` — a spec file is untru
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
+import warnings
 from typing import Any, Mapping
 
 from remap.errors import RemapError
@@ -48,12 +50,7 @@ def evaluate(text: str | int | float | bool | None, names: Mapping[str, Any]) ->
         return text
     if not isinstance(text, str):
         raise RemapError(f"expression must be a string or number, got {type(text).__name__}")
-    if len(text) > _MAX_LENGTH:
-        raise RemapError(f"expression longer than {_MAX_LENGTH} characters")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise RemapError(f"invalid expression {text!r}: {exc.msg}") from None
+    tree = _parse(text)
     try:
         return _eval(tree.body, names, text)
     except RemapError:
@@ -62,6 +59,30 @@ def evaluate(text: str | int | float | bool | None, names: Mapping[str, Any]) ->
         raise RemapError(f"division by zero in {text!r}") from None
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise RemapError(f"cannot evaluate {text!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> ast.Expression:
+    """Parsed once per distinct expression: a full-size plan evaluates the same few hundred
+    thousands of times."""
+    if len(text) > _MAX_LENGTH:
+        raise RemapError(f"expression longer than {_MAX_LENGTH} characters")
+    try:
+        with warnings.catch_warnings():  # Python's SyntaxWarnings ('1and') are not ours to print
+            warnings.simplefilter("ignore")
+            return ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise RemapError(f"invalid expression {text!r}: {exc.msg}") from None
+
+
+def names_in(text: Any) -> frozenset[str]:
+    """The names an expression reads (so a caller can tell what its value depends on)."""
+    return _names_in(text) if isinstance(text, str) else frozenset()
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_in(text: str) -> frozenset[str]:
+    return frozenset(n.id for n in ast.walk(_parse(text)) if isinstance(n, ast.Name))
 
 
 def evaluate_int(text: str | int, names: Mapping[str, Any]) -> int:

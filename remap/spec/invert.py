@@ -28,6 +28,9 @@ def invert_document(spec: Spec) -> dict:
         document["source_variant"] = spec.variant
     if spec.source_variant:
         document["variant"] = spec.source_variant
+    if spec.parts:  # a composition inverts stage by stage, last stage first
+        document["compose"] = [invert_document(part) for part in reversed(spec.parts)]
+        return document
     document["scope"] = "target" if spec.scope == "source" else "source"
     if spec.params:
         document["params"] = dict(spec.params)

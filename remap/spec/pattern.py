@@ -23,6 +23,7 @@ class Pattern:
     text: str
     variables: tuple[str, ...] = field(init=False)
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
+    _prefix: str = field(init=False, repr=False, compare=False)  # literal text before any variable
     _indices: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -53,10 +54,14 @@ class Pattern:
         if not self.text:
             raise RemapError("empty tensor-name pattern")
         object.__setattr__(self, "variables", tuple(names))
+        first = _VARIABLE.search(self.text)
+        object.__setattr__(self, "_prefix", self.text[: first.start()] if first else self.text)
         object.__setattr__(self, "_regex", re.compile("".join(parts)))
         object.__setattr__(self, "_indices", frozenset(v for v, kind in self.kinds().items() if not kind))
 
     def match(self, name: str) -> dict[str, int | str] | None:
+        if not name.startswith(self._prefix):  # cheap test first: most names fail here
+            return None
         m = self._regex.fullmatch(name)
         if m is None:
             return None

@@ -1,0 +1,61 @@
+"""Small shared helpers for tests: tiny configs, synthetic headers, in-memory plan execution."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from remap import dtypes
+from remap.compute import StagedReader, step_outputs
+from remap.layouts import get_layout
+from remap.ops import TensorType
+from remap.plan import Plan
+
+HF_BASE = dict(
+    model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+    first_k_dense_replace=1, n_group=2, topk_group=1,
+)
+SCRATCH_BASE = dict(
+    model_type="deepseek_v3_scratch", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    shared_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=4,
+    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+    first_k_dense_replace=1, max_position_embeddings=32,
+)
+_DTYPE = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32", "uint32": "U32"}
+
+
+def layout_tensors(layout: str, config: Mapping, variant: str | None = None, float_dtype: str = "BF16") -> dict[str, TensorType]:
+    """The headers a checkpoint of `layout` would have for `config` (names, shapes, dtypes)."""
+    lay = get_layout(layout)
+    expected = lay.expected(lay.read_config(config), variant)
+    return {n: TensorType(e.shape, float_dtype if e.dtype == "float" else _DTYPE[e.dtype]) for n, e in expected.items()}
+
+
+def random_tensors(types: Mapping[str, TensorType], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, t in types.items():
+        values = rng.standard_normal(t.shape).astype(np.float32)
+        if t.dtype == "F8_E4M3":
+            out[name] = values.astype(ml_dtypes.float8_e4m3fn)
+        else:
+            out[name] = values.astype(dtypes.numpy_dtype(t.dtype))
+    return out
+
+
+def run_plan(plan: Plan, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Execute a plan in memory (same step code as the streaming executor)."""
+    read = StagedReader(plan, data.__getitem__)
+    result = {}
+    for step in plan.steps:
+        for output, array in zip(step.outputs, step_outputs(step, read)):
+            result[output.name] = array
+    return result
+
+
+def types_of(data: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
+    return {n: TensorType(a.shape, dtypes.dtype_name(a.dtype)) for n, a in data.items()}
