@@ -20,7 +20,7 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.layouts import get_layout
 from remap.ops import Loss, Op, TensorType, build_op, op_class
-from remap.spec.expr import evaluate, evaluate_int
+from remap.spec.expr import evaluate, evaluate_int, names_in
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern
 
@@ -272,9 +272,21 @@ class _Planner:
         found = [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
         if rule.when is None:
             return found
-        tensors = self.plan.source_tensors
-        return [(n, b) for n, b in found
-                if evaluate(rule.when, ChainMap({**b, "dtype": tensors[n].dtype}, self.plan.names))]
+        # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
+        # experts ask the same `i < num_hidden_layers` 61 times, not 15,616).
+        read = names_in(rule.when)
+        tensors, decided = self.plan.source_tensors, {}
+        kept = []
+        for name, binding in found:
+            scope = {k: v for k, v in binding.items() if k in read}
+            if "dtype" in read:
+                scope["dtype"] = tensors[name].dtype
+            key = tuple(sorted(scope.items()))
+            if key not in decided:
+                decided[key] = evaluate(rule.when, ChainMap(scope, self.plan.names))
+            if decided[key]:
+                kept.append((name, binding))
+        return kept
 
     def _map(self, rule: Rule) -> None:
         first, *others = rule.sources

@@ -24,6 +24,8 @@ class Pattern:
     variables: tuple[str, ...] = field(init=False)
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
     _prefix: str = field(init=False, repr=False, compare=False)  # literal text before any variable
+    _literals: tuple[str, ...] = field(init=False, repr=False, compare=False)  # every literal piece
+    _format: str = field(init=False, repr=False, compare=False)  # str.format template for fill()
     _indices: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,11 +58,15 @@ class Pattern:
         object.__setattr__(self, "variables", tuple(names))
         first = _VARIABLE.search(self.text)
         object.__setattr__(self, "_prefix", self.text[: first.start()] if first else self.text)
+        # names cannot hold braces (checked above), so the text is a safe format string
+        object.__setattr__(self, "_format", _VARIABLE.sub(lambda m: "{" + m.group(1) + "}", self.text))
+        object.__setattr__(self, "_literals", tuple(p for p in _VARIABLE.sub("\0", self.text).split("\0") if len(p) > 1))
         object.__setattr__(self, "_regex", re.compile("".join(parts)))
         object.__setattr__(self, "_indices", frozenset(v for v, kind in self.kinds().items() if not kind))
 
     def match(self, name: str) -> dict[str, int | str] | None:
-        if not name.startswith(self._prefix):  # cheap test first: most names fail here
+        # cheap substring tests first: most names fail here, before the regex runs
+        if not name.startswith(self._prefix) or not all(p in name for p in self._literals):
             return None
         m = self._regex.fullmatch(name)
         if m is None:
@@ -75,7 +81,7 @@ class Pattern:
             raise RemapError(
                 f"pattern '{self.text}' uses {{{missing[0]}}}, which the rule's source pattern does not bind"
             )
-        return _VARIABLE.sub(lambda m: str(values[m.group(1)]), self.text)
+        return self._format.format_map(values)
 
     def kinds(self) -> dict[str, str]:
         """Variable -> its kind suffix ('', '*' or ':a|b'), as first written (a later use of the
