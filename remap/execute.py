@@ -139,19 +139,27 @@ def convert(
 
 
 def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) -> None:
-    read = StagedReader(plan, checkpoint.read)
+    read = StagedReader(plan, checkpoint.load)
 
     def run(step: Step) -> None:
         whole = all(p.dim is None for o in step.outputs for p in placements[o.name])
-        for index, arrays in _pieces(plan, checkpoint, step, read, raw_ok=whole):
+        if whole and (moves := _byte_moves(plan, checkpoint, step)):
+            (output,) = step.outputs
+            for index, info in enumerate(moves):
+                for place in placements[output.name]:
+                    if place.file in writers:
+                        writers[place.file].copy_from(output.name, info.file, info.start, info.nbytes, index * info.nbytes)
+                        if progress:
+                            progress(info.nbytes)
+            return
+        for index, arrays in step_pieces(step, read):
             for output, array in zip(step.outputs, arrays):
-                if not isinstance(array, memoryview):
-                    _check_dtype(array, output.dtype, output.name)
+                _check_dtype(array, output.dtype, output.name)
                 for place in placements[output.name]:
                     writer = writers.get(place.file)
                     if writer is None:
                         continue
-                    piece = array if isinstance(array, memoryview) else place.cut(array)
+                    piece = place.cut(array)
                     writer.write(output.name, piece, offset=0 if index is None else index * piece.nbytes)
                     if progress:
                         progress(piece.nbytes)
@@ -166,17 +174,17 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) 
             future.result()
 
 
-def _pieces(plan: Plan, checkpoint: Checkpoint, step: Step, read, raw_ok: bool):
-    """A step's pieces; a pure move (no ops, one source, same dtype) is raw bytes, never decoded."""
-    if raw_ok and plan.upstream is None and not step.ops and step.fill is None and step.take is None and len(step.outputs) == 1:
-        sources = [group[0] for group in step.groups if len(group) == 1]
-        if len(sources) == len(step.groups) and all(
-            checkpoint.tensors[s].dtype == step.outputs[0].dtype for s in sources
-        ):
-            for index, name in enumerate(sources):
-                yield (index if step.stacked else None), [checkpoint.read_bytes(name)]
-            return
-    yield from step_pieces(step, read)
+def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:
+    """The source spans of a step that only moves bytes (no ops, one source per piece, same
+    dtype, a file on disk): those are copied file to file, never decoded. None otherwise."""
+    if plan.upstream is not None or step.ops or step.fill or step.take is not None or len(step.outputs) != 1:
+        return None
+    if any(len(group) != 1 for group in step.groups):
+        return None
+    infos = [checkpoint.tensors[group[0]] for group in step.groups]
+    if any(info.start is None or info.dtype != step.outputs[0].dtype for info in infos):
+        return None
+    return infos
 
 
 def _check_dtype(array, dtype: str, name: str) -> None:

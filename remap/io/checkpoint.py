@@ -104,6 +104,24 @@ class Checkpoint:
             return np.empty(info.shape, dtype)
         return np.frombuffer(self._map(info.file), dtype, info.numel, info.start).reshape(info.shape)
 
+    def load(self, tensor: str | TensorInfo) -> np.ndarray:
+        """A private, writable copy of the tensor, read with pread. Unlike read(), its memory is
+        the process's own and goes away with the array: a conversion that loads one tensor at a
+        time keeps its resident memory at one tensor, where mapped pages would pile up."""
+        info = self._info(tensor)
+        if info.start is None or info.numel == 0:
+            return np.array(self.read(info))
+        array = np.empty(info.shape, DTYPES[info.dtype].numpy)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        with open(info.file, "rb", buffering=0) as f:
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(f.fileno(), [buffer[done:]], info.start + done)
+                if n == 0:
+                    raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
+                done += n
+        return array
+
     def read_bytes(self, tensor: str | TensorInfo) -> memoryview:
         """The tensor's raw little-endian bytes, for tensors that move without being decoded."""
         info = self._info(tensor)

@@ -177,6 +177,23 @@ class ShardWriter:
             _claim(self._written[name], offset, offset + piece.nbytes, self.path, name)
             _pwrite_all(self._fd, piece, begin + offset)
 
+    def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
+        """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
+        kernel (copy_file_range): a tensor that only changes name never passes through our
+        memory, so moving 1 TB costs no resident memory at all."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        if name not in self._spans:
+            raise RemapError("not a tensor of this file", file=str(self.path), tensor=name)
+        begin, end = self._spans[name]
+        if offset < 0 or offset + nbytes > end - begin:
+            raise RemapError(f"a piece of {nbytes} bytes at offset {offset} does not fit", file=str(self.path), tensor=name)
+        if not nbytes:
+            return
+        _claim(self._written[name], offset, offset + nbytes, self.path, name)
+        with open(source, "rb", buffering=0) as f:
+            _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes)
+
     def close(self) -> None:
         """Check that every byte was written, flush to disk, and give the file its name."""
         if self._fd is None:
@@ -321,6 +338,22 @@ def _claim(written: list[tuple[int, int]], lo: int, hi: int, path: Path, name: s
     if i < len(written) and written[i][0] == hi:
         hi = written.pop(i)[1]
     written.insert(i, (lo, hi))
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
+    """copy_file_range where the kernel and filesystem allow it, else pread/pwrite in 64 MiB chunks."""
+    while nbytes:
+        try:
+            n = os.copy_file_range(src, dst, nbytes, src_offset, dst_offset)
+        except (AttributeError, OSError):
+            n = 0
+        if n == 0:  # unsupported here (or across filesystems on old kernels): copy through a buffer
+            chunk = os.pread(src, min(nbytes, 64 << 20), src_offset)
+            if not chunk:
+                raise RemapError("source file ended early", expected=f"{nbytes} more bytes at offset {src_offset}")
+            _pwrite_all(dst, memoryview(chunk), dst_offset)
+            n = len(chunk)
+        src_offset, dst_offset, nbytes = src_offset + n, dst_offset + n, nbytes - n
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
