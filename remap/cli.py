@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -208,15 +209,19 @@ def specs() -> None:
 
 
 def run() -> None:
+    """Entry point: click handles usage errors (exit 2) and exit codes; a RemapError is bad
+    input, printed as one line."""
     try:
-        app(standalone_mode=False)
+        app()
     except RemapError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: nothing was written to the destination")
+        err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

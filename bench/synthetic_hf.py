@@ -1,0 +1,81 @@
+"""A synthetic DeepSeek-V3-shaped HF checkpoint, written tensor by tensor (no model is built).
+
+Shapes come from remap's `hf` layout for a mid-size config (hidden 2048, 64 routed experts of
+width 1408, kv_lora_rank 512, vocab 102400); the number of layers sets the size. Values are
+random bf16 (N(0, 0.02)), sharded as save_pretrained would (5 GB files + index), with a tiny
+byte-level tokenizer so mlx_lm.convert accepts the directory.
+
+    python bench/synthetic_hf.py OUT --layers 2      # ~2.1 GB (1 dense + 1 MoE layer)
+    python bench/synthetic_hf.py OUT --layers 6      # ~6.6 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from remap.io.writer import ShardWriter, plan_shards, write_index
+from remap.layouts import get_layout
+
+
+def config(layers: int) -> dict:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 102400,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6, "kv_lora_rank": 512,
+        "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+        "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "num_nextn_predict_layers": 0,
+    }
+
+
+def tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["remap converts deepseek checkpoints between stacks"] * 10, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = config(args.layers)
+    hf = get_layout("hf")
+    expected = hf.expected(hf.read_config(cfg), "bf16")
+    shards = plan_shards([(e.name, "BF16", e.shape) for e in expected.values()], "5GB")
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    for shard in shards:
+        with ShardWriter(args.out / shard.file, shard.entries, {"format": "pt"}) as writer:
+            for entry in shard.entries:
+                count = math.prod(entry.shape)
+                offset = int(rng.integers(0, noise.size))
+                # random values, drawn from a pool: generating 3e9 fresh normals would dominate
+                data = np.resize(np.roll(noise, offset), count).reshape(entry.shape)
+                writer.write(entry.name, data)
+    if len(shards) > 1:
+        write_index(args.out, shards)
+    (args.out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tokenizer(args.out)
+    total = sum(s.nbytes for s in shards)
+    print(f"{args.out}: {len(expected)} tensors, {len(shards)} files, {total / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny checkpoint written by transformers itself (the real `hf` layout)."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_HF = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+    kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+    first_k_dense_replace=1, n_group=2, topk_group=1, max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A bf16 DeepseekV3ForCausalLM saved with save_pretrained (what users have on disk)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_HF)).to(torch.bfloat16)
+    with torch.no_grad():  # a visible router bias, so routing differences would show
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    model.save_pretrained(path)
+    return path

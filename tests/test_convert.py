@@ -1,0 +1,174 @@
+"""`remap convert` end to end: outputs load in the real runtimes, round trips are byte-exact,
+model-parallel files reassemble, and a failed or interrupted run never leaves a DST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from remap import api
+from remap.errors import RemapError
+from remap.execute import MANIFEST
+from remap.io.checkpoint import open_checkpoint
+from remap.io.writer import sha256_file
+from remap.layouts import deepseek
+
+REMAP = [sys.executable, "-m", "remap.cli"]
+
+
+def remap(*args, check=True):
+    env = {**os.environ, "COLUMNS": "250"}  # wide enough that rich does not fold tensor names
+    run = subprocess.run([*REMAP, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and run.returncode:
+        raise AssertionError(f"remap {' '.join(map(str, args))} -> {run.returncode}\n{run.stdout}\n{run.stderr}")
+    return run
+
+
+def _convert(src, dst, spec, **options):
+    plan, ckpt = api.plan(src, spec, **{k: v for k, v in options.items() if k in ("variant", "inverse", "params", "dtype")})
+    report = api.report(plan, ckpt)
+    assert report.ok, report.problems
+    return api.convert(plan, ckpt, dst, report=report.to_dict(),
+                       **{k: v for k, v in options.items() if k in ("force", "resume", "max_shard_size", "workers")})
+
+
+def _logits_torch(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def _logits_mlx(path, ids):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    model.set_dtype(mx.float32)  # MLX on CPU runs the MoE gather-matmul in float32 only
+    return np.array(model(mx.array(ids)))
+
+
+@pytest.mark.parametrize("variant", ["embed_q", "kv_b_proj"])
+def test_hf_to_mlx_loads_in_mlx_lm_and_computes_what_transformers_does(tiny_hf, tmp_path, variant):
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx", variant=variant)
+    ids = np.random.default_rng(0).integers(0, 128, (2, 9))
+    reference, converted = _logits_torch(tiny_hf, ids), _logits_mlx(tmp_path / "mlx", ids)
+    assert np.abs(reference - converted).max() < 1e-4 * np.abs(reference).max()
+
+
+def test_mlx_back_to_hf_reproduces_the_transformers_file_byte_for_byte(tiny_hf, tmp_path):
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    _convert(tmp_path / "mlx", tmp_path / "back", "hf-to-mlx", inverse=True)
+    assert sha256_file(tmp_path / "back/model.safetensors") == sha256_file(tiny_hf / "model.safetensors")
+
+
+def test_model_parallel_files_reassemble_into_the_single_rank_file(tiny_hf, tmp_path):
+    _convert(tiny_hf, tmp_path / "mp1", "hf-to-deepseek")
+    _convert(tiny_hf, tmp_path / "mp2", "hf-to-deepseek", params={"mp": 2})
+    whole = open_checkpoint(tmp_path / "mp1/model0-mp1.safetensors")
+    ranks = [open_checkpoint(tmp_path / f"mp2/model{r}-mp2.safetensors") for r in range(2)]
+    for name in whole.tensors:
+        split = deepseek.split_of(name)
+        parts = [r.read(name) for r in ranks if name in r.tensors]
+        if split.expert is not None:
+            assert len(parts) == 1
+            rebuilt = parts[0]
+        elif split.dim is not None:
+            rebuilt = np.concatenate(parts, axis=split.dim)
+        else:
+            assert all(np.array_equal(p, parts[0]) for p in parts)
+            rebuilt = parts[0]
+        assert np.array_equal(rebuilt, whole.read(name)), name
+
+
+def test_manifest_lists_every_file_with_its_checksum(tiny_hf, tmp_path):
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    manifest = json.loads((tmp_path / "mlx" / MANIFEST).read_text())
+    files = {p.name for p in (tmp_path / "mlx").iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == files
+    assert all(manifest["files"][f] == sha256_file(tmp_path / "mlx" / f) for f in files)
+    assert manifest["spec"] == "hf-to-mlx" and manifest["source"] == str(tiny_hf)
+
+
+def test_a_failure_mid_run_leaves_no_dst_and_resume_finishes_it(tiny_hf, tmp_path, monkeypatch):
+    from remap.io.writer import ShardWriter
+
+    clean = _convert(tiny_hf, tmp_path / "clean", "hf-to-mlx", max_shard_size="100KB")
+    real, calls = ShardWriter.copy_from, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 30:  # well into the run: some shards are finished, others are not
+            raise RuntimeError("disk went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "copy_from", failing)
+    with pytest.raises(RuntimeError):
+        _convert(tiny_hf, tmp_path / "out", "hf-to-mlx", max_shard_size="100KB")
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
+    monkeypatch.setattr(ShardWriter, "copy_from", real)
+    with pytest.raises(RemapError, match="partial output"):
+        _convert(tiny_hf, tmp_path / "out", "hf-to-mlx", max_shard_size="100KB")
+    resumed = _convert(tiny_hf, tmp_path / "out", "hf-to-mlx", max_shard_size="100KB", resume=True)
+    weights = {f: h for f, h in clean.files.items() if f.endswith(".safetensors") or f.endswith(".json") and "remap" not in f}
+    assert {f: resumed.files[f] for f in weights} == weights
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_existing_dst_needs_force(tiny_hf, tmp_path):
+    (tmp_path / "out").mkdir()
+    run = remap("convert", tiny_hf, tmp_path / "out", "--spec", "hf-to-mlx", check=False)
+    assert run.returncode == 2 and "already exists" in run.stderr and "Traceback" not in run.stderr
+    remap("convert", tiny_hf, tmp_path / "out", "--spec", "hf-to-mlx", "--force")
+    assert (tmp_path / "out/model.safetensors").exists()
+
+
+def test_dry_run_writes_nothing_and_prints_the_report(tiny_hf, tmp_path):
+    run = remap("convert", tiny_hf, tmp_path / "out", "--spec", "hf-to-mlx", "--dry-run")
+    assert "OK" in run.stdout and "switch_mlp" in run.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_unmatched_source_tensor_refuses_to_convert(tiny_hf, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = load_file(tiny_hf / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text((tiny_hf / "config.json").read_text())
+    run = remap("convert", src, tmp_path / "out", "--spec", "hf-to-mlx", check=False)
+    assert run.returncode == 1 and "rotary_emb.inv_freq" in run.stdout + run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--spec", "no-such-spec"], "no spec file 'no-such-spec'"),
+    (["--spec", "hf-to-mlx", "--variant", "int3"], "no variant 'int3'"),
+    (["--spec", "hf-to-mlx", "--param", "mp=2"], "unknown parameter 'mp'"),
+    (["--spec", "scratch-to-mlx"], "model_type"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_hf, tmp_path, args, message):
+    run = remap("convert", tiny_hf, tmp_path / "out", *args, check=False)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 3  # one message (rich may wrap it)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_option_and_torch_state_dict_source(tiny_hf, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny_hf / "model.safetensors"), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text((tiny_hf / "config.json").read_text())
+    _convert(tmp_path / "model.pt", tmp_path / "out", "hf-to-mlx", dtype="float32")
+    out = open_checkpoint(tmp_path / "out")
+    assert {t.dtype for t in out.tensors.values()} == {"F32"}
