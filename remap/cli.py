@@ -33,7 +33,7 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
@@ -156,6 +156,7 @@ def convert(
     check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
+    fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
     revision: Optional[str] = RevisionOption,
 ) -> None:
@@ -167,12 +168,12 @@ def convert(
         if not result.ok:
             err.print(f"[red]not converting[/]: {result.problems[0]}")
         raise typer.Exit(0 if result.ok else 1)
-    total = sum(o.nbytes for o in [])  # filled below
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
         done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
-                           workers=workers, force=force, resume=resume, progress=lambda n: bar.advance(task, n))
+                           workers=workers, force=force, resume=resume, sync=fsync,
+                           progress=lambda n: bar.advance(task, n))
     console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
 

@@ -14,7 +14,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections import Counter, deque
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -103,6 +104,7 @@ def convert(
     workers: int = 1,
     force: bool = False,
     resume: bool = False,
+    sync: bool = False,
     progress: Progress | None = None,
 ) -> Result:
     start = time.perf_counter()
@@ -112,19 +114,24 @@ def convert(
     shards, placements = scheme(plan.outputs, max_shard_size, plan.names)
     total = sum(shard.nbytes for shard in shards)
 
-    with atomic_output(dst, force=force, resume=resume) as out:
+    with atomic_output(dst, force=force, resume=resume, sync=sync) as out:
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
-        writers = {s.file: ShardWriter(out / s.file, s.entries, metadata) for s in shards if s.file not in done}
+        writers = {s.file: ShardWriter(out / s.file, s.entries, metadata, sync=sync) for s in shards if s.file not in done}
+        # Each shard is checksummed as soon as it is complete, in the background, while later
+        # shards are still being written (hashing is the one pass over the data a copy lacks).
+        hasher = ThreadPoolExecutor(1)
+        hashes = {s.file: hasher.submit(sha256_file, out / s.file) for s in shards if s.file in done}
         try:
             steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
-            _run_steps(plan, checkpoint, steps, writers, placements, workers, progress)
-            for writer in writers.values():
-                writer.close()
+            finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, progress)
+            for file in finished:
+                hashes[file] = hasher.submit(sha256_file, out / file)
         except BaseException:
             for writer in writers.values():
                 writer._abandon()
+            hasher.shutdown(cancel_futures=True)
             raise
         if len(shards) > 1 and scheme is hf_files:
             write_index(out, shards)
@@ -133,13 +140,17 @@ def convert(
             shutil.copy2(path, out / path.name)
         if report is not None:
             _write_json(out / REPORT, report)
-        files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+        files = {p.name: hashes[p.name].result() if p.name in hashes else sha256_file(p)
+                 for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+        hasher.shutdown()
         _write_json(out / MANIFEST, _manifest(plan, checkpoint, files))
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
 
-def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) -> None:
+def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) -> Iterator[str]:
+    """Run the steps; yields each file as soon as its last tensor is written and it is closed."""
     read = StagedReader(plan, checkpoint.load)
+    remaining = Counter(p.file for s in steps for o in s.outputs for p in placements[o.name] if p.file in writers)
 
     def run(step: Step) -> None:
         whole = all(p.dim is None for o in step.outputs for p in placements[o.name])
@@ -164,14 +175,34 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) 
                     if progress:
                         progress(piece.nbytes)
 
+    def done(step: Step) -> Iterator[str]:
+        for output in step.outputs:
+            for place in placements[output.name]:
+                if place.file in writers:
+                    remaining[place.file] -= 1
+                    if remaining[place.file] == 0:
+                        writers[place.file].close()
+                        yield place.file
+
     if workers <= 1:
         for step in steps:
             run(step)
+            yield from done(step)
         return
-    # Threads: reads (mmap page-ins), numpy copies and pwrite all release the GIL.
+    # Threads: pread, copy_file_range, numpy copies and pwrite all release the GIL. Results are
+    # taken in order, so files close in order; a bounded window keeps memory bounded.
     with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(run, step) for step in steps]:
+        window: deque = deque()
+        for step in steps:
+            window.append((step, pool.submit(run, step)))
+            if len(window) > 2 * workers:
+                finished, future = window.popleft()
+                future.result()
+                yield from done(finished)
+        while window:
+            finished, future = window.popleft()
             future.result()
+            yield from done(finished)
 
 
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:

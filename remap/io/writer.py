@@ -141,8 +141,16 @@ class ShardWriter:
                 shard.write("mlp.switch_mlp.up_proj.weight", expert, offset=e * expert.nbytes)
     """
 
-    def __init__(self, path: str | os.PathLike, entries: Iterable[EntryLike], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: Iterable[EntryLike],
+        metadata: dict[str, str] | None = None,
+        *,
+        sync: bool = False,
+    ):
         self.path = Path(path)
+        self.sync = sync  # fsync before naming the file: survives power loss, not only a crash
         entries = [_entry(entry) for entry in entries]
         self._dtypes = {entry.name: entry.dtype for entry in entries}
         header, self._spans, file_size = _layout(entries, metadata)
@@ -212,7 +220,8 @@ class ShardWriter:
                 file=str(self.path),
                 expected="every byte of every tensor written before close",
             )
-        os.fsync(self._fd)
+        if self.sync:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         os.replace(self._incomplete, self.path)
@@ -265,11 +274,15 @@ def write_index(
 
 
 @contextmanager
-def atomic_output(dst: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Iterator[Path]:
+def atomic_output(
+    dst: str | os.PathLike, *, force: bool = False, resume: bool = False, sync: bool = False
+) -> Iterator[Path]:
     """A directory to build an output in, which becomes `dst` only if the block succeeds.
 
-    Work goes into the sibling `<dst>.partial/`. On success its files are fsynced and it is
-    renamed to `dst`; an existing `dst` is an error unless `force`, and is replaced only then.
+    Work goes into the sibling `<dst>.partial/`. On success it is renamed to `dst` (with `sync`,
+    after every file and directory is fsynced: rename alone is atomic for a crash or a kill of
+    this process, the fsyncs make it so for a power loss too, at the cost of waiting for the
+    disk); an existing `dst` is an error unless `force`, and is replaced only then.
     On any failure, Ctrl-C included, `dst` is untouched and `.partial` stays with the shards
     already finished (only complete files carry their final names), because a 1 TB conversion
     interrupted at 90% should continue, not restart: `resume=True` reuses it. Without `resume`
@@ -291,7 +304,8 @@ def atomic_output(dst: str | os.PathLike, *, force: bool = False, resume: bool =
 
     yield partial
 
-    _fsync_tree(partial)
+    if sync:
+        _fsync_tree(partial)
     if dst.exists():
         replaced = dst.with_name(dst.name + ".replaced")
         _remove(replaced)
@@ -300,7 +314,8 @@ def atomic_output(dst: str | os.PathLike, *, force: bool = False, resume: bool =
         _remove(replaced)
     else:
         partial.rename(dst)
-    _fsync(dst.parent)
+    if sync:
+        _fsync(dst.parent)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 24) -> str:
