@@ -51,6 +51,8 @@ def main() -> None:
             "cp -r": ["cp", "-r", str(src), str(out)],
             "mlx_lm.convert": [python, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out)],
             "remap convert": [remap, "convert", str(src), str(out), "--spec", "hf-to-mlx", "--workers", str(args.workers)],
+            "remap convert --no-checksums": [remap, "convert", str(src), str(out), "--spec", "hf-to-mlx",
+                                             "--workers", str(args.workers), "--no-checksums"],
         }
         subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL)  # warm the page cache
         medians = {}

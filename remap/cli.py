@@ -156,6 +156,7 @@ def convert(
     check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
+    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="sha256 of every output file in the manifest (one extra pass over the data)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
     revision: Optional[str] = RevisionOption,
@@ -172,7 +173,7 @@ def convert(
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
         done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
-                           workers=workers, force=force, resume=resume, sync=fsync,
+                           workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
                            progress=lambda n: bar.advance(task, n))
     console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")

@@ -105,6 +105,7 @@ def convert(
     force: bool = False,
     resume: bool = False,
     sync: bool = False,
+    checksums: bool = True,
     progress: Progress | None = None,
 ) -> Result:
     start = time.perf_counter()
@@ -122,12 +123,13 @@ def convert(
         # Each shard is checksummed as soon as it is complete, in the background, while later
         # shards are still being written (hashing is the one pass over the data a copy lacks).
         hasher = ThreadPoolExecutor(1)
-        hashes = {s.file: hasher.submit(sha256_file, out / s.file) for s in shards if s.file in done}
+        digest = sha256_file if checksums else (lambda path: None)
+        hashes = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
         try:
             steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
             finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, progress)
             for file in finished:
-                hashes[file] = hasher.submit(sha256_file, out / file)
+                hashes[file] = hasher.submit(digest, out / file)
         except BaseException:
             for writer in writers.values():
                 writer._abandon()
@@ -140,7 +142,7 @@ def convert(
             shutil.copy2(path, out / path.name)
         if report is not None:
             _write_json(out / REPORT, report)
-        files = {p.name: hashes[p.name].result() if p.name in hashes else sha256_file(p)
+        files = {p.name: hashes[p.name].result() if p.name in hashes else digest(p)
                  for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
         hasher.shutdown()
         _write_json(out / MANIFEST, _manifest(plan, checkpoint, files))

@@ -318,7 +318,7 @@ def atomic_output(
         _fsync(dst.parent)
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 24) -> str:
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks (files here can be larger than memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
