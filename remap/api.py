@@ -20,6 +20,8 @@ from remap.plan import Plan, build_plan
 from remap.report import Report, build_report
 from remap.spec.invert import invert_spec
 from remap.spec.load import Spec, load_spec
+from remap.verify import Verification
+from remap.verify import verify as _verify
 
 
 def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
@@ -64,3 +66,8 @@ def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = Fa
 
 def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:
     return execute.convert(plan, checkpoint, dst, **options)
+
+
+def verify(dst: str | Path) -> Verification:
+    """Re-hash a converted checkpoint's files and re-read its headers against its manifest and report."""
+    return _verify(dst)

@@ -199,6 +199,17 @@ def invert(
 
 
 @app.command()
+def verify(dst: Path = typer.Argument(..., help="A directory written by `remap convert`.")) -> None:
+    """Re-check a converted checkpoint: every file's sha256 and every tensor's header."""
+    result = api.verify(dst)
+    for problem in result.problems:
+        console.print(f"[red]problem:[/] {escape(problem)}")
+    status = "[green]OK[/]" if result.ok else "[red]NOT OK[/]"
+    console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
 def specs() -> None:
     """List the bundled mapping specs."""
     table = Table(header_style="bold")

@@ -172,3 +172,18 @@ def test_dtype_option_and_torch_state_dict_source(tiny_hf, tmp_path):
     _convert(tmp_path / "model.pt", tmp_path / "out", "hf-to-mlx", dtype="float32")
     out = open_checkpoint(tmp_path / "out")
     assert {t.dtype for t in out.tensors.values()} == {"F32"}
+
+
+def test_verify_catches_a_changed_byte_and_a_missing_file(tiny_hf, tmp_path):
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    assert remap("verify", tmp_path / "mlx").returncode == 0
+    with open(tmp_path / "mlx/model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    run = remap("verify", tmp_path / "mlx", check=False)
+    assert run.returncode == 1 and "model.safetensors: sha256 differs" in run.stdout
+    (tmp_path / "mlx/config.json").unlink()
+    assert "config.json: missing" in remap("verify", tmp_path / "mlx", check=False).stdout
+    assert remap("verify", tmp_path, check=False).returncode == 2

@@ -119,15 +119,18 @@ def test_fp8_is_the_bf16_model_block_quantized():
     assert any(n.startswith(f"model.layers.{config['num_hidden_layers']}.") for n in quantized)  # MTP too
     for name in quantized:
         weight, scale = fp8[name].astype(np.float32), fp8[name.removesuffix("weight") + "weight_scale_inv"]
-        per_element = np.repeat(np.repeat(scale, rows, 0), cols, 1)[: weight.shape[0], : weight.shape[1]]
-        for i in range(scale.shape[0]):  # each block's largest value maps to e4m3's largest, 448
+        reference = bf16[name].astype(np.float32) if name in bf16 else None  # the MTP layer has none
+        for i in range(scale.shape[0]):
             for j in range(scale.shape[1]):
-                assert np.abs(weight[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols]).max() == 448.0
-        if name in bf16:
-            reference = bf16[name].astype(np.float32)
-            error = np.abs(weight * per_element - reference)
-            # e4m3 keeps 3 mantissa bits (1/16 relative), subnormals a step of scale * 2**-9
-            assert (error <= np.abs(reference) / 14 + per_element * 2.0**-9).all(), name
+                block = np.s_[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols]
+                # each block's largest value maps to e4m3's largest, 448: scale = amax / 448
+                assert np.abs(weight[block]).max() == 448.0, name
+                if reference is not None:
+                    amax = np.abs(reference[block]).max()  # bf16-rounded: 2**-8 relative
+                    assert abs(scale[i, j] * 448 - amax) <= amax * 2.0**-8, (name, i, j)
+                    # e4m3 keeps 3 mantissa bits (1/16 relative), subnormals a step of scale * 2**-9
+                    error = np.abs(weight[block] * scale[i, j] - reference[block])
+                    assert (error <= np.abs(reference[block]) / 14 + scale[i, j] * 2.0**-9).all(), name
 
 
 def _scratch_conditions(weights: dict[str, np.ndarray]) -> dict[str, list[bool]]:
