@@ -159,13 +159,15 @@ def convert(
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="sha256 of every output file in the manifest (one extra pass over the data)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print the report only when it is not OK."),
     revision: Optional[str] = RevisionOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant, revision=revision)
     result = api.report(plan, ckpt, check=check_data)
-    if dry_run or not result.ok:
+    if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
+    if dry_run or not result.ok:
         if not result.ok:
             err.print(f"[red]not converting[/]: {result.problems[0]}")
         raise typer.Exit(0 if result.ok else 1)
