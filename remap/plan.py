@@ -218,6 +218,8 @@ def build_plan(
     # raw keys too: a spec may stash a value in config.json for its inverse to read back
     names = namespace(spec, {**raw, **source.read_config(raw), **variants}, params)
     target_config = translate_config(spec.config, raw, names)
+    if hasattr(target, "write_config"):  # what the target's own reader expects to find
+        target_config = target.write_config(target_config)
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
     plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name,

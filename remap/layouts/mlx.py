@@ -138,6 +138,9 @@ class MlxLayout:
     name = "mlx"
     variants = ("embed_q", "kv_b_proj")
 
+    def write_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        return write_config(raw)
+
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_mlx_config(raw)
 
@@ -158,6 +161,21 @@ class MlxLayout:
             tensors += _layer(i, c, variant)
         tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
         return {name: Expected(name, shape, FLOAT) for name, shape in tensors}
+
+
+def write_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json as mlx-lm reads it, from one transformers 5 wrote: mlx-lm reads a top-level
+    `rope_theta` / `rope_scaling` (not `rope_parameters`) and `torch_dtype` (not `dtype`); missing,
+    it would silently fall back to its defaults."""
+    out = dict(raw)
+    rope = raw.get("rope_parameters") or {}
+    if "rope_theta" not in out and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if "rope_scaling" not in out and rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    if "torch_dtype" not in out and "dtype" in out:
+        out["torch_dtype"] = out["dtype"]
+    return out
 
 
 LAYOUT = MlxLayout()
