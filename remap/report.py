@@ -164,6 +164,8 @@ def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
                 losses[key].count += 1
             else:
                 losses[key] = Loss(stage.name, drop.rule, drop.claim, f"drops {drop.name}", drop.reason, 1)
+            if losses[key].count == 2:
+                losses[key].what = f"drops e.g. {drop.name}"
     for f in findings or []:
         for (stage, rule, claim, _), loss in losses.items():
             if stage == f.stage and rule == f.rule and claim == f.finding.claim:
@@ -214,8 +216,9 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
     if report.unmatched:
         console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
     if report.losses:
+        stages = {loss.stage for loss in report.losses} | {report.spec}
         losses = Table(title="what the conversion discards or rounds", header_style="bold")
-        for column in ("rule", "claim", "what", "x", "measured", "why it is safe"):
+        for column in ("rule", "claim", "what", "x", "measured", "exact when"):
             losses.add_column(column, overflow="fold")
         for loss in report.losses:
             measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
@@ -223,7 +226,8 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
                 measured = f"[red]{measured} LOSSY[/]"
             elif loss.holds:
                 measured = f"[green]{measured} holds[/]"
-            losses.add_row(escape(loss.rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
+            rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
+            losses.add_row(escape(rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
         console.print(losses)
     for problem in report.problems:
         console.print(f"[red]problem:[/] {escape(problem)}")
