@@ -87,3 +87,35 @@ def test_hf_to_mlx_writes_what_mlx_lm_convert_writes(tmp_path):
     assert set(ours.tensors) == set(theirs.tensors)
     for name in theirs.tensors:
         assert bytes(ours.read_bytes(name)) == bytes(theirs.read_bytes(name)), name
+
+
+def test_inverted_spec_file_from_the_cli_converts_mlx_back(tmp_path):
+    """`remap invert` writes a spec of its own; converting with that file is the same as --inverse."""
+    from tests.test_convert import remap
+
+    remap("invert", "hf-to-mlx", "-o", tmp_path / "mlx-to-hf.yaml")
+    remap("convert", FIXTURES / "mlx", tmp_path / "hf", "--spec", tmp_path / "mlx-to-hf.yaml", "-q")
+    assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(FIXTURES / "hf-bf16/model.safetensors")
+
+
+def test_convert_from_a_hub_repo_in_the_local_cache(tmp_path):
+    """A hub id resolves through huggingface_hub's own cache (offline here); the manifest records
+    the resolved revision."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_io import make_hub_cache
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    files = {p.name: p.read_bytes() for p in (FIXTURES / "hf-bf16").iterdir()}
+    make_hub_cache(tmp_path / "home" / "hub", "deepseek-tiny/hf-bf16", commit, files)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run([sys.executable, "-m", "remap.cli", "convert", "deepseek-tiny/hf-bf16", str(tmp_path / "mlx"),
+                          "--spec", "hf-to-mlx", "--revision", "main", "-q"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "mlx/remap-manifest.json").read_text())
+    assert manifest["source"] == "deepseek-tiny/hf-bf16" and manifest["source_revision"] == commit
+    assert (tmp_path / "mlx/tokenizer.json").read_bytes() == files["tokenizer.json"]
