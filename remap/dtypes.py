@@ -1,48 +1,98 @@
-"""safetensors dtype names <-> numpy dtypes (bf16 and fp8 through ml_dtypes)."""
+"""The safetensors dtypes: names, sizes, and the numpy (ml_dtypes) types that hold them.
+
+One table for the whole package: io reads and writes bytes by it, ops compute in its numpy types,
+specs and the CLI name dtypes by its names (with friendly aliases: bf16, float32, fp8).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from remap.errors import RemapError
 
-NUMPY = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_NAMES = {v: k for k, v in NUMPY.items()}
-FLOATS = ("F8_E4M3", "F8_E5M2", "BF16", "F16", "F32", "F64")
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its size in bits and the numpy dtype that holds it (None when
+    numpy has no packed form, as for the 4- and 6-bit microscaling formats)."""
+
+    name: str
+    bits: int
+    numpy: np.dtype | None
+
+
+def _dtypes(*rows: tuple[str, int, Any]) -> dict[str, DType]:
+    return {name: DType(name, bits, None if np_type is None else np.dtype(np_type)) for name, bits, np_type in rows}
+
+
+# In the order of the crate's `Dtype` enum, which is increasing alignment: writers sort tensors
+# by this order (descending) so every tensor starts aligned to its element size.
+DTYPES: dict[str, DType] = _dtypes(
+    ("BOOL", 8, np.bool_),
+    ("F4", 4, None),
+    ("F6_E2M3", 6, None),
+    ("F6_E3M2", 6, None),
+    ("U8", 8, np.uint8),
+    ("I8", 8, np.int8),
+    ("F8_E5M2", 8, ml_dtypes.float8_e5m2),
+    ("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
+    ("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
+    ("F8_E4M3FNUZ", 8, ml_dtypes.float8_e4m3fnuz),
+    ("F8_E5M2FNUZ", 8, ml_dtypes.float8_e5m2fnuz),
+    ("I16", 16, np.int16),
+    ("U16", 16, np.uint16),
+    ("F16", 16, np.float16),
+    ("BF16", 16, ml_dtypes.bfloat16),
+    ("I32", 32, np.int32),
+    ("U32", 32, np.uint32),
+    ("F32", 32, np.float32),
+    ("C64", 64, np.complex64),
+    ("F64", 64, np.float64),
+    ("I64", 64, np.int64),
+    ("U64", 64, np.uint64),
+)
+
+# numpy's dtype names equal torch's ("bfloat16", "float8_e4m3fn"), so one table names both.
+_BY_NUMPY_NAME = {d.numpy.name: d.name for d in DTYPES.values() if d.numpy is not None}
+
+
+def safetensors_dtype(numpy_or_torch_name: str) -> str | None:
+    """The safetensors dtype for a numpy dtype name ("bfloat16") or a torch dtype as text
+    ("torch.bfloat16"); None if safetensors has none."""
+    return _BY_NUMPY_NAME.get(numpy_or_torch_name.removeprefix("torch."))
+
+
+def byte_size(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes that `shape` elements of `dtype` take; RemapError if they do not fill whole bytes."""
+    bits = math.prod(shape) * DTYPES[dtype].bits
+    if bits % 8:
+        raise RemapError(f"{math.prod(shape)} elements of {dtype} do not fill whole bytes", expected="whole bytes")
+    return bits // 8
+
+
 # Friendly spellings accepted on the command line and in specs.
 ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "f16": "F16",
            "float32": "F32", "fp32": "F32", "f32": "F32", "float8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3"}
+FLOATS = ("F8_E4M3", "F8_E5M2", "BF16", "F16", "F32", "F64")
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    try:
-        return NUMPY[name]
-    except KeyError:
-        raise RemapError(f"unknown dtype '{name}'", expected=", ".join(NUMPY)) from None
+    dtype = DTYPES.get(name)
+    if dtype is None or dtype.numpy is None:
+        raise RemapError(f"unknown dtype '{name}'", expected=", ".join(n for n, d in DTYPES.items() if d.numpy is not None))
+    return dtype.numpy
 
 
 def dtype_name(dtype: np.dtype) -> str:
-    try:
-        return _NAMES[np.dtype(dtype)]
-    except KeyError:
-        raise RemapError(f"no safetensors dtype for numpy {dtype}") from None
+    name = _BY_NUMPY_NAME.get(np.dtype(dtype).name)
+    if name is None:
+        raise RemapError(f"no safetensors dtype for numpy {dtype}")
+    return name
 
 
 def canonical(name: str) -> str:
@@ -58,7 +108,3 @@ def itemsize(name: str) -> int:
 
 def is_float(name: str) -> bool:
     return name in FLOATS
-
-
-def bits(name: str) -> int:
-    return itemsize(name) * 8

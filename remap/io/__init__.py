@@ -4,7 +4,8 @@ Knows files and bytes only, never specs or layouts.
 """
 
 from remap.io.checkpoint import Checkpoint, open_checkpoint
-from remap.io.headers import DTYPES, DType, TensorInfo, read_header, safetensors_dtype
+from remap.dtypes import DTYPES, DType, safetensors_dtype
+from remap.io.headers import TensorInfo, read_header
 from remap.io.writer import (
     ShardPlan,
     ShardWriter,

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from remap.errors import RemapError
-from remap.io.headers import DTYPES, TensorInfo, read_header, safetensors_dtype
+from remap.dtypes import DTYPES, safetensors_dtype
+from remap.io.headers import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"

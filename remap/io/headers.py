@@ -1,4 +1,4 @@
-"""Reading safetensors headers, and the dtype table.
+"""Reading safetensors headers.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the data
 section. Planning needs only the header, so reading one never touches the data; opening the
@@ -20,73 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
-import numpy as np
-
+from remap.dtypes import DTYPES, byte_size
 from remap.errors import RemapError
 
 # The same cap the safetensors crate applies; checked before the header is read, so a corrupt
 # length field cannot make us allocate gigabytes.
 MAX_HEADER_BYTES = 100_000_000
-
-
-@dataclass(frozen=True)
-class DType:
-    """One safetensors dtype: its size in bits and the numpy dtype that holds it (None when
-    numpy has no packed form, as for the 4- and 6-bit microscaling formats)."""
-
-    name: str
-    bits: int
-    numpy: np.dtype | None
-
-
-def _dtypes(*rows: tuple[str, int, Any]) -> dict[str, DType]:
-    return {name: DType(name, bits, None if np_type is None else np.dtype(np_type)) for name, bits, np_type in rows}
-
-
-# In the order of the crate's `Dtype` enum, which is increasing alignment: writers sort tensors
-# by this order (descending) so every tensor starts aligned to its element size.
-DTYPES: dict[str, DType] = _dtypes(
-    ("BOOL", 8, np.bool_),
-    ("F4", 4, None),
-    ("F6_E2M3", 6, None),
-    ("F6_E3M2", 6, None),
-    ("U8", 8, np.uint8),
-    ("I8", 8, np.int8),
-    ("F8_E5M2", 8, ml_dtypes.float8_e5m2),
-    ("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
-    ("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
-    ("F8_E4M3FNUZ", 8, ml_dtypes.float8_e4m3fnuz),
-    ("F8_E5M2FNUZ", 8, ml_dtypes.float8_e5m2fnuz),
-    ("I16", 16, np.int16),
-    ("U16", 16, np.uint16),
-    ("F16", 16, np.float16),
-    ("BF16", 16, ml_dtypes.bfloat16),
-    ("I32", 32, np.int32),
-    ("U32", 32, np.uint32),
-    ("F32", 32, np.float32),
-    ("C64", 64, np.complex64),
-    ("F64", 64, np.float64),
-    ("I64", 64, np.int64),
-    ("U64", 64, np.uint64),
-)
-
-# numpy's dtype names equal torch's ("bfloat16", "float8_e4m3fn"), so one table names both.
-_BY_NUMPY_NAME = {d.numpy.name: d.name for d in DTYPES.values() if d.numpy is not None}
-
-
-def safetensors_dtype(numpy_or_torch_name: str) -> str | None:
-    """The safetensors dtype for a numpy dtype name ("bfloat16") or a torch dtype as text
-    ("torch.bfloat16"); None if safetensors has none."""
-    return _BY_NUMPY_NAME.get(numpy_or_torch_name.removeprefix("torch."))
-
-
-def byte_size(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes that `shape` elements of `dtype` take; RemapError if they do not fill whole bytes."""
-    bits = math.prod(shape) * DTYPES[dtype].bits
-    if bits % 8:
-        raise RemapError(f"{math.prod(shape)} elements of {dtype} do not fill whole bytes", expected="whole bytes")
-    return bits // 8
 
 
 @dataclass(frozen=True)

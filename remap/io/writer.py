@@ -24,7 +24,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from remap.errors import RemapError
 from remap.io.checkpoint import INDEX_NAME
-from remap.io.headers import DTYPES, byte_size
+from remap.dtypes import DTYPES, byte_size
 
 INCOMPLETE_SUFFIX = ".incomplete"
 PARTIAL_SUFFIX = ".partial"
