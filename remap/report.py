@@ -189,6 +189,11 @@ def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], R
             for name, members in collapse(rows, lambda r: r.name, key)]
 
 
+def _from_column(name: str, sources: list[str]) -> list[str]:
+    """A tensor that keeps its name shows `=` instead of repeating it."""
+    return ["="] if sources == [name] else sources
+
+
 def _collapse_names(names: list[str]) -> list[str]:
     return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
 
@@ -211,7 +216,8 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
         table.add_column(column, overflow="fold")
     for name, sources, row in _collapsed_rows(report.rows, full):
         status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(sources)), " > ".join(row.ops), status)
+        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(_from_column(name, sources))),
+                      " > ".join(row.ops), status)
     console.print(table)
     for m in report.missing:
         console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
@@ -248,7 +254,7 @@ def render_markdown(report: Report, *, full: bool = False) -> str:
              coverage_line(report), "",
              "| target tensor | shape | dtype | from | ops | status |", "|---|---|---|---|---|---|"]
     for name, sources, row in _collapsed_rows(report.rows, full):
-        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in sources)} | {' > '.join(row.ops)} | {row.status} |")
+        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in _from_column(name, sources))} | {' > '.join(row.ops)} | {row.status} |")
     if report.missing:
         lines += ["", "Missing: " + ", ".join(f"`{m['name']}`" for m in report.missing)]
     if report.losses:
