@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 from remap import execute
+from remap.errors import RemapError
 from remap.check import check_data
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, detect
@@ -37,6 +39,16 @@ def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
     return invert_spec(spec) if inverse else spec
 
 
+def quantized(spec: Spec, bits: int, group_size: int = 64) -> tuple[Spec, dict[str, int]]:
+    """`spec` followed by the mlx-quantize stage, and the params that stage takes."""
+    if spec.target_layout != "mlx":
+        raise RemapError(f"--quantize makes MLX quantized weights, but {spec.name} writes {spec.target_layout}",
+                         expected="a spec whose target is mlx")
+    stage = load_spec("mlx-quantize")
+    composed = dataclasses.replace(spec, name=f"{spec.name}+{bits}bit", rules=(), parts=(*(spec.parts or (spec,)), stage))
+    return composed, {"bits": bits, "group_size": group_size}
+
+
 def plan(
     src: str | Path | Checkpoint,
     spec: str | Path | Spec,
@@ -46,10 +58,16 @@ def plan(
     dtype: str | None = None,
     variant: str | None = None,
     revision: str | None = None,
+    quantize: int | None = None,
+    group_size: int = 64,
 ) -> tuple[Plan, Checkpoint]:
-    """Plan a conversion from the source's headers and config.json alone (no tensor bytes)."""
+    """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
+    `quantize` (bits) appends the mlx-quantize stage."""
     checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision)
     spec = load(spec, inverse=inverse)
+    if quantize is not None:
+        spec, quant_params = quantized(spec, quantize, group_size)
+        params = {**quant_params, **(params or {})}
     detected = identify(checkpoint)
     source_variant = detected.variant if detected.layout == spec.source_layout else None
     tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}

@@ -60,6 +60,8 @@ VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g
 DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to this dtype (bf16, f16, f32).")
 ParamOption = typer.Option([], "--param", "-p", help="Spec parameter KEY=VALUE (repeatable).")
 RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit) for a repo id.")
+QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize to this many bits (2-8), as mlx-lm does.")
+GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
 
 
 def _emit_report(report, *, full: bool, json_file: Optional[Path], markdown_file: Optional[Path]) -> None:
@@ -129,13 +131,16 @@ def report(
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
     check_data: bool = typer.Option(False, "--check-data", help="Read the bytes behind every claim and measure it."),
+    quantize: Optional[int] = QuantizeOption,
+    q_group_size: int = GroupOption,
     full: bool = typer.Option(False, "--full", help="One row per tensor."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown here."),
     revision: Optional[str] = RevisionOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant, revision=revision)
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
+                          revision=revision, quantize=quantize, group_size=q_group_size)
     result = api.report(plan, ckpt, check=check_data)
     _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
     raise typer.Exit(0 if result.ok else 1)
@@ -154,6 +159,8 @@ def convert(
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
     check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
+    quantize: Optional[int] = QuantizeOption,
+    q_group_size: int = GroupOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="sha256 of every output file in the manifest (one extra pass over the data)."),
@@ -163,7 +170,8 @@ def convert(
     revision: Optional[str] = RevisionOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant, revision=revision)
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
+                          revision=revision, quantize=quantize, group_size=q_group_size)
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
@@ -208,6 +216,45 @@ def verify(dst: Path = typer.Argument(..., help="A directory written by `remap c
         console.print(f"[red]problem:[/] {escape(problem)}")
     status = "[green]OK[/]" if result.ok else "[red]NOT OK[/]"
     console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def parity(
+    src: str = typer.Argument(..., help="Source checkpoint, run by the torch runtime of its layout."),
+    dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Spec that converts SRC (without DST), or that made DST (names the rules behind a divergence; default: DST's manifest)."),
+    inverse: bool = InverseOption,
+    variant: Optional[str] = VariantOption,
+    param: List[str] = ParamOption,
+    tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per sequence."),
+    batch: int = typer.Option(2, "--batch", min=1, help="Sequences."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype on both sides: float32 | bfloat16 | float16."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Largest |logit difference|, as a fraction of max |source logit|."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Lowest mean cosine similarity of the logits."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Lowest fraction of positions whose top-1 token agrees."),
+    min_top5: Optional[float] = typer.Option(None, "--min-top5", help="Lowest mean overlap of the top-5 tokens."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest mean KL(source || target), in nats."),
+    max_hidden_error: Optional[float] = typer.Option(None, "--max-hidden-error", help="Largest |difference| of a hidden state, as a fraction of its max |source value|."),
+    max_hidden_rms: Optional[float] = typer.Option(None, "--max-hidden-rms", help="Largest RMS difference of a hidden state, as a fraction of its RMS."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    junit_file: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per check)."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the result as Markdown here."),
+    revision: Optional[str] = RevisionOption,
+) -> None:
+    """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
+    from remap.parity import run_parity
+    from remap.parity.render import render_json, render_junit, render_markdown, render_rich
+
+    limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
+                  max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
+    result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param), revision=revision,
+                        tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
+    render_rich(result, console)
+    for path, render in ((json_file, render_json), (junit_file, render_junit), (markdown_file, render_markdown)):
+        if path:
+            path.write_text(render(result))
     raise typer.Exit(0 if result.ok else 1)
 
 

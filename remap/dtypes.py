@@ -77,7 +77,8 @@ def byte_size(dtype: str, shape: tuple[int, ...]) -> int:
 
 # Friendly spellings accepted on the command line and in specs.
 ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "f16": "F16",
-           "float32": "F32", "fp32": "F32", "f32": "F32", "float8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3"}
+           "float32": "F32", "fp32": "F32", "f32": "F32", "float8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3",
+           "uint32": "U32"}
 FLOATS = ("F8_E4M3", "F8_E5M2", "BF16", "F16", "F32", "F64")
 
 

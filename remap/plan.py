@@ -173,12 +173,19 @@ def translate_config(change: Mapping[str, Any], raw: Mapping[str, Any], names: M
     out.update(change.get("set", {}))
     for key, expression in change.get("derive", {}).items():
         try:
-            out[key] = evaluate(expression, names)
+            out[key] = _derive(expression, names)
         except RemapError as exc:
             raise exc.within(rule=f"config.derive.{key}") from None
     for key in change.get("remove", []):
         out.pop(key, None)
     return out
+
+
+def _derive(expression: Any, names: Mapping[str, Any]) -> Any:
+    """An expression, or a mapping whose values are (a JSON object for config.json)."""
+    if isinstance(expression, dict):
+        return {key: _derive(value, names) for key, value in expression.items()}
+    return evaluate(expression, names)
 
 
 def namespace(spec: Spec, config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
@@ -231,7 +238,22 @@ def build_plan(
         except RemapError as exc:
             raise exc.within(file=spec.where(rule), rule=rule.id) from None
     planner.finish()
+    _record_quantization(plan)
     return plan
+
+
+def _record_quantization(plan: Plan) -> None:
+    """mlx-lm rebuilds quantized modules from config.json's `quantization` block: a module whose
+    bits or group size differ from the block's defaults (a mixed recipe) gets an entry of its own,
+    so the loader is told, never left to guess from shapes."""
+    block = plan.target_config.get("quantization")
+    if not isinstance(block, dict):
+        return
+    for step in plan.steps:
+        for op in step.ops:
+            if op.name == "quantize_mlx" and (op.bits, op.group_size) != (block.get("bits"), block.get("group_size")):
+                module = step.outputs[0].name.removesuffix(".weight")
+                block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:
@@ -246,7 +268,8 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
             part, tensors, raw_config,
             params={key: v for key, v in params.items() if key in part.params},
             dtype=dtype if k == last else None,
-            variant=(variant or spec.variant) if k == last else None,
+            # the chosen target variant applies to every stage that writes the final layout
+            variant=(variant or spec.variant) if part.target_layout == spec.target_layout else None,
             source_variant=(source_variant or spec.source_variant) if k == 0 else None,
         )
         stage.upstream, plan = plan, stage
@@ -269,8 +292,8 @@ class _Planner:
         {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
-        """Source names matching `pattern` whose variables (and `dtype`, the matched tensor's)
-        pass the rule's `when`."""
+        """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
+        tensor's) pass the rule's `when`."""
         found = [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
         if rule.when is None:
             return found
@@ -283,6 +306,8 @@ class _Planner:
             scope = {k: v for k, v in binding.items() if k in read}
             if "dtype" in read:
                 scope["dtype"] = tensors[name].dtype
+            if "shape" in read:
+                scope["shape"] = tensors[name].shape
             key = tuple(sorted(scope.items()))
             if key not in decided:
                 decided[key] = evaluate(rule.when, ChainMap(scope, self.plan.names))

@@ -24,6 +24,9 @@ MATRIX = [
     ("scratch-compatible", "scratch-to-mlx", "kv_b_proj"),
     ("scratch-trained", "scratch-to-hf", None),
     ("scratch-trained", "scratch-to-mlx", "embed_q"),
+    ("mlx", "mlx-to-hf", None),
+    ("mlx", "mlx-quantize", None),
+    ("mlx", "mlx-dequantize", None),
 ]
 
 

@@ -277,12 +277,6 @@ def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
     assert sanitized == expected
 
 
-def test_mlx_refuses_quantized_configs_until_described():
-    config = MLX.read_config({**CONFIGS["v3-qlora-dense1"], "quantization": {"group_size": 64, "bits": 4}})
-    with pytest.raises(RemapError, match="quantized"):
-        MLX.expected(config)
-
-
 # --- deepseek -----------------------------------------------------------------------------
 
 

@@ -131,6 +131,10 @@ _ALIASES = {
 MODEL_TYPES = tuple(_TRANSFORMERS_DEFAULTS)
 
 DEFAULT_FP8_BLOCK = (128, 128)
+# Layer and expert counts multiply into the number of tensors a layout lists (the full
+# DeepSeek-V3: 62 layers x 256 experts). A hostile config.json saying 10**12 layers must be
+# refused before the listing, not exhaust memory making it; this allows 250x DeepSeek-V3.
+MAX_LAYER_EXPERTS = 1 << 22
 
 
 def config_error(message: str, key: str, expected: str) -> RemapError:
@@ -148,13 +152,20 @@ def normalised_config(values: Mapping[str, Any]) -> dict[str, Any]:
             raise config_error(f"{key} is {value!r}", key, "an integer >= 0")
     if config["moe_layer_freq"] == 0:
         raise config_error("moe_layer_freq is 0", "moe_layer_freq", "an integer >= 1")
+    layers = config["num_hidden_layers"] + config["num_nextn_predict_layers"]
+    if layers * max(1, config["n_routed_experts"] or 0) > MAX_LAYER_EXPERTS:
+        raise config_error(
+            f"{layers} layers x {config['n_routed_experts']} routed experts is beyond any model",
+            "num_hidden_layers",
+            f"layers x experts <= {MAX_LAYER_EXPERTS}",
+        )
     return config
 
 
 def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """config.json as transformers' DeepseekV3Config / DeepseekV2Config reads it."""
     model_type = raw.get("model_type")
-    if model_type not in _TRANSFORMERS_DEFAULTS:
+    if not isinstance(model_type, str) or model_type not in _TRANSFORMERS_DEFAULTS:
         raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
     values = dict(_TRANSFORMERS_DEFAULTS[model_type])
     for alias, key in _ALIASES[model_type].items():
@@ -171,9 +182,27 @@ def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         topk_method="noaux_tc" if v3 else values["topk_method"],
         scoring_func="sigmoid" if v3 else "softmax",
         mlp_bias=values.get("mlp_bias", False),
-        quantization_config=raw.get("quantization_config"),
+        quantization_config=_quantization_config(raw.get("quantization_config")),
     )
+    for key in ("n_routed_experts", "n_shared_experts"):  # transformers' MoE block needs both
+        if values[key] is None:
+            raise config_error(f"{key} is None", key, "an integer >= 0")
     return normalised_config(values)
+
+
+def _quantization_config(value: Any) -> dict[str, Any] | None:
+    """null, or an object whose weight_block_size (default 128 x 128) is two positive integers."""
+    if value is None:
+        return None
+    block = (value.get("weight_block_size") or DEFAULT_FP8_BLOCK) if isinstance(value, dict) else None
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_count(b) and b > 0 for b in block)):
+        raise config_error(f"quantization_config is {value!r}", "quantization_config",
+                           'null, or an object with "weight_block_size": [rows, cols]')
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def fp8_block(config: Mapping[str, Any]) -> tuple[int, int]:

@@ -12,9 +12,17 @@ Variants, differing only in how attention's kv_b_proj is held:
              as in transformers: what exo shards and older mlx-community checkpoints carry;
              mlx-lm's sanitize turns it into embed_q / unembed_out at load.
 
-Quantized MLX weights (uint32-packed `weight` + `scales` + `biases`, sized by config.json's
-`quantization` group_size and bits) are not described yet: `expected` refuses a quantized config
-rather than guess. They follow from the config, as in mlx-lm, so they will not need a variant.
+Quantized checkpoints (config.json `quantization`, as mlx_lm.convert -q writes it) need no variant:
+each module mlx-lm quantizes holds `weight` (uint32, in * bits / 32 wide), `scales` and `biases`
+(in / group_size wide, in the float dtype) instead of its float weight. mlx-lm quantizes every
+Linear, SwitchLinear (stacked experts), MultiLinear (embed_q / unembed_out) and Embedding whose
+input width is a multiple of group_size, lm_head included; norms and the MoE router (its weight
+and e_score_correction_bias) stay float. Per-module entries override the default (`mixed_*`
+recipes write `{"bits": 6, "group_size": 64, ...}` under the module path; `false` keeps it float).
+Only affine quantization is described. A module a custom predicate skipped without recording
+`false` cannot be told from config.json: mlx-lm's loader then goes by which `scales` the files hold.
+A quantized kv_b_proj (the kv_b_proj variant) loads in mlx-lm only when qk_nope_head_dim is a
+multiple of its group size: sanitize requantizes embed_q, grouped along that axis.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.layouts.base import FLOAT, Expected
+from remap.layouts.base import FLOAT, U32, Expected
 from remap.layouts.hf import config_error, normalised_config
 
 # mlx-lm loads these model types with deepseek_v3 (the first is its own; the others through
@@ -69,7 +77,7 @@ def read_mlx_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         mlp_bias=False,
         tie_word_embeddings=False,  # lm_head always exists
         num_nextn_predict_layers=0,  # sanitize drops the MTP layer
-        quantization_config=raw.get("quantization"),  # the key mlx-lm quantizes by
+        quantization_config=_read_quantization(raw.get("quantization")),  # the key mlx-lm quantizes by
     )
     return normalised_config(values)
 
@@ -82,56 +90,121 @@ def _is_moe(i: int, c: Mapping[str, Any]) -> bool:
     )
 
 
-def _linear(name: str, rows: int, cols: int, bias: bool = False) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{name}.weight", (rows, cols))] + ([(f"{name}.bias", (rows,))] if bias else [])
+class _Tensors:
+    """Collects the tensors of one variant; `module` adds the weight of a module mlx-lm can
+    quantize (Linear, SwitchLinear, MultiLinear, Embedding: those with `to_quantized`), as
+    `weight` / `scales` / `biases` where the config's `quantization` says it is quantized."""
+
+    def __init__(self, quantization: Mapping[str, Any] | None):
+        self.quantization = quantization
+        self.out: dict[str, Expected] = {}
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: str = FLOAT) -> None:
+        self.out[name] = Expected(name, shape, dtype)
+
+    def module(self, name: str, shape: tuple[int, ...]) -> None:
+        """A quantizable module's weight [..., out, in] (in: the axis mlx groups along)."""
+        packing = _packing(name, shape[-1], self.quantization) if self.quantization else None
+        if packing is None:
+            self.add(f"{name}.weight", shape)
+            return
+        bits, group_size = packing
+        *lead, width = shape
+        self.add(f"{name}.weight", (*lead, width * bits // 32), U32)
+        self.add(f"{name}.scales", (*lead, width // group_size))
+        self.add(f"{name}.biases", (*lead, width // group_size))
+
+    def linear(self, name: str, rows: int, cols: int, bias: bool = False) -> None:
+        self.module(name, (rows, cols))
+        if bias:  # a quantized Linear keeps its bias as it is
+            self.add(f"{name}.bias", (rows,))
 
 
-def _mlp(p: str, hidden: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [
-        *_linear(f"{p}.gate_proj", width, hidden),
-        *_linear(f"{p}.up_proj", width, hidden),
-        *_linear(f"{p}.down_proj", hidden, width),
-    ]
+def _packing(module: str, width: int, quantization: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(bits, group_size) of `module` in a checkpoint mlx-lm quantized, or None where it stays float.
+
+    mlx_lm.utils.quantize_model skips a module whose input width is not a multiple of the default
+    group_size and records per-module parameters under the module's path (`mixed_*` recipes);
+    its loader also reads `path: false` as "not quantized".
+    """
+    own = quantization.get(module)
+    if own is False:
+        return None
+    if isinstance(own, Mapping):
+        bits, group_size = own["bits"], own["group_size"]
+    elif width % quantization["group_size"]:
+        return None
+    else:
+        bits, group_size = quantization["bits"], quantization["group_size"]
+    if width % group_size or width * bits % 32:
+        raise config_error(f"{module} of input width {width} cannot pack {bits}-bit groups of {group_size}",
+                           f"quantization {module}", "a group_size dividing the width, width * bits a multiple of 32")
+    return bits, group_size
 
 
-def _attention(p: str, c: Mapping[str, Any], variant: str) -> list[tuple[str, tuple[int, ...]]]:
+def _read_quantization(raw: Any) -> dict[str, Any] | None:
+    """config.json's `quantization` as mlx-lm reads it: affine defaults plus per-module entries."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise config_error(f"quantization is {raw!r}", "quantization", "an object with group_size and bits")
+    for module, params in [("quantization", raw), *((k, v) for k, v in raw.items() if isinstance(v, Mapping))]:
+        for key in ("group_size", "bits"):
+            value = params.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise config_error(f"{module} {key} is {value!r}", f"quantization {key}", "a positive integer")
+        if params.get("mode", "affine") != "affine":
+            raise config_error(f"{module} mode is {params['mode']!r}", "quantization mode",
+                               "affine (mxfp4 / mxfp8 / nvfp4 weights are not described)")
+    for key, value in raw.items():
+        if key not in ("group_size", "bits", "mode") and not (value is False or isinstance(value, Mapping)):
+            raise config_error(f"quantization {key} is {value!r}", f"quantization {key}", "false or an object")
+    return dict(raw)
+
+
+def _mlp(t: _Tensors, p: str, hidden: int, width: int) -> None:
+    t.linear(f"{p}.gate_proj", width, hidden)
+    t.linear(f"{p}.up_proj", width, hidden)
+    t.linear(f"{p}.down_proj", hidden, width)
+
+
+def _attention(t: _Tensors, p: str, c: Mapping[str, Any], variant: str) -> None:
     hidden, heads, bias = c["hidden_size"], c["num_attention_heads"], c["attention_bias"]
     nope, rope, v, rank = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
     if c["q_lora_rank"] is None:
-        tensors = _linear(f"{p}.q_proj", heads * (nope + rope), hidden)
+        t.linear(f"{p}.q_proj", heads * (nope + rope), hidden)
     else:
         q_rank = c["q_lora_rank"]
-        tensors = [
-            *_linear(f"{p}.q_a_proj", q_rank, hidden, bias),
-            (f"{p}.q_a_layernorm.weight", (q_rank,)),
-            *_linear(f"{p}.q_b_proj", heads * (nope + rope), q_rank),
-        ]
-    tensors += _linear(f"{p}.kv_a_proj_with_mqa", rank + rope, hidden, bias)
-    tensors.append((f"{p}.kv_a_layernorm.weight", (rank,)))
-    if variant == "embed_q":
-        tensors += [(f"{p}.embed_q.weight", (heads, rank, nope)), (f"{p}.unembed_out.weight", (heads, v, rank))]
+        t.linear(f"{p}.q_a_proj", q_rank, hidden, bias)
+        t.add(f"{p}.q_a_layernorm.weight", (q_rank,))
+        t.linear(f"{p}.q_b_proj", heads * (nope + rope), q_rank)
+    t.linear(f"{p}.kv_a_proj_with_mqa", rank + rope, hidden, bias)
+    t.add(f"{p}.kv_a_layernorm.weight", (rank,))
+    if variant == "embed_q":  # MultiLinear: per head [out, in]
+        t.module(f"{p}.embed_q", (heads, rank, nope))
+        t.module(f"{p}.unembed_out", (heads, v, rank))
     else:
-        tensors += _linear(f"{p}.kv_b_proj", heads * (nope + v), rank)
-    return tensors + _linear(f"{p}.o_proj", hidden, heads * v, bias)
+        t.linear(f"{p}.kv_b_proj", heads * (nope + v), rank)
+    t.linear(f"{p}.o_proj", hidden, heads * v, bias)
 
 
-def _layer(i: int, c: Mapping[str, Any], variant: str) -> list[tuple[str, tuple[int, ...]]]:
+def _layer(t: _Tensors, i: int, c: Mapping[str, Any], variant: str) -> None:
     p, hidden = f"model.layers.{i}", c["hidden_size"]
-    tensors = [(f"{p}.input_layernorm.weight", (hidden,)), (f"{p}.post_attention_layernorm.weight", (hidden,))]
-    tensors += _attention(f"{p}.self_attn", c, variant)
+    t.add(f"{p}.input_layernorm.weight", (hidden,))
+    t.add(f"{p}.post_attention_layernorm.weight", (hidden,))
+    _attention(t, f"{p}.self_attn", c, variant)
     if not _is_moe(i, c):
-        return tensors + _mlp(f"{p}.mlp", hidden, c["intermediate_size"])
+        _mlp(t, f"{p}.mlp", hidden, c["intermediate_size"])
+        return
     experts, width = c["n_routed_experts"], c["moe_intermediate_size"]
-    tensors += [
-        (f"{p}.mlp.gate.weight", (experts, hidden)),
-        (f"{p}.mlp.gate.e_score_correction_bias", (experts,)),
-        (f"{p}.mlp.switch_mlp.gate_proj.weight", (experts, width, hidden)),
-        (f"{p}.mlp.switch_mlp.up_proj.weight", (experts, width, hidden)),
-        (f"{p}.mlp.switch_mlp.down_proj.weight", (experts, hidden, width)),
-    ]
+    # the router (MoEGate) is a plain module with no `to_quantized`: never quantized
+    t.add(f"{p}.mlp.gate.weight", (experts, hidden))
+    t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,))
+    t.module(f"{p}.mlp.switch_mlp.gate_proj", (experts, width, hidden))
+    t.module(f"{p}.mlp.switch_mlp.up_proj", (experts, width, hidden))
+    t.module(f"{p}.mlp.switch_mlp.down_proj", (experts, hidden, width))
     if c["n_shared_experts"] is not None:
-        tensors += _mlp(f"{p}.mlp.shared_experts", hidden, width * c["n_shared_experts"])
-    return tensors
+        _mlp(t, f"{p}.mlp.shared_experts", hidden, width * c["n_shared_experts"])
 
 
 class MlxLayout:
@@ -148,19 +221,15 @@ class MlxLayout:
         variant = variant or self.variants[0]
         if variant not in self.variants:
             raise RemapError(f"unknown variant {variant!r}", rule="layout mlx", expected=", ".join(self.variants))
-        if config["quantization_config"]:
-            raise RemapError(
-                "quantized MLX weights (uint32 weight + scales + biases) are not supported yet",
-                rule="config.json quantization",
-                expected="an unquantized MLX checkpoint",
-            )
         c = config
         hidden, vocab = c["hidden_size"], c["vocab_size"]
-        tensors = [("model.embed_tokens.weight", (vocab, hidden))]
+        t = _Tensors(c["quantization_config"])
+        t.module("model.embed_tokens", (vocab, hidden))
         for i in range(c["num_hidden_layers"]):
-            tensors += _layer(i, c, variant)
-        tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-        return {name: Expected(name, shape, FLOAT) for name, shape in tensors}
+            _layer(t, i, c, variant)
+        t.add("model.norm.weight", (hidden,))
+        t.linear("lm_head", vocab, hidden)
+        return t.out
 
 
 def write_config(raw: Mapping[str, Any]) -> dict[str, Any]:

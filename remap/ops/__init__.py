@@ -8,12 +8,16 @@ from remap.errors import RemapError
 from remap.ops.base import CLAIMS, Finding, Loss, NotInvertible, Op, TensorType
 from remap.ops.combine import Concat, Split
 from remap.ops.numeric import Cast, DequantFP8
+from remap.ops.quant import DequantizeMLX, QuantFP8, QuantizeMLX
 from remap.ops.reshape import MergeHeads, SplitHeads, Transpose
 from remap.ops.select import Pad, Repeat, Slice
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
-    for cls in (Concat, Split, SplitHeads, MergeHeads, Transpose, Slice, Pad, Repeat, Cast, DequantFP8)
+    for cls in (
+        Concat, Split, SplitHeads, MergeHeads, Transpose, Slice, Pad, Repeat, Cast, DequantFP8, QuantFP8, QuantizeMLX,
+        DequantizeMLX,
+    )
 }
 
 

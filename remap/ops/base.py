@@ -42,7 +42,7 @@ class TensorType:
 class Loss:
     """Data a step discards or changes, and why that is (or is not) safe."""
 
-    claim: str  # one of CLAIMS, or "rounding" for a narrowing cast
+    claim: str  # one of CLAIMS; "rounding" for a narrowing cast; "quantization" for a quantizer
     what: str  # human description: "rows 32:64 of each head of input 0"
     reason: str = ""
 

@@ -1,1 +1,213 @@
-"""Forward passes that parity checks compare: reference models and the runtimes that run them."""
+"""Forward-pass parity: a checkpoint and its conversion, each run by its own runtime.
+
+    from remap.parity import run_parity
+    result = run_parity("path/to/hf", spec="hf-to-mlx")        # converts into a temporary directory
+    result = run_parity("path/to/hf", "path/to/mlx")           # or compares a finished conversion
+    print(result.ok, result.logits["max_abs"], result.divergence)
+
+The source runs in the torch runtime of its layout (transformers for `hf`, remap's reference
+ScratchModel for `scratch`), the target in its own (mlx-lm for `mlx`, transformers for `hf`),
+both on the same seeded token ids and by default in float32 (runtimes.py). compare.py turns the
+two forward passes into metrics and checks; when one fails, the first hidden state that drifts
+(the embedding, a decoder layer, or the head) names the spec rules that made its tensors, and the
+spec's claims are measured on the source bytes to say which of them do not hold. render.py
+prints the result as rich text, JSON (schemas/parity.schema.json), JUnit XML or Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from remap import __version__
+from remap.errors import RemapError
+from remap.io.checkpoint import Checkpoint
+from remap.parity.compare import (PROFILES, Check, RuleRef, Tolerances, checks, first_divergence, hidden_metrics,
+                                  hidden_names, logit_metrics, profile_for, rules_behind, weight_precision)
+from remap.plan import Plan
+from remap.report import Loss
+
+__all__ = ["ParityResult", "Side", "run_parity", "token_ids"]
+
+
+@dataclass(frozen=True)
+class Side:
+    path: str
+    layout: str
+    variant: str | None
+    runtime: str  # what computed it, with its version
+    weights: str  # weight precision: "F32", "BF16", "F8_E4M3", ..., or "quantized" (compare.weight_precision)
+
+
+@dataclass
+class ParityResult:
+    source: Side
+    target: Side
+    spec: str | None  # the spec that made the target, when known
+    dtype: str  # compute dtype on both sides
+    tokens: int
+    batch: int
+    seed: int
+    profile: str  # which default tolerances apply (compare.PROFILES)
+    tolerances: Tolerances
+    logits: dict  # compare.logit_metrics
+    hidden: dict[str, dict]  # "embedding", "layer 0", ...: compare.hidden_metrics
+    checks: list[Check]
+    divergence: str | None = None  # the first hidden state that fails, or "head"
+    rules: list[RuleRef] = field(default_factory=list)  # the rules behind `divergence`
+    claims: list[Loss] = field(default_factory=list)  # on failure: the spec's claims that break, or lose by design
+    seconds: float = 0.0
+    remap_version: str = __version__
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.ok]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["checks"] = [{**asdict(c), "ok": c.ok} for c in self.checks]
+        return {**data, "ok": self.ok}
+
+
+def token_ids(vocab_size: int, tokens: int, batch: int, seed: int) -> np.ndarray:
+    """The [batch, tokens] ids both sides run on: uniform over the vocabulary, seeded."""
+    if tokens < 1 or batch < 1:
+        raise RemapError(f"{batch} x {tokens} tokens", expected="--tokens and --batch of at least 1")
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, tokens), dtype=np.int64)
+
+
+def run_parity(
+    src: str | Path,
+    dst: str | Path | None = None,
+    *,
+    spec: str | Path | None = None,
+    inverse: bool = False,
+    variant: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    tokens: int = 32,
+    batch: int = 2,
+    seed: int = 0,
+    dtype: str = "float32",
+    tolerances: Mapping[str, float | None] | None = None,
+) -> ParityResult:
+    """Run SRC and its conversion on the same tokens and compare them.
+
+    With `dst`, compare against that finished conversion (`spec`, or else the spec its
+    remap-manifest.json names, only names the rules behind a divergence). Without, convert SRC
+    with `spec` into a temporary directory first. `tolerances` overrides fields of the default
+    profile (compare.Tolerances).
+    """
+    from remap import api
+
+    start = time.perf_counter()
+    source = api.open_source(src, revision=revision)
+    if spec is None and dst is not None:
+        spec, inverse, variant = _spec_in_manifest(Path(dst), str(src)) or (None, inverse, variant)
+    if spec is None and dst is None:
+        raise RemapError("nothing to compare the source with", expected="a converted DST, or --spec to convert SRC")
+    plan = api.plan(source, spec, inverse=inverse, params=params, variant=variant)[0] if spec is not None else None
+    options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {})
+    if dst is not None:
+        result = _compare(source, api.open_source(dst), plan, **options)
+    else:
+        report = api.report(plan, source)
+        if not report.ok:
+            raise RemapError(f"the conversion would not be valid: {report.problems[0]}",
+                             expected="a spec whose `remap report` is OK")
+        with tempfile.TemporaryDirectory(prefix="remap-parity-") as tmp:
+            converted = Path(tmp) / "target"
+            api.convert(plan, source, converted, report=report.to_dict(), checksums=False)
+            result = _compare(source, api.open_source(converted), plan, **options)
+            result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
+             dtype: str, tolerances: Mapping[str, float | None]) -> ParityResult:
+    from remap import api
+    from remap.parity import runtimes
+
+    sides = []
+    for checkpoint, planned in ((source, plan and plan.first.spec.source_layout), (target, plan and plan.spec.target_layout)):
+        detected = api.identify(checkpoint)
+        layout = detected.layout or planned
+        if layout is None:
+            raise RemapError(f"not a layout remap knows: {detected.describe()}", file=checkpoint.source)
+        sides.append((checkpoint, layout, detected.variant))
+    (_, source_layout, _), (_, target_layout, _) = sides
+    run = [runtimes.load(layout, checkpoint, dtype) for checkpoint, layout, _ in sides]
+    if run[0].vocab_size != run[1].vocab_size:
+        raise RemapError(f"vocabularies differ: {run[0].vocab_size} (source) and {run[1].vocab_size} (target)",
+                         expected="the same vocab_size on both sides")
+    ids = token_ids(run[0].vocab_size, tokens, batch, seed)
+    ours, theirs = run[0].forward(ids), run[1].forward(ids)
+    if len(ours.hidden) != len(theirs.hidden):
+        raise RemapError(f"{len(ours.hidden) - 1} decoder layers (source) and {len(theirs.hidden) - 1} (target)",
+                         expected="the same num_hidden_layers on both sides")
+
+    precision = [weight_precision({n: t.dtype for n, t in c.tensors.items() if len(t.shape) >= 2}) for c in (source, target)]
+    profile = profile_for(precision[0], precision[1], dtype)
+    try:
+        limits = PROFILES[profile].override(tolerances)
+    except ValueError as exc:
+        raise RemapError(str(exc)) from None
+    logits = logit_metrics(ours.logits, theirs.logits)
+    names = hidden_names(len(ours.hidden))
+    hidden = {name: hidden_metrics(s, t) for name, s, t in zip(names, ours.hidden, theirs.hidden)}
+    results = checks(logits, hidden, limits)
+    divergence = first_divergence(results, names)
+
+    result = ParityResult(
+        source=Side(source.source, source_layout, sides[0][2], run[0].name, precision[0]),
+        target=Side(target.source, target_layout, sides[1][2], run[1].name, precision[1]),
+        spec=plan.name if plan else None, dtype=dtype, tokens=tokens, batch=batch, seed=seed,
+        profile=profile, tolerances=limits, logits=logits, hidden=hidden, checks=results, divergence=divergence,
+    )
+    if divergence is not None and plan is not None:
+        result.rules = rules_behind(plan, divergence)
+        measured = api.report(plan, source, check=True).losses
+        result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
+    return result
+
+
+def _spec_in_manifest(dst: Path, src: str) -> tuple[str, bool, str | None] | None:
+    """(spec, inverse, variant) from the manifest `remap convert` wrote into DST, when DST was
+    converted from SRC and its spec is bundled or still where it was."""
+    from remap.execute import MANIFEST
+    from remap.spec.load import MAPPINGS
+
+    try:
+        manifest = json.loads((dst / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not _same_source(manifest.get("source") or "", src):
+        return None
+    name, files = manifest.get("spec") or "", manifest.get("spec_files") or []
+    inverse = name.endswith(".inverse")
+    base = name.removesuffix(".inverse")
+    variant = (manifest.get("target") or {}).get("variant")
+    if (MAPPINGS / f"{base}.yaml").is_file():
+        return base, inverse, variant
+    if len(files) == 1 and Path(files[0].removesuffix(" (inverted)")).is_file():
+        return files[0].removesuffix(" (inverted)"), inverse, variant
+    return None
+
+
+def _same_source(recorded: str, src: str) -> bool:
+    """The same hub id, or paths to the same place (a relative one read from here)."""
+    if recorded == src:
+        return True
+    a, b = Path(recorded).expanduser(), Path(src).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()

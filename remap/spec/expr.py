@@ -33,12 +33,31 @@ _COMPARE = {
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
+def _join(*parts: Any) -> str:
+    """Tensor-name pieces joined with dots: join(m, w) -> 'model.layers.0.mlp.up_proj'."""
+    if not all(isinstance(p, (str, int)) for p in parts):
+        raise RemapError("join() takes names and indices")
+    text = ".".join(map(str, parts))
+    if len(text) > _MAX_LENGTH:
+        raise RemapError(f"join() result longer than {_MAX_LENGTH} characters")
+    return text
+
+
+def _get(mapping: Any, key: Any, default: Any = None) -> Any:
+    """mapping[key], or default when the key is absent (config blocks with optional entries)."""
+    if not isinstance(mapping, dict):
+        raise RemapError(f"get() needs a mapping, got {type(mapping).__name__}")
+    return mapping.get(key, default)
+
+
 _FUNCTIONS = {
     "min": min,
     "max": max,
     "cdiv": lambda a, b: -(-a // b),  # ceiling division: number of blocks covering a
     "ceil": math.ceil,
     "int": int,
+    "join": _join,
+    "get": _get,
 }
 _CONSTANTS = {"null": None, "None": None, "true": True, "false": False, "True": True, "False": False}
 _MAX_LENGTH = 500  # expressions are short; a long one is a mistake or an attack
@@ -95,6 +114,16 @@ def evaluate_int(text: str | int, names: Mapping[str, Any]) -> int:
     return value
 
 
+def _constant_index(node: ast.AST) -> str | int | None:
+    """A subscript we allow: a literal key or index (`['weight_block_size']`, `[0]`, `[-1]`)."""
+    match node:
+        case ast.Constant(value=key) if isinstance(key, (str, int)) and not isinstance(key, bool):
+            return key
+        case ast.UnaryOp(op=ast.USub(), operand=ast.Constant(value=int() as key)) if not isinstance(key, bool):
+            return -key
+    return None
+
+
 def _eval(node: ast.AST, names: Mapping[str, Any], text: str) -> Any:
     match node:
         case ast.Constant(value=value) if value is None or isinstance(value, (int, float, bool, str)):
@@ -131,7 +160,8 @@ def _eval(node: ast.AST, names: Mapping[str, Any], text: str) -> Any:
                 current = right
             else:
                 return True
-        case ast.Subscript(value=value, slice=ast.Constant(value=key)) if isinstance(key, (str, int)):
+        case ast.Subscript(value=value, slice=index) if _constant_index(index) is not None:
+            key = _constant_index(index)
             container = _eval(value, names, text)
             if not isinstance(container, (dict, list, tuple)):
                 raise RemapError(f"cannot index {type(container).__name__} in {text!r}")

@@ -143,6 +143,10 @@ def spec_from_document(document: Any, path: str = "<memory>") -> Spec:
 
 
 def _part(item: Any, path: str) -> Spec:
+    if isinstance(item, dict) and set(item) == {"invert"}:
+        from remap.spec.invert import invert_spec  # invert builds on this module
+
+        return invert_spec(_part(item["invert"], path))
     if isinstance(item, str):
         base = Path(path).parent if path != "<memory>" else MAPPINGS
         local = base / item

@@ -1,0 +1,257 @@
+"""Ops that quantize and dequantize: MLX affine (weight / scales / biases, computed by mlx itself)
+and DeepSeek-V3's FP8 block quantization (the inverse of `dequant_fp8`).
+
+Both quantizations keep far fewer values than their input holds, so each names a
+"quantization" loss; dequantizing only rounds (or is exact, where the output dtype can hold every
+product). What survives a round trip is measured in tests/test_quant.py and written up in
+docs/specs.md ("Quantization").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from remap import dtypes
+from remap.errors import RemapError
+from remap.ops.base import Finding, Loss, Op, Shape, TensorType, max_abs
+from remap.ops.numeric import DequantFP8
+
+# What mx.quantize accepts in affine mode (its documented table, mlx 0.32).
+MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+MLX_MODES = ("affine",)
+# The float dtypes mlx computes in; scales and biases come back in the weight's own dtype.
+_MLX_FLOATS = ("BF16", "F16", "F32")
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+# -- numpy <-> mlx ------------------------------------------------------------------------------
+
+
+def _mx() -> Any:
+    import mlx.core as mx  # on first use: planning never needs mlx
+
+    return mx
+
+
+def _to_mlx(array: np.ndarray) -> Any:
+    mx = _mx()
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:  # mlx reads no ml_dtypes: move the bits as uint16
+        return mx.array(array.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(array)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    mx = _mx()
+    if x.dtype == mx.bfloat16:
+        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    return np.array(x)
+
+
+def _mlx_dtype(name: str) -> Any:
+    mx = _mx()
+    return {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}[name]
+
+
+# -- MLX affine ---------------------------------------------------------------------------------
+
+
+def _check_mlx_params(op: Op, bits: int, group_size: int, mode: str) -> None:
+    if bits not in MLX_BITS:
+        raise RemapError(f"{op.name}: bits {bits!r}", expected=" | ".join(map(str, MLX_BITS)))
+    if group_size not in MLX_GROUP_SIZES:
+        raise RemapError(f"{op.name}: group_size {group_size!r}", expected=" | ".join(map(str, MLX_GROUP_SIZES)))
+    if mode not in MLX_MODES:
+        raise RemapError(f"{op.name}: mode {mode!r}", expected=" | ".join(MLX_MODES))
+
+
+@dataclass(frozen=True)
+class QuantizeMLX(Op):
+    """float weight [..., out, in] -> [weight U32 [..., out, in*bits/32], scales [..., out, in/group_size],
+    biases (as scales)], in place of the input: `mx.quantize` itself, so the bytes are mlx-lm's.
+
+    Computed on the CPU stream, whatever the default device, so the output does not depend on the
+    machine. Scales and biases keep the weight's dtype (what mlx-lm writes). Quantizing a stack of
+    experts [E, out, in] at once equals quantizing each expert and stacking: groups never cross rows.
+    """
+
+    name = "quantize_mlx"
+    int_params = ("bits", "group_size")
+    bits: int = 4  # mlx-lm's defaults
+    group_size: int = 64
+    mode: str = "affine"
+
+    def __post_init__(self) -> None:
+        _check_mlx_params(self, self.bits, self.group_size, self.mode)
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        t = self._pick(inputs)
+        if t.dtype not in _MLX_FLOATS or len(t.shape) < 2:
+            raise RemapError(f"quantize_mlx: input is {t.dtype} {list(t.shape)}",
+                             expected=f"a {' | '.join(_MLX_FLOATS)} tensor of two or more axes")
+        *lead, width = t.shape
+        if width % self.group_size:
+            raise RemapError(f"quantize_mlx: input width {width} (shape {list(t.shape)}) is not a multiple of "
+                             "group_size", expected=f"a multiple of {self.group_size}")
+        weight = TensorType((*lead, width * self.bits // 32), "U32")
+        scales = TensorType((*lead, width // self.group_size), t.dtype)
+        return [*inputs[: self.input], weight, scales, scales, *inputs[self.input + 1 :]]
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        mx = _mx()
+        quantized = mx.quantize(_to_mlx(self._pick(arrays)), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+        return [*arrays[: self.input], *map(_to_numpy, quantized), *arrays[self.input + 1 :]]
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        t = self._pick(inputs)
+        what = f"input {self.input}: {t.dtype} -> {self.bits}-bit {self.mode}, groups of {self.group_size}"
+        return Loss("quantization", what, "2^bits levels per group: |error| <= |scale| + |bias| / 256 per weight")
+
+    def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        x = self._pick(arrays)
+        restored = DequantizeMLX(self.input, self.bits, self.group_size, self.mode).apply(self.apply(arrays))
+        error = max_abs(x.astype(np.float32) - restored[self.input].astype(np.float32))
+        return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        # dequantizing without `dtype` gives back the quantized weight's own dtype (the scales')
+        return [{"op": "dequantize_mlx", **_mlx_raw_params(raw)}]
+
+
+@dataclass(frozen=True)
+class DequantizeMLX(Op):
+    """[weight U32, scales, biases] (consecutive, from `input`) -> the float weight, scale * q + bias.
+
+    Without `dtype` this is `mx.dequantize` in the scales' dtype, bit for bit what
+    `mlx_lm.convert --dequantize` writes (mlx rounds the product and the sum separately there).
+    With `dtype: F32` from 16-bit scales the scales are widened first and the result is exact:
+    q * scale needs at most 19 significant bits and mx.quantize makes |bias| >= |scale|, so the sum
+    fits float32's 24.
+    """
+
+    name = "dequantize_mlx"
+    int_params = ("bits", "group_size")
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    dtype: str | None = None  # default: the scales' dtype
+
+    def __post_init__(self) -> None:
+        _check_mlx_params(self, self.bits, self.group_size, self.mode)
+        if self.dtype is not None:
+            dtype = dtypes.canonical(str(self.dtype))
+            if dtype not in _MLX_FLOATS:
+                raise RemapError(f"dequantize_mlx: dtype {self.dtype}", expected=" | ".join(_MLX_FLOATS))
+            object.__setattr__(self, "dtype", dtype)
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        if not 0 <= self.input <= len(inputs) - 3:
+            raise RemapError("dequantize_mlx needs the weight, its scales and its biases as consecutive inputs")
+        w, s, b = inputs[self.input : self.input + 3]
+        if w.dtype != "U32" or len(w.shape) < 2:
+            raise RemapError(f"dequantize_mlx: weight is {w.dtype} {list(w.shape)}",
+                             expected="a U32 tensor of two or more axes")
+        if s.dtype not in _MLX_FLOATS or b != s:
+            raise RemapError(f"dequantize_mlx: scales {s.dtype} {list(s.shape)}, biases {b.dtype} {list(b.shape)}",
+                             expected=f"the same shape and dtype, one of {' | '.join(_MLX_FLOATS)}")
+        *lead, packed = w.shape
+        width = packed * 32 // self.bits
+        expected: Shape = (*lead, width // self.group_size)
+        if packed * 32 % self.bits or width % self.group_size or s.shape != expected:
+            raise RemapError(f"dequantize_mlx: scales {list(s.shape)} for packed weight {list(w.shape)}",
+                             expected=f"{list(expected)} ({self.bits} bits, groups of {self.group_size})")
+        out = TensorType((*lead, width), self.dtype or s.dtype)
+        return [*inputs[: self.input], out, *inputs[self.input + 3 :]]
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        mx = _mx()
+        w, s, b = (_to_mlx(a) for a in arrays[self.input : self.input + 3])
+        target = self.dtype or dtypes.dtype_name(arrays[self.input + 1].dtype)
+        if target == "F32":  # widen first: exact (see the class doc), where mlx's own dtype= is not
+            s, b = s.astype(mx.float32), b.astype(mx.float32)
+        out = mx.dequantize(w, s, b, self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+        out = _to_numpy(out.astype(_mlx_dtype(target), stream=mx.cpu))
+        return [*arrays[: self.input], out, *arrays[self.input + 3 :]]
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        scales = inputs[self.input + 1].dtype
+        target = self.dtype or scales
+        if target == "F32" and scales in ("BF16", "F16"):
+            return None
+        return Loss("rounding", f"scale * q + bias rounded to {target}")
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        # not exact in general: mx.quantize is not idempotent (docs/specs.md, "Quantization")
+        return [{"op": "quantize_mlx", **_mlx_raw_params(raw)}]
+
+
+def _mlx_raw_params(raw: Mapping[str, Any]) -> dict[str, Any]:
+    params = {key: raw[key] for key in ("bits", "group_size", "mode") if key in raw}
+    return {**params, "input": raw.get("input", 0)}
+
+
+# -- FP8 block quantization ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantFP8(Op):
+    """float weight [out, in] -> [e4m3 weight, f32 weight_scale_inv] as DeepSeek-V3's checkpoints hold it.
+
+    Per `block` tile (edge tiles partial): scale = amax / 448 in float32, weight = weight / scale
+    rounded to nearest-even e4m3, saturating at +-448; `weight_scale_inv` stores the scale, so
+    `dequant_fp8` multiplies. An all-zero tile gets scale 1.0 (as transformers' FP8 quantizer
+    does): its codes are zeros, and zeros times any scale dequantize exactly.
+    """
+
+    name = "quant_fp8"
+    list_params = ("block",)
+    block: tuple[int, ...] = (128, 128)
+
+    def __post_init__(self) -> None:
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise RemapError(f"quant_fp8: block {list(self.block)}", expected="two positive sizes, e.g. [128, 128]")
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        t = self._pick(inputs)
+        if t.dtype not in ("BF16", "F16", "F32") or len(t.shape) != 2:
+            raise RemapError(f"quant_fp8: weight is {t.dtype} {list(t.shape)}",
+                             expected="a 2-D BF16 | F16 | F32 tensor")
+        blocks = tuple(-(-n // b) for n, b in zip(t.shape, self.block))
+        codes, scales = TensorType(t.shape, "F8_E4M3"), TensorType(blocks, "F32")
+        return [*inputs[: self.input], codes, scales, *inputs[self.input + 1 :]]
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        x = self._pick(arrays).astype(np.float32)
+        rows, cols = x.shape
+        starts = [range(0, n, b) for n, b in zip(x.shape, self.block)]
+        amax = np.maximum.reduceat(np.maximum.reduceat(np.abs(x), starts[0], axis=0), starts[1], axis=1)
+        scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+        per_weight = np.repeat(np.repeat(scale, self.block[0], 0)[:rows], self.block[1], 1)[:, :cols]
+        # float32 division can land a hair past 448 for the tile's largest value: saturate, as
+        # torch's e4m3 cast does (ml_dtypes would give NaN past 464)
+        codes = np.clip(x / per_weight, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+        return [*arrays[: self.input], codes, scale, *arrays[self.input + 1 :]]
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        t = self._pick(inputs)
+        block = "x".join(map(str, self.block))
+        return Loss("quantization", f"input {self.input}: {t.dtype} -> F8_E4M3 with a float32 scale per {block} block",
+                    "e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 + scale / 1024 per weight")
+
+    def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        x = self._pick(arrays)
+        restored = DequantFP8(self.input, self.block, "F32").apply(self.apply(arrays))[self.input]
+        error = max_abs(x.astype(np.float32) - restored)
+        return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        return [{"op": "dequant_fp8", "block": raw.get("block", [128, 128]), "input": raw.get("input", 0)}]

@@ -1,0 +1,231 @@
+"""A parity result printed: rich text for a terminal, JSON (schemas/parity.schema.json), JUnit
+XML (one testcase per check, for CI test reporters) and Markdown (for a CI job summary)."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from remap.parity import ParityResult
+from remap.parity.compare import LABELS, Check, RuleRef
+
+
+def _value(metric: str, value: float) -> str:
+    if metric in ("top1", "top5"):
+        return f"{100 * value:.1f}%"
+    if metric == "cosine":
+        return f"{value:.7f}"
+    return f"{value:.3g}"
+
+
+def _limit(check: Check) -> str:
+    limit = f"{100 * check.limit:g}%" if check.metric in ("top1", "top5") else f"{check.limit:g}"
+    return f"{'<=' if check.at_most else '>='} {limit}"
+
+
+def _side(result: ParityResult, which: str) -> str:
+    side = getattr(result, which)
+    variant = f" ({side.variant})" if side.variant else ""
+    return f"{side.path}: {side.layout}{variant}, {side.weights} weights, run by {side.runtime}"
+
+
+def _setup(result: ParityResult) -> str:
+    spec = f"spec {result.spec}; " if result.spec else ""
+    return (f"{spec}{result.batch} x {result.tokens} tokens (seed {result.seed}) computed in {result.dtype}; "
+            f"{result.profile} tolerances; {result.seconds:.1f}s")
+
+
+def _logit_rows(result: ParityResult) -> list[tuple[str, str, str, Check | None]]:
+    """(metric, value, tolerance, check) for the logits table."""
+    logits, by_metric = result.logits, {c.metric: c for c in result.checks if c.section == "logits"}
+    rows = []
+    for metric in ("max_rel", "mean_abs", "rms_rel", "cosine", "top1", "top5", "kl"):
+        check = by_metric.get(metric)
+        if metric == "max_rel":
+            label = "max abs error"
+            value = f"{logits['max_abs']:.3g} ({logits['max_rel']:.3g} of max |logit| {logits['scale']:.3g})"
+        elif metric == "mean_abs":
+            label, value = "mean abs error", f"{logits['mean_abs']:.3g}"
+        else:
+            label, value = LABELS[metric], _value(metric, logits[metric])
+        rows.append((label, value, _limit(check) if check else "", check))
+    return rows
+
+
+HIDDEN_COLUMNS = ("after", "max abs error", "max rel", "RMS rel", "cosine", "")
+
+
+def _hidden_values(metrics: dict) -> tuple[str, ...]:
+    return (f"{metrics['max_abs']:.3g}", f"{metrics['max_rel']:.3g}", f"{metrics['rms_rel']:.3g}",
+            _value("cosine", metrics["cosine"]))
+
+
+def _hidden_status(result: ParityResult, section: str) -> bool:
+    return all(c.ok for c in result.checks if c.section == section)
+
+
+def _verdict(result: ParityResult) -> str:
+    if result.ok:
+        return f"PASS: all {len(result.checks)} checks within tolerance"
+    first = result.failures[0]
+    return f"FAIL: {len(result.failures)} of {len(result.checks)} checks out of tolerance, e.g. {first.describe()}"
+
+
+# -- rich -----------------------------------------------------------------------------------------
+
+
+def render_rich(result: ParityResult, console: Console) -> None:
+    verdict = "[green]PASS[/]" if result.ok else "[red]FAIL[/]"
+    console.print(f"[bold]remap parity[/] {verdict}")
+    console.print(f"  source  {escape(_side(result, 'source'))}")
+    console.print(f"  target  {escape(_side(result, 'target'))}")
+    console.print(f"  {escape(_setup(result))}")
+
+    table = Table(title="logits", header_style="bold", title_justify="left")
+    for column in ("metric", "value", "tolerance", ""):
+        table.add_column(column)
+    for label, value, limit, check in _logit_rows(result):
+        table.add_row(escape(label), escape(value), escape(limit), _status(check and check.ok))
+    console.print(table)
+
+    table = Table(title="hidden states (before the final norm)", header_style="bold", title_justify="left")
+    for column in HIDDEN_COLUMNS:
+        table.add_column(column)
+    for section, metrics in result.hidden.items():
+        mark = "<- first divergence" if section == result.divergence else ""
+        table.add_row(section, *_hidden_values(metrics), _status(_hidden_status(result, section)) + (f" [red]{mark}[/]" if mark else ""))
+    console.print(table)
+
+    if result.divergence:
+        console.print(f"[red]first divergence[/]: [bold]{result.divergence}[/]")
+        if result.rules:
+            table = Table(title=f"spec rules that made the {result.divergence} tensors", header_style="bold",
+                          title_justify="left")
+            for column in ("stage", "rule", "where", "tensors"):
+                table.add_column(column, overflow="fold")
+            for ref in result.rules:
+                table.add_row(escape(ref.stage), escape(ref.rule), escape(_where(ref)), escape("\n".join(ref.tensors)))
+            console.print(table)
+        elif result.spec is None:
+            console.print("  (no spec known: pass --spec to name the rules that made these tensors)")
+        if result.claims:
+            table = Table(title="claims of the spec that do not hold on the source, or lose by design",
+                          header_style="bold", title_justify="left")
+            for column in ("stage", "rule", "claim", "what", "measured", "exact when"):
+                table.add_column(column, overflow="fold")
+            for loss in result.claims:
+                table.add_row(escape(loss.stage), escape(loss.rule), loss.claim, escape(loss.what), _measured(loss),
+                              escape(loss.reason))
+            console.print(table)
+    console.print(("[green]" if result.ok else "[red]") + escape(_verdict(result)) + "[/]")
+
+
+def _where(ref: RuleRef) -> str:
+    """The spec file's name and line: its directory is the install's, noise in a summary."""
+    return Path(ref.where).name
+
+
+def _status(ok: bool | None) -> str:
+    return "" if ok is None else "[green]ok[/]" if ok else "[red]FAIL[/]"
+
+
+def _measured(loss) -> str:
+    if loss.magnitude is None:
+        return ""
+    return f"max |x| {loss.magnitude:.3g}" + (": does not hold" if loss.holds is False else "")
+
+
+# -- JSON -----------------------------------------------------------------------------------------
+
+
+def render_json(result: ParityResult) -> str:
+    return json.dumps(_finite(result.to_dict()), indent=2) + "\n"
+
+
+def _finite(value):
+    """JSON has no NaN or infinity (a broken model can produce both): those become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# -- JUnit XML ------------------------------------------------------------------------------------
+
+
+def render_junit(result: ParityResult) -> str:
+    """One <testcase> per check; a failing one carries the divergence and its rules."""
+    failures = str(len(result.failures))
+    suites = ET.Element("testsuites", name="remap parity", tests=str(len(result.checks)), failures=failures,
+                        errors="0", time=f"{result.seconds:.3f}")
+    suite = ET.SubElement(suites, "testsuite", name=f"remap parity: {result.source.path} -> {result.target.path}",
+                          tests=str(len(result.checks)), failures=failures, errors="0", skipped="0",
+                          time=f"{result.seconds:.3f}", timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    properties = ET.SubElement(suite, "properties")
+    for name, value in (("source", _side(result, "source")), ("target", _side(result, "target")),
+                        ("spec", result.spec or ""), ("setup", _setup(result))):
+        ET.SubElement(properties, "property", name=name, value=value)
+    detail = _failure_detail(result)
+    for check in result.checks:
+        case = ET.SubElement(suite, "testcase", classname=f"remap.parity.{check.section.replace(' ', '_')}",
+                             name=check.name, time="0")
+        if not check.ok:
+            failure = ET.SubElement(case, "failure", message=check.describe(), type="ParityFailure")
+            failure.text = detail
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _failure_detail(result: ParityResult) -> str:
+    lines = [f"first divergence: {result.divergence}"]
+    lines += [f"rule: {r.stage}: {r.rule} ({r.where})" for r in result.rules]
+    lines += [f"claim: {c.stage}: {c.rule}: {c.claim} {c.what} {_measured(c)}".rstrip() for c in result.claims]
+    return "\n".join(lines)
+
+
+# -- Markdown -------------------------------------------------------------------------------------
+
+
+def render_markdown(result: ParityResult) -> str:
+    lines = [f"## remap parity: {'PASS' if result.ok else 'FAIL'}", "",
+             f"- source: {_side(result, 'source')}", f"- target: {_side(result, 'target')}", f"- {_setup(result)}", "",
+             _row("logits", "value", "tolerance", ""), _rule(4)]
+    lines += [_row(label, value, limit, _md_status(check and check.ok)) for label, value, limit, check in _logit_rows(result)]
+    lines += ["", _row("hidden state " + HIDDEN_COLUMNS[0], *HIDDEN_COLUMNS[1:]), _rule(len(HIDDEN_COLUMNS))]
+    for section, metrics in result.hidden.items():
+        mark = " (first divergence)" if section == result.divergence else ""
+        lines.append(_row(section, *_hidden_values(metrics), _md_status(_hidden_status(result, section)) + mark))
+    if result.divergence:
+        lines += ["", f"**First divergence: {result.divergence}.**"]
+        if result.rules:
+            lines += ["", f"Spec rules that made the {result.divergence} tensors:", "",
+                      _row("stage", "rule", "where", "tensors"), _rule(4)]
+            lines += [_row(r.stage, r.rule, f"`{_where(r)}`", "<br>".join(f"`{t}`" for t in r.tensors)) for r in result.rules]
+        if result.claims:
+            lines += ["", "Claims of the spec that do not hold on the source, or lose by design:", "",
+                      _row("stage", "rule", "claim", "what", "measured", "exact when"), _rule(6)]
+            lines += [_row(c.stage, c.rule, c.claim, c.what, _measured(c), c.reason.strip()) for c in result.claims]
+    lines += ["", _verdict(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _rule(columns: int) -> str:
+    return "|---" * columns + "|"
+
+
+def _md_status(ok: bool | None) -> str:
+    return "" if ok is None else "ok" if ok else "**FAIL**"

@@ -1,0 +1,182 @@
+"""The two sides of a parity check: every checkpoint runs in its own runtime's code.
+
+| layout    | runtime                                                                    |
+|-----------|----------------------------------------------------------------------------|
+| `hf`      | transformers: `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...) |
+| `scratch` | remap's reference `ScratchModel` (remap/parity/scratch_model.py)            |
+| `mlx`     | mlx-lm: `mlx_lm.utils.load_model`, the class mlx-lm itself picks            |
+
+`Runtime.forward(ids)` returns the logits and the hidden states that layer localisation
+compares: the embedding output, then the output of every decoder layer, all *before* the final
+norm. transformers' own `output_hidden_states` gives its last entry after the final norm, so on
+that side the states are taken by forward hooks on the embedding and on every decoder layer.
+mlx modules have no hooks, so the MLX side calls mlx-lm's own modules one after another:
+`model.model.embed_tokens`, mlx-lm's own causal mask helper, then each `model.model.layers[i]`.
+Logits always come from each model's full forward call.
+
+The heavy imports (torch, transformers, mlx) happen only when a runtime loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from remap.errors import RemapError
+from remap.io.checkpoint import Checkpoint
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Forward:
+    logits: np.ndarray  # [batch, tokens, vocab], float32
+    hidden: list[np.ndarray]  # embedding output, then each decoder layer's output: [batch, tokens, hidden]
+
+
+@dataclass
+class Runtime:
+    """A loaded model: what runs it (for the report) and how to run it on token ids."""
+
+    name: str  # e.g. "transformers 5.23.0 DeepseekV3ForCausalLM"
+    vocab_size: int
+    forward: Callable[[np.ndarray], Forward]
+
+
+def load(layout: str, checkpoint: Checkpoint, dtype: str = "float32") -> Runtime:
+    """The runtime of `layout` with `checkpoint` loaded, computing in `dtype`."""
+    if dtype not in DTYPES:
+        raise RemapError(f"unknown compute dtype '{dtype}'", expected=" | ".join(DTYPES))
+    if layout == "scratch":
+        return _scratch(checkpoint, dtype)
+    loaders = {"hf": _transformers, "mlx": _mlx}
+    if layout not in loaders:
+        raise RemapError(f"no runtime runs the '{layout}' layout", file=checkpoint.source,
+                         expected=" | ".join(["scratch", *loaders]))
+    if Path(checkpoint.source).is_file():
+        raise RemapError(f"the {layout} runtime loads a directory, not one file", file=checkpoint.source,
+                         expected="the checkpoint's directory, with its config.json")
+    return loaders[layout](checkpoint.root, dtype)
+
+
+# -- torch ----------------------------------------------------------------------------------------
+
+
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _transformers(path: Path, dtype: str) -> Runtime:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    with _no_progress_bars():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        except ImportError as exc:  # e.g. an FP8 checkpoint: transformers' quantizer needs accelerate
+            raise RemapError(f"transformers cannot load it: {exc}", file=str(path)) from None
+    model.eval()
+    decoder = model.get_decoder()
+
+    def forward(ids: np.ndarray) -> Forward:
+        hidden: list = []
+
+        def keep(module, inputs, output):
+            hidden.append(output[0] if isinstance(output, tuple) else output)
+
+        modules = [decoder.embed_tokens, *decoder.layers]
+        handles = [m.register_forward_hook(keep) for m in modules]
+        try:
+            with torch.no_grad():
+                logits = model(torch.as_tensor(ids)).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return Forward(_numpy(logits), [_numpy(h) for h in hidden])
+
+    name = f"transformers {transformers.__version__} {type(model).__name__}"
+    return Runtime(name, model.config.vocab_size, forward)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a progress bar per load; a parity report has its own output."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def _scratch(checkpoint: Checkpoint, dtype: str) -> Runtime:
+    import torch
+
+    from remap.parity.scratch_model import ScratchModel
+
+    if checkpoint.config is None:
+        raise RemapError("the scratch model needs the config.json beside its weights", file=checkpoint.source)
+    model = ScratchModel(checkpoint.config)
+    state = {name: torch.from_numpy(checkpoint.read(name).astype(np.float32)) for name in checkpoint.tensors}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RemapError(f"not a scratch checkpoint for its config.json: {exc}", file=checkpoint.source) from None
+    model.to(getattr(torch, dtype)).eval()
+
+    def forward(ids: np.ndarray) -> Forward:
+        with torch.no_grad():
+            out = model(torch.as_tensor(ids), output_hidden_states=True)
+        return Forward(_numpy(out.logits), [_numpy(h) for h in out.hidden_states])
+
+    return Runtime(f"remap ScratchModel (torch {torch.__version__})", model.config["vocab_size"], forward)
+
+
+# -- mlx ------------------------------------------------------------------------------------------
+
+
+def _mlx(path: Path, dtype: str) -> Runtime:
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(path)
+    model.set_dtype(getattr(mx, dtype))  # quantized weights stay packed; scales and floats follow
+
+    def forward(ids: np.ndarray) -> Forward:
+        x = mx.array(ids)
+        try:
+            logits = model(x)
+            # Step by step through mlx-lm's own modules, exactly as its DeepseekV3Model.__call__
+            # does without a cache: embedding, mask from mlx-lm's helper, each layer in turn.
+            h = model.model.embed_tokens(x)
+            mask = create_attention_mask(h, None, return_array=True)
+            hidden = [h]
+            for layer in model.model.layers:
+                h = layer(h, mask, None)
+                hidden.append(h)
+            mx.eval(logits, *hidden)
+        except (RuntimeError, ValueError) as exc:
+            if dtype == "float32":
+                raise
+            # MLX on CPU runs the MoE expert matmul (GatherMM) in float32 only
+            raise RemapError(f"mlx-lm cannot run this model in {dtype} here: {exc}", expected="--dtype float32") from None
+        return Forward(_mx_numpy(logits), [_mx_numpy(h) for h in hidden])
+
+    name = f"mlx-lm {mlx_lm.__version__} {type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
+    return Runtime(name, config["vocab_size"], forward)
+
+
+def _mx_numpy(array) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(array.astype(mx.float32))

@@ -1,0 +1,264 @@
+"""`remap parity` against the real runtimes: transformers and remap's ScratchModel on the torch
+side, mlx-lm (or transformers) on the target side, on the bundled fixtures.
+
+Correct conversions pass at float32 tolerances; broken ones fail, and the report names the first
+diverging layer and the rule that broke it: a lossy scratch checkpoint, k and v swapped inside
+kv_b_proj, two experts off by one, a final norm replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from remap import api
+from remap.io.writer import sha256_file
+from remap.parity import run_parity, token_ids
+from remap.parity.compare import PROFILES, checks, logit_metrics, profile_for, weight_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+SCHEMA = json.loads((ROOT / "schemas/parity.schema.json").read_text())
+LAYERS = ["embedding", "layer 0", "layer 1", "layer 2"]
+
+
+def _broken_hf_to_mlx(tmp_path: Path, rule_name: str, replacement: list[dict], name: str) -> Path:
+    """hf-to-mlx with the rule called `rule_name` replaced by `replacement` rules."""
+    document = yaml.safe_load((ROOT / "mappings/hf-to-mlx.yaml").read_text())
+    index = next(k for k, rule in enumerate(document["rules"]) if rule.get("name", rule.get("to")) == rule_name)
+    document["rules"][index:index + 1] = replacement
+    document["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+# -- correct conversions pass --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["embed_q", "kv_b_proj"])
+def test_hf_to_mlx_passes_in_both_variants(variant):
+    result = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx", variant=variant)
+    assert result.ok, [c.describe() for c in result.failures]
+    assert (result.source.runtime.split()[0], result.target.runtime.split()[0]) == ("transformers", "mlx-lm")
+    assert (result.target.layout, result.target.variant, result.profile) == ("mlx", variant, "fp32")
+    assert list(result.hidden) == LAYERS and result.divergence is None
+    assert result.logits["top1"] == 1.0 and result.logits["max_rel"] < 1e-5
+    # bf16 weights upcast on both sides: the embedding lookups are the same numbers
+    assert result.hidden["embedding"]["max_abs"] == 0.0
+
+
+@pytest.mark.parametrize("spec, runtime", [("scratch-to-mlx", "mlx-lm"), ("scratch-to-hf", "transformers")])
+def test_compatible_scratch_passes(spec, runtime):
+    result = run_parity(FIXTURES / "scratch-compatible", spec=spec, tokens=48, batch=2)
+    assert result.ok, [c.describe() for c in result.failures]
+    assert result.source.runtime.startswith("remap ScratchModel") and result.target.runtime.startswith(runtime)
+    assert result.logits["kl"] < 1e-9 and result.logits["top1"] == 1.0
+
+
+# -- broken conversions fail, localised -----------------------------------------------------------
+
+
+def test_trained_scratch_fails_and_names_the_lossy_rules():
+    result = run_parity(FIXTURES / "scratch-trained", spec="scratch-to-mlx")
+    assert not result.ok
+    assert result.divergence == "embedding"  # non-zero wpe: the very first state already differs
+    assert any(ref.rule.endswith("learned positions") and ref.tensors == ("wpe.weight",) for ref in result.rules)
+    broken = {claim.rule.split("] ", 1)[1] for claim in result.claims if claim.holds is False}
+    assert broken == {"learned positions", "dense MLP biases", "shared expert biases", "routed expert biases",
+                      "kv_a_proj_with_mqa = kv_proj + the first head's rope key"}
+
+
+def test_k_and_v_swapped_inside_kv_b_proj_is_caught_in_layer_0(tmp_path):
+    whole = "model.layers.{i}.self_attn.kv_b_proj.weight"
+    heads = {"heads": "num_attention_heads"}
+    swapped = {
+        "name": "kv_b_proj with v rows before k rows",
+        "to": whole,
+        "from": [whole, whole],
+        "when": "i < num_hidden_layers and target_variant == 'kv_b_proj'",
+        "ops": [
+            {"op": "split_heads", "input": 0, **heads},
+            {"op": "split", "input": 0, "axis": 1, "sizes": ["qk_nope_head_dim", "v_head_dim"]},  # [k0, v0, kv1]
+            {"op": "split_heads", "input": 2, **heads},
+            {"op": "split", "input": 2, "axis": 1, "sizes": ["qk_nope_head_dim", "v_head_dim"]},  # [k0, v0, k1, v1]
+            {"op": "concat", "input": 1, "count": 2, "axis": 1},  # [k0, v0|k1, v1]
+            {"op": "slice", "input": 1, "axis": 1, "claim": "lossy", "reason": "test"},
+            {"op": "merge_heads", "input": 1, **heads},
+        ],
+    }
+    spec = _broken_hf_to_mlx(tmp_path, "kv_b_proj kept whole (exo shards it)", [swapped], "hf-to-mlx-kv-swapped")
+    result = run_parity(FIXTURES / "hf-bf16", spec=spec, variant="kv_b_proj")
+    assert not result.ok and result.divergence == "layer 0"
+    assert result.hidden["embedding"]["max_abs"] == 0.0
+    assert "kv_b_proj with v rows before k rows" in [ref.rule.split("] ", 1)[1] for ref in result.rules]
+    assert all(ref.tensors[0].startswith("model.layers.0.") for ref in result.rules)
+
+
+EXPERTS_OFF_BY_ONE = """
+remap: 1
+name: hf-experts-off-by-one
+from: hf
+to: hf
+rules:
+  - {to: "model.{w}.weight", from: "model.{w:embed_tokens|norm}.weight"}
+  - {to: lm_head.weight, from: lm_head.weight}
+  - to: model.layers.{i}.{part}.{rest*}
+    from: model.layers.{i}.{part:input_layernorm|post_attention_layernorm|self_attn}.{rest*}
+  - to: model.layers.{i}.mlp.{part}.{rest*}
+    from: model.layers.{i}.mlp.{part:gate_proj|up_proj|down_proj|gate|shared_experts}.{rest*}
+  - to: model.layers.{i}.mlp.experts.{e}.{rest*}
+    from: model.layers.{i}.mlp.experts.{e}.{rest*}
+    when: i != 2 or e == 0 or e == 3
+  - name: layer 2 expert 1 read from expert 2
+    to: model.layers.2.mlp.experts.1.{rest*}
+    from: model.layers.2.mlp.experts.2.{rest*}
+  - name: layer 2 expert 2 read from expert 1
+    to: model.layers.2.mlp.experts.2.{rest*}
+    from: model.layers.2.mlp.experts.1.{rest*}
+"""
+
+
+def test_experts_off_by_one_are_caught_in_their_layer(tmp_path):
+    spec = tmp_path / "experts.yaml"
+    spec.write_text(EXPERTS_OFF_BY_ONE)
+    result = run_parity(FIXTURES / "hf-bf16", spec=spec)
+    assert result.target.runtime.startswith("transformers")
+    assert not result.ok and result.divergence == "layer 2"
+    assert all(result.hidden[name]["max_abs"] == 0.0 for name in LAYERS[:3])  # same code, same weights
+    rules = [ref.rule.split("] ", 1)[1] for ref in result.rules]
+    assert {"layer 2 expert 1 read from expert 2", "layer 2 expert 2 read from expert 1"} <= set(rules)
+
+
+def test_a_replaced_final_norm_diverges_at_the_head(tmp_path):
+    replacement = [
+        {"name": "final norm replaced by ones", "fill": "ones", "to": "model.norm.weight", "shape": ["hidden_size"],
+         "dtype": "bf16"},
+        {"name": "final norm dropped", "drop": "model.norm.weight", "claim": "lossy", "reason": "test", "inverse": "omit"},
+    ]
+    spec = _broken_hf_to_mlx(tmp_path, "model.norm.weight", replacement, "hf-to-mlx-no-final-norm")
+    result = run_parity(FIXTURES / "hf-bf16", spec=spec)
+    assert not result.ok and result.divergence == "head"
+    assert all(c.ok for c in result.checks if c.section != "logits")
+    assert {"final norm replaced by ones", "final norm dropped"} <= {ref.rule.split("] ", 1)[1] for ref in result.rules}
+    assert any(claim.claim == "lossy" and claim.rule.endswith("final norm dropped") for claim in result.claims)
+
+
+# -- round trip -----------------------------------------------------------------------------------
+
+
+def test_hf_mlx_hf_round_trip_is_bit_exact_and_parity_identical(tmp_path):
+    original = FIXTURES / "hf-bf16"
+    for src, dst, inverse in ((original, tmp_path / "mlx", False), (tmp_path / "mlx", tmp_path / "hf", True)):
+        plan, checkpoint = api.plan(src, "hf-to-mlx", inverse=inverse)
+        api.convert(plan, checkpoint, dst)
+    assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(original / "model.safetensors")
+
+    forward = run_parity(original, tmp_path / "mlx")
+    back = run_parity(tmp_path / "hf", tmp_path / "mlx")
+    assert forward.ok and back.ok
+    assert forward.spec == "hf-to-mlx"  # read from the manifest of a conversion of this source
+    assert back.spec is None  # that manifest names another source: no rules to blame
+    assert (back.logits, back.hidden) == (forward.logits, forward.hidden)
+    same = run_parity(original, tmp_path / "hf")
+    assert same.ok and same.logits["max_abs"] == 0.0 and same.logits["kl"] == 0.0
+    assert all(metrics["max_abs"] == 0.0 for metrics in same.hidden.values())
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def _remap(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "remap.cli", "parity", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def _check_junit(path: Path, expected_failures: int, total: int) -> None:
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites" and int(root.get("tests")) == total and int(root.get("failures")) == expected_failures
+    (suite,) = root.findall("testsuite")
+    cases = suite.findall("testcase")
+    assert len(cases) == int(suite.get("tests")) == total
+    assert all(case.get("name") and case.get("classname") and float(case.get("time")) >= 0 for case in cases)
+    assert sum(len(case.findall("failure")) for case in cases) == int(suite.get("failures")) == expected_failures
+
+
+def test_command_writes_json_junit_markdown_and_exits_1_on_drift(tmp_path):
+    out = {kind: tmp_path / f"parity.{kind}" for kind in ("json", "xml", "md")}
+    run = _remap(FIXTURES / "scratch-trained", "--spec", "scratch-to-mlx", "--tokens", 16, "--batch", 3, "--seed", 7,
+                 "--json", out["json"], "--junit", out["xml"], "--markdown", out["md"])
+    assert run.returncode == 1, run.stderr
+    assert "first divergence: embedding" in run.stdout and "learned positions" in run.stdout
+    data = json.loads(out["json"].read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert (data["ok"], data["divergence"], data["tokens"], data["batch"], data["seed"]) == (False, "embedding", 16, 3, 7)
+    failed = sum(not c["ok"] for c in data["checks"])
+    _check_junit(out["xml"], failed, len(data["checks"]))
+    markdown = out["md"].read_text()
+    assert markdown.startswith("## remap parity: FAIL") and "**First divergence: embedding.**" in markdown
+    assert "routed expert biases" in markdown and "does not hold" in markdown
+
+
+def test_command_exits_0_on_parity_and_tolerances_are_flags(tmp_path):
+    run = _remap(FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--json", tmp_path / "p.json",
+                 "--junit", tmp_path / "p.xml")
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["ok"] and data["profile"] == "fp32" and data["target"]["path"].endswith("mlx")
+    _check_junit(tmp_path / "p.xml", 0, len(data["checks"]))
+    # an impossible KL limit: everything else passes, so the drift is in the head
+    strict = _remap(FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--max-kl", 0, "--json", tmp_path / "s.json")
+    assert strict.returncode == 1
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["tolerances"]["max_kl"] == 0 and data["divergence"] == "head"
+    assert any(rule["rule"].endswith("lm_head.weight") for rule in data["rules"])
+
+
+def test_command_exits_2_on_bad_input():
+    run = _remap(FIXTURES / "hf-bf16")
+    assert run.returncode == 2 and "--spec" in run.stderr and "Traceback" not in run.stderr
+
+
+# -- metrics and tolerances -----------------------------------------------------------------------
+
+
+def test_metrics_see_each_kind_of_difference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 8, 50))
+    same = logit_metrics(logits, logits.copy())
+    assert (same["max_abs"], same["kl"], same["top1"], same["top5"]) == (0.0, 0.0, 1.0, 1.0)
+    assert same["cosine"] == pytest.approx(1.0)
+    swapped = logits.copy()
+    top = logits[0, 0].argmax()
+    swapped[0, 0, top] = logits[0, 0].min() - 1  # the best token of one position becomes the worst
+    moved = logit_metrics(logits, swapped)
+    assert moved["top1"] == 1 - 1 / 16 and moved["kl"] > 0 and moved["max_abs"] > 0
+    results = checks(moved, {}, PROFILES["fp32"])
+    assert {c.metric for c in results if not c.ok} == {"max_rel", "top1", "top5", "kl", "cosine"}
+
+
+def test_profile_follows_weight_precision_and_compute_dtype():
+    assert weight_precision({"a": "BF16", "b": "F32"}) == "BF16"
+    assert weight_precision({"a": "U32", "b": "BF16"}) == "quantized"
+    assert profile_for("BF16", "BF16", "float32") == "fp32"
+    assert profile_for("BF16", "F32", "float32") == "fp32"  # widening is exact
+    assert profile_for("F32", "BF16", "float32") == "bf16"
+    assert profile_for("F8_E4M3", "BF16", "float32") == "bf16"
+    assert profile_for("F32", "F32", "bfloat16") == "bf16"
+    assert profile_for("BF16", "quantized", "float32") == "quantized"
+
+
+def test_token_ids_are_seeded_and_in_the_vocabulary():
+    ids = token_ids(320, 32, 2, seed=3)
+    assert ids.shape == (2, 32) and ids.min() >= 0 and ids.max() < 320
+    assert np.array_equal(ids, token_ids(320, 32, 2, seed=3)) and not np.array_equal(ids, token_ids(320, 32, 2, seed=4))
