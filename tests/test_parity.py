@@ -86,14 +86,13 @@ def test_k_and_v_swapped_inside_kv_b_proj_is_caught_in_layer_0(tmp_path):
         "to": whole,
         "from": [whole, whole],
         "when": "i < num_hidden_layers and target_variant == 'kv_b_proj'",
-        "ops": [
+        "ops": [  # per head: the v rows of one copy, then the k rows of the other
             {"op": "split_heads", "input": 0, **heads},
-            {"op": "split", "input": 0, "axis": 1, "sizes": ["qk_nope_head_dim", "v_head_dim"]},  # [k0, v0, kv1]
-            {"op": "split_heads", "input": 2, **heads},
-            {"op": "split", "input": 2, "axis": 1, "sizes": ["qk_nope_head_dim", "v_head_dim"]},  # [k0, v0, k1, v1]
-            {"op": "concat", "input": 1, "count": 2, "axis": 1},  # [k0, v0|k1, v1]
-            {"op": "slice", "input": 1, "axis": 1, "claim": "lossy", "reason": "test"},
-            {"op": "merge_heads", "input": 1, **heads},
+            {"op": "slice", "input": 0, "axis": 1, "start": "qk_nope_head_dim", "claim": "lossy", "reason": "v rows"},
+            {"op": "split_heads", "input": 1, **heads},
+            {"op": "slice", "input": 1, "axis": 1, "stop": "qk_nope_head_dim", "claim": "lossy", "reason": "k rows"},
+            {"op": "concat", "axis": 1},
+            {"op": "merge_heads", **heads},
         ],
     }
     spec = _broken_hf_to_mlx(tmp_path, "kv_b_proj kept whole (exo shards it)", [swapped], "hf-to-mlx-kv-swapped")

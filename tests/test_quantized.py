@@ -101,5 +101,5 @@ def test_quantized_mlx_back_to_transformers(tmp_path):
     assert np.abs(torch_logits - mlx_logits).max() < 3e-2 * np.abs(mlx_logits).max()
     cosine = (torch_logits * mlx_logits).sum() / np.linalg.norm(torch_logits) / np.linalg.norm(mlx_logits)
     assert cosine > 0.999
-    original = _torch_logits(FIXTURES / "hf-bf16")
-    assert (original.argmax(-1) == torch_logits.argmax(-1)).mean() >= 0.85
+    original = _torch_logits(FIXTURES / "hf-bf16")  # and close to the model before quantization
+    assert (original * torch_logits).sum() / np.linalg.norm(original) / np.linalg.norm(torch_logits) > 0.99
