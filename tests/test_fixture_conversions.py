@@ -3,6 +3,7 @@ mlx-lm loads and generates from MLX outputs, transformers loads HF outputs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,24 @@ def test_convert_from_a_hub_repo_in_the_local_cache(tmp_path):
     manifest = json.loads((tmp_path / "mlx/remap-manifest.json").read_text())
     assert manifest["source"] == "deepseek-tiny/hf-bf16" and manifest["source_revision"] == commit
     assert (tmp_path / "mlx/tokenizer.json").read_bytes() == files["tokenizer.json"]
+
+
+def test_fp8_dequantization_is_bit_identical_to_mlx_lms(tmp_path):
+    """hf-fp8-to-mlx and mlx-lm's own load-time FP8 dequant (its deepseek_v3 sanitize) give the
+    same bf16 bits for every tensor."""
+    import mlx.core as mx
+    from mlx_lm.models import deepseek_v3
+
+    plan, ckpt = api.plan(FIXTURES / "hf-fp8-mtp", "hf-fp8-to-mlx")
+    api.convert(plan, ckpt, tmp_path / "ours")
+    config = json.loads((FIXTURES / "hf-fp8-mtp/config.json").read_text())
+    model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(config))
+    mtp = f"model.layers.{config['num_hidden_layers']}."  # mlx-lm only drops an MTP layer at index 61
+    weights = {k: v for k, v in mx.load(str(FIXTURES / "hf-fp8-mtp/model.safetensors")).items() if not k.startswith(mtp)}
+    theirs = model.sanitize(weights)
+    ours = api.open_source(tmp_path / "ours")
+    assert set(ours.tensors) == set(theirs)
+    for name, value in theirs.items():
+        expected = np.array(value.astype(mx.float32))
+        got = ours.read(name).astype(np.float32)
+        assert np.array_equal(got, expected), name

@@ -136,29 +136,21 @@ def run_parity(
 
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
              dtype: str, tolerances: Mapping[str, float | None]) -> ParityResult:
-    from remap import api
     from remap.parity import runtimes
 
-    sides = []
-    for checkpoint, planned in ((source, plan and plan.first.spec.source_layout), (target, plan and plan.spec.target_layout)):
-        detected = api.identify(checkpoint)
-        layout = detected.layout or planned
-        if layout is None:
-            raise RemapError(f"not a layout remap knows: {detected.describe()}", file=checkpoint.source)
-        sides.append((checkpoint, layout, detected.variant))
-    (_, source_layout, _), (_, target_layout, _) = sides
-    run = [runtimes.load(layout, checkpoint, dtype) for checkpoint, layout, _ in sides]
-    if run[0].vocab_size != run[1].vocab_size:
-        raise RemapError(f"vocabularies differ: {run[0].vocab_size} (source) and {run[1].vocab_size} (target)",
+    sides = [_side(source, plan and plan.first.spec.source_layout), _side(target, plan and plan.spec.target_layout)]
+    models = [runtimes.load(side.layout, checkpoint, dtype) for side, checkpoint in zip(sides, (source, target))]
+    sides = [replace(side, runtime=model.name) for side, model in zip(sides, models)]
+    if models[0].vocab_size != models[1].vocab_size:
+        raise RemapError(f"vocabularies differ: {models[0].vocab_size} (source) and {models[1].vocab_size} (target)",
                          expected="the same vocab_size on both sides")
-    ids = token_ids(run[0].vocab_size, tokens, batch, seed)
-    ours, theirs = run[0].forward(ids), run[1].forward(ids)
+    ids = token_ids(models[0].vocab_size, tokens, batch, seed)
+    ours, theirs = (model.forward(ids) for model in models)
     if len(ours.hidden) != len(theirs.hidden):
         raise RemapError(f"{len(ours.hidden) - 1} decoder layers (source) and {len(theirs.hidden) - 1} (target)",
                          expected="the same num_hidden_layers on both sides")
 
-    precision = [weight_precision({n: t.dtype for n, t in c.tensors.items() if len(t.shape) >= 2}) for c in (source, target)]
-    profile = profile_for(precision[0], precision[1], dtype)
+    profile = profile_for(sides[0].weights, sides[1].weights, dtype)
     try:
         limits = PROFILES[profile].override(tolerances)
     except ValueError as exc:
@@ -167,19 +159,28 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
     names = hidden_names(len(ours.hidden))
     hidden = {name: hidden_metrics(s, t) for name, s, t in zip(names, ours.hidden, theirs.hidden)}
     results = checks(logits, hidden, limits)
-    divergence = first_divergence(results, names)
+    result = ParityResult(sides[0], sides[1], plan.name if plan else None, dtype, tokens, batch, seed, profile, limits,
+                          logits, hidden, results, divergence=first_divergence(results, names))
+    if result.divergence is not None and plan is not None:
+        from remap import api
 
-    result = ParityResult(
-        source=Side(source.source, source_layout, sides[0][2], run[0].name, precision[0]),
-        target=Side(target.source, target_layout, sides[1][2], run[1].name, precision[1]),
-        spec=plan.name if plan else None, dtype=dtype, tokens=tokens, batch=batch, seed=seed,
-        profile=profile, tolerances=limits, logits=logits, hidden=hidden, checks=results, divergence=divergence,
-    )
-    if divergence is not None and plan is not None:
-        result.rules = rules_behind(plan, divergence)
+        result.rules = rules_behind(plan, result.divergence)
         measured = api.report(plan, source, check=True).losses
         result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
     return result
+
+
+def _side(checkpoint: Checkpoint, planned_layout: str | None) -> Side:
+    """What a checkpoint is (its runtime is filled in once loaded): the detected layout, else
+    the one the plan says it has."""
+    from remap import api
+
+    detected = api.identify(checkpoint)
+    layout = detected.layout or planned_layout
+    if layout is None:
+        raise RemapError(f"not a layout remap knows: {detected.describe()}", file=checkpoint.source)
+    matrices = {name: t.dtype for name, t in checkpoint.tensors.items() if len(t.shape) >= 2}
+    return Side(checkpoint.source, layout, detected.variant, "", weight_precision(matrices))
 
 
 def _spec_in_manifest(dst: Path, src: str) -> tuple[str, bool, str | None] | None:

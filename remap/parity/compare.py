@@ -235,8 +235,7 @@ def rules_behind(plan: Plan, section: str) -> list[RuleRef]:
             if step is not None:
                 made.setdefault(step.rule, []).append(name)
                 steps[id(step)] = step
-        layout = stage.spec.source_layout
-        prefixes = section_prefixes(layout, section) if layout in SECTIONS else ()
+        prefixes = section_prefixes(stage.spec.source_layout, section)
         for drop in stage.dropped:
             if drop.name.startswith(prefixes):
                 made.setdefault(drop.rule, []).append(drop.name)

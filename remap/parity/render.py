@@ -15,6 +15,7 @@ from rich.table import Table
 
 from remap.parity import ParityResult
 from remap.parity.compare import LABELS, Check, RuleRef
+from remap.report import Loss
 
 
 def _value(metric: str, value: float) -> str:
@@ -59,6 +60,7 @@ def _logit_rows(result: ParityResult) -> list[tuple[str, str, str, Check | None]
     return rows
 
 
+NO_SPEC = "no spec known: pass --spec to name the rules that made these tensors"
 HIDDEN_COLUMNS = ("after", "max abs error", "max rel", "RMS rel", "cosine", "")
 
 
@@ -99,8 +101,8 @@ def render_rich(result: ParityResult, console: Console) -> None:
     for column in HIDDEN_COLUMNS:
         table.add_column(column)
     for section, metrics in result.hidden.items():
-        mark = "<- first divergence" if section == result.divergence else ""
-        table.add_row(section, *_hidden_values(metrics), _status(_hidden_status(result, section)) + (f" [red]{mark}[/]" if mark else ""))
+        mark = " [red]<- first divergence[/]" if section == result.divergence else ""
+        table.add_row(section, *_hidden_values(metrics), _status(_hidden_status(result, section)) + mark)
     console.print(table)
 
     if result.divergence:
@@ -114,16 +116,12 @@ def render_rich(result: ParityResult, console: Console) -> None:
                 table.add_row(escape(ref.stage), escape(ref.rule), escape(_where(ref)), escape("\n".join(ref.tensors)))
             console.print(table)
         elif result.spec is None:
-            console.print("  (no spec known: pass --spec to name the rules that made these tensors)")
+            console.print(f"  ({NO_SPEC})")
         if result.claims:
-            table = Table(title="claims of the spec that do not hold on the source, or lose by design",
-                          header_style="bold", title_justify="left")
-            for column in ("stage", "rule", "claim", "what", "measured", "exact when"):
-                table.add_column(column, overflow="fold")
+            console.print("claims of the spec that the source breaks, or steps that lose by design:")
             for loss in result.claims:
-                table.add_row(escape(loss.stage), escape(loss.rule), loss.claim, escape(loss.what), _measured(loss),
-                              escape(loss.reason))
-            console.print(table)
+                console.print(f"  {escape(loss.stage)}: {escape(loss.rule)}: [bold]{loss.claim}[/], "
+                              f"{escape(loss.what)}" + (f"; [red]{escape(_measured(loss))}[/]" if _measured(loss) else ""))
     console.print(("[green]" if result.ok else "[red]") + escape(_verdict(result)) + "[/]")
 
 
@@ -136,7 +134,7 @@ def _status(ok: bool | None) -> str:
     return "" if ok is None else "[green]ok[/]" if ok else "[red]FAIL[/]"
 
 
-def _measured(loss) -> str:
+def _measured(loss: Loss) -> str:
     if loss.magnitude is None:
         return ""
     return f"max |x| {loss.magnitude:.3g}" + (": does not hold" if loss.holds is False else "")
@@ -189,7 +187,8 @@ def render_junit(result: ParityResult) -> str:
 def _failure_detail(result: ParityResult) -> str:
     lines = [f"first divergence: {result.divergence}"]
     lines += [f"rule: {r.stage}: {r.rule} ({r.where})" for r in result.rules]
-    lines += [f"claim: {c.stage}: {c.rule}: {c.claim} {c.what} {_measured(c)}".rstrip() for c in result.claims]
+    lines += [f"claim: {c.stage}: {c.rule}: {c.claim}, {c.what}" + (f"; {_measured(c)}" if _measured(c) else "")
+              for c in result.claims]
     return "\n".join(lines)
 
 
@@ -211,6 +210,8 @@ def render_markdown(result: ParityResult) -> str:
             lines += ["", f"Spec rules that made the {result.divergence} tensors:", "",
                       _row("stage", "rule", "where", "tensors"), _rule(4)]
             lines += [_row(r.stage, r.rule, f"`{_where(r)}`", "<br>".join(f"`{t}`" for t in r.tensors)) for r in result.rules]
+        elif result.spec is None:
+            lines += ["", NO_SPEC]
         if result.claims:
             lines += ["", "Claims of the spec that do not hold on the source, or lose by design:", "",
                       _row("stage", "rule", "claim", "what", "measured", "exact when"), _rule(6)]
