@@ -7,6 +7,7 @@ byte-level tokenizer so mlx_lm.convert accepts the directory.
 
     python bench/synthetic_hf.py OUT --layers 2      # ~2.1 GB (1 dense + 1 MoE layer)
     python bench/synthetic_hf.py OUT --layers 6      # ~6.6 GB
+    python bench/synthetic_hf.py OUT --layers 5 --fp8  # ~3.2 GB, the official FP8 form (e4m3 + 128x128 scales)
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--fp8", action="store_true", help="e4m3 weights + float32 weight_scale_inv, as released")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config(args.layers)
+    if args.fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
     hf = get_layout("hf")
-    expected = hf.expected(hf.read_config(cfg), "bf16")
-    shards = plan_shards([(e.name, "BF16", e.shape) for e in expected.values()], "5GB")
+    expected = hf.expected(hf.read_config(cfg), "fp8" if args.fp8 else "bf16")
+    dtype = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32"}
+    shards = plan_shards([(e.name, dtype[e.dtype], e.shape) for e in expected.values()], "5GB")
     rng = np.random.default_rng(0)
     noise = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
     for shard in shards:
@@ -68,6 +74,10 @@ def main() -> None:
                 offset = int(rng.integers(0, noise.size))
                 # random values, drawn from a pool: generating 3e9 fresh normals would dominate
                 data = np.resize(np.roll(noise, offset), count).reshape(entry.shape)
+                if entry.dtype == "F8_E4M3":  # codes spread over e4m3's range
+                    data = (data.astype(np.float32) * 10000).astype(ml_dtypes.float8_e4m3fn)
+                elif entry.dtype == "F32":  # block scales
+                    data = np.abs(data.astype(np.float32)) * 1e-3 + 1e-4
                 writer.write(entry.name, data)
     if len(shards) > 1:
         write_index(args.out, shards)

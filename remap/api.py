@@ -60,10 +60,14 @@ def plan(
     revision: str | None = None,
     quantize: int | None = None,
     group_size: int = 64,
+    allow_pickle: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
     `quantize` (bits) appends the mlx-quantize stage."""
-    checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision)
+    checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision, allow_pickle=allow_pickle)
+    if checkpoint.config is None:  # every layout reads the model's sizes from it
+        raise RemapError("no config.json beside the weights", file=str(checkpoint.root / "config.json"),
+                         expected="the model's config.json")
     spec = load(spec, inverse=inverse)
     if quantize is not None:
         spec, quant_params = quantized(spec, quantize, group_size)

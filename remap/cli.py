@@ -60,6 +60,7 @@ VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g
 DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to this dtype (bf16, f16, f32).")
 ParamOption = typer.Option([], "--param", "-p", help="Spec parameter KEY=VALUE (repeatable).")
 RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit) for a repo id.")
+AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin file hold Python objects: runs their pickle code, so only for a file you trust.")
 QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize to this many bits (2-8), as mlx-lm does.")
 GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
 
@@ -78,9 +79,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     full: bool = typer.Option(False, "--full", help="One row per tensor (no collapsing of layer indices)."),
     revision: Optional[str] = RevisionOption,
+    allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """What a checkpoint is: its tensors, the detected layout and variant, its config."""
-    ckpt = api.open_source(checkpoint, revision=revision)
+    ckpt = api.open_source(checkpoint, revision=revision, allow_pickle=allow_pickle)
     tensors = ckpt.tensors
     detection = api.identify(ckpt)
     summary = {
@@ -137,10 +139,11 @@ def report(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown here."),
     revision: Optional[str] = RevisionOption,
+    allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
-                          revision=revision, quantize=quantize, group_size=q_group_size)
+                          revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
     raise typer.Exit(0 if result.ok else 1)
@@ -168,10 +171,11 @@ def convert(
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print the report only when it is not OK."),
     revision: Optional[str] = RevisionOption,
+    allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
-                          revision=revision, quantize=quantize, group_size=q_group_size)
+                          revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
@@ -179,12 +183,16 @@ def convert(
         if not result.ok:
             err.print(f"[red]not converting[/]: {result.problems[0]}")
         raise typer.Exit(0 if result.ok else 1)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as bar:
-        task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
-        done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
-                           workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
-                           progress=lambda n: bar.advance(task, n))
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
+            done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
+                               workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
+                               progress=lambda n: bar.advance(task, n))
+    except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
+        err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
 
@@ -221,12 +229,14 @@ def verify(dst: Path = typer.Argument(..., help="A directory written by `remap c
 
 @app.command()
 def parity(
-    src: str = typer.Argument(..., help="Source checkpoint, run by the torch runtime of its layout."),
+    src: str = typer.Argument(..., help="Source checkpoint, run by the runtime of its layout (transformers, ScratchModel, mlx-lm)."),
     dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
     spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Spec that converts SRC (without DST), or that made DST (names the rules behind a divergence; default: DST's manifest)."),
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     param: List[str] = ParamOption,
+    quantize: Optional[int] = QuantizeOption,
+    q_group_size: int = GroupOption,
     tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per sequence."),
     batch: int = typer.Option(2, "--batch", min=1, help="Sequences."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
@@ -242,6 +252,7 @@ def parity(
     junit_file: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per check)."),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the result as Markdown here."),
     revision: Optional[str] = RevisionOption,
+    allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
     from remap.parity import run_parity
@@ -250,6 +261,7 @@ def parity(
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
     result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param), revision=revision,
+                        quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle,
                         tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
     render_rich(result, console)
     for path, render in ((json_file, render_json), (junit_file, render_junit), (markdown_file, render_markdown)):
@@ -280,9 +292,6 @@ def run() -> None:
             raise
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

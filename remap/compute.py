@@ -59,8 +59,9 @@ def step_findings(step: Step, read: Reader) -> list[Finding]:
 
 class StagedReader:
     """Reads a plan stage's sources: from the checkpoint for the first stage, otherwise by
-    computing the earlier stage's step that produces the tensor (one step's outputs cached,
-    since a split step feeds several later steps in a row)."""
+    computing the earlier stage's step that produces the tensor. Only steps with several outputs
+    are cached (a split feeds several later steps in a row), and only the last one or two: a
+    cached embedding is hundreds of MB that nothing will read again."""
 
     def __init__(self, plan: Plan, read_source: Reader, cache_steps: int = 2):
         self.read_source = read_source
@@ -79,6 +80,8 @@ class StagedReader:
         if name not in self.producer:
             raise RemapError(f"no earlier stage produces '{name}'", tensor=name)
         step, j = self.producer[name]
+        if len(step.outputs) == 1:
+            return step_outputs(step, self.upstream)[0]
         key = id(step)
         if key not in self._cache:
             self._cache[key] = step_outputs(step, self.upstream)

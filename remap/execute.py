@@ -8,7 +8,9 @@ bytes, never decoded. Everything lands in `DST.partial/` and becomes `DST` only 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +25,14 @@ from remap import __version__, dtypes
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
-from remap.io.writer import (ShardPlan, ShardWriter, TensorEntry, atomic_output, plan_shards, sha256_file,
-                             shard_is_complete, write_index)
+from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, TensorEntry, atomic_output,
+                             disk_errors, plan_shards, sha256_file, shard_is_complete, write_index)
 from remap.layouts import deepseek
 from remap.plan import Plan, Step
 
 MANIFEST = "remap-manifest.json"
 REPORT = "remap-report.json"
+RESUME = "remap-resume.json"  # in DST.partial only: which conversion it holds the pieces of
 # The `format` each runtime writes in safetensors metadata (transformers: pt, mlx-lm: mlx).
 FORMAT = {"hf": "pt", "mlx": "mlx", "scratch": "pt", "deepseek": "pt"}
 
@@ -106,6 +109,7 @@ def convert(
     resume: bool = False,
     sync: bool = False,
     checksums: bool = True,
+    memory: int = 1 << 30,
     progress: Progress | None = None,
 ) -> Result:
     start = time.perf_counter()
@@ -115,7 +119,9 @@ def convert(
     shards, placements = scheme(plan.outputs, max_shard_size, plan.names)
     total = sum(shard.nbytes for shard in shards)
 
-    with atomic_output(dst, force=force, resume=resume, sync=sync) as out:
+    identity = _identity(plan, checkpoint, shards, metadata)
+    with disk_errors(f"{dst}{PARTIAL_SUFFIX}"), atomic_output(dst, force=force, resume=resume, sync=sync) as out:
+        _claim_partial(out, identity, resume)
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
@@ -125,12 +131,13 @@ def convert(
         hasher = ThreadPoolExecutor(1)
         digest = sha256_file if checksums else (lambda path: None)
         hashes = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
+        steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
+        finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress)
         try:
-            steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
-            finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, progress)
             for file in finished:
                 hashes[file] = hasher.submit(digest, out / file)
         except BaseException:
+            finished.close()  # Ctrl-C lands here too: let running steps end before their files close
             for writer in writers.values():
                 writer._abandon()
             hasher.shutdown(cancel_futures=True)
@@ -143,13 +150,15 @@ def convert(
         if report is not None:
             _write_json(out / REPORT, report)
         files = {p.name: hashes[p.name].result() if p.name in hashes else digest(p)
-                 for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+                 for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
         hasher.shutdown()
-        _write_json(out / MANIFEST, _manifest(plan, checkpoint, files))
+        # The manifest carries the identity on, so a kill between these two lines still resumes.
+        _write_json(out / MANIFEST, {**_manifest(plan, checkpoint, files), "conversion": identity})
+        (out / RESUME).unlink()
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
 
-def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) -> Iterator[str]:
+def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress) -> Iterator[str]:
     """Run the steps; yields each file as soon as its last tensor is written and it is closed."""
     read = StagedReader(plan, checkpoint.load)
     remaining = Counter(p.file for s in steps for o in s.outputs for p in placements[o.name] if p.file in writers)
@@ -192,19 +201,32 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, progress) 
             yield from done(step)
         return
     # Threads: pread, copy_file_range, numpy copies and pwrite all release the GIL. Results are
-    # taken in order, so files close in order; a bounded window keeps memory bounded.
+    # taken in order, so files close in order. Steps run side by side only while their working
+    # sets fit `memory` together: two embeddings decoded at once must not double the peak.
     with ThreadPoolExecutor(workers) as pool:
         window: deque = deque()
+        in_flight = 0
         for step in steps:
-            window.append((step, pool.submit(run, step)))
-            if len(window) > 2 * workers:
-                finished, future = window.popleft()
+            need = 0 if _byte_moves(plan, checkpoint, step) else _working_set(plan, step)
+            while window and (len(window) >= 2 * workers or in_flight + need > memory):
+                finished, future, used = window.popleft()
                 future.result()
+                in_flight -= used
                 yield from done(finished)
+            window.append((step, pool.submit(run, step), need))
+            in_flight += need
         while window:
-            finished, future = window.popleft()
+            finished, future, _ = window.popleft()
             future.result()
             yield from done(finished)
+
+
+def _working_set(plan: Plan, step: Step) -> int:
+    """Bytes a decoded step holds at once, roughly: its largest piece's sources, read and
+    transformed (x3: the private copy, what ops make of it, what is written)."""
+    sizes = [sum(plan.source_tensors[n].nbytes for n in group) for group in step.groups] or [
+        sum(o.nbytes for o in step.outputs)]
+    return 3 * max(sizes)
 
 
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:
@@ -235,6 +257,65 @@ def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str]) -> dict
         "target": {"layout": plan.spec.target_layout, "variant": plan.names["target_variant"]},
         "files": files,
     }
+
+
+def _identity(plan: Plan, checkpoint: Checkpoint, shards: list[ShardPlan], metadata: dict) -> dict:
+    """What a conversion is, for telling whether a .partial directory was started by this one:
+    the plan (spec, options, configs: everything that decides the bytes), the output files'
+    layout, and each source file's size and modification time (a re-download or an edit
+    changes them; hashing a terabyte to find out would cost as much as converting it)."""
+    def fingerprint(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    sources = sorted({info.file for tensors in checkpoint.files.values() for info in tensors.values()})
+    return {
+        "plan": fingerprint(plan.to_dict()),
+        "files": fingerprint([[s.file, [list(e) for e in s.entries]] for s in shards] + [metadata]),
+        "sources": {os.path.relpath(path, checkpoint.root): [stat.st_size, stat.st_mtime_ns]
+                    for path in sources for stat in [os.stat(path)]},
+    }
+
+
+def _claim_partial(out: Path, identity: dict, resume: bool) -> None:
+    """Record what `out` is being built for, or, resuming, check it is what it was built for:
+    finished shards of another conversion (another spec, source or --max-shard-size) must not
+    be mixed into this one. The record is RESUME while the run lasts, then the manifest's
+    `conversion`."""
+    record = out / RESUME
+    if resume and (before := _recorded_identity(out)) is not None:
+        changed = [key for key in identity if before.get(key) != identity[key]]
+        if changed:
+            what = {"plan": "the plan (spec, options or config)", "files": "the output files (--max-shard-size)",
+                    "sources": "the source files (size or modification time)"}
+            raise RemapError(
+                "was started by a different conversion: " + ", ".join(what[key] for key in changed) + " differ",
+                file=str(out),
+                expected="the same source, spec and options as the interrupted run, or --force to start over",
+            )
+        if record.exists():
+            return
+    elif resume and any(p.suffix == ".safetensors" for p in out.iterdir()):
+        raise RemapError(
+            f"has finished files but no record of which conversion made them ({RESUME})",
+            file=str(out),
+            expected="--force to start over",
+        )
+    temporary = record.with_name(record.name + INCOMPLETE_SUFFIX)
+    _write_json(temporary, identity)
+    os.replace(temporary, record)  # whole or absent, even if killed while writing it
+
+
+def _recorded_identity(out: Path) -> dict | None:
+    for path, key in ((out / RESUME, None), (out / MANIFEST, "conversion")):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # unreadable: matches nothing
+        value = value.get(key) if key and isinstance(value, dict) else value
+        return value if isinstance(value, dict) else {}
+    return None
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -31,6 +31,10 @@ class Output:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def nbytes(self) -> int:
+        return dtypes.byte_size(self.dtype, self.shape)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -404,7 +408,8 @@ class _Planner:
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
         for output in outputs:
             if output.name in self.written:
-                raise RemapError(f"output '{output.name}' is written by two rules: {self.written[output.name]} and this one")
+                raise RemapError(f"output '{output.name}' is written by two rules: {self.written[output.name]} and this one",
+                                 expected="each output tensor written by one rule")
             self.written[output.name] = rule.id
         for name in (n for g in groups for n in g):
             if rule.reuse:

@@ -121,8 +121,8 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
         "unmatched": fates[("unmatched", None)],
         "intermediate_unmatched": len(unmatched) - len(first.unmatched),
         "target_tensors": len(rows),
-        "source_bytes": sum(_nbytes(t.shape, t.dtype) for t in first.source_tensors.values()),
-        "target_bytes": sum(_nbytes(r.shape, r.dtype) for r in rows),
+        "source_bytes": sum(t.nbytes for t in first.source_tensors.values()),
+        "target_bytes": sum(o.nbytes for o in plan.outputs),
     }
 
     report = Report(
@@ -143,13 +143,6 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
     if broken:
         report.problems.append(f"{len(broken)} claims do not hold on the data, e.g. {broken[0].rule}: {broken[0].what} (max |x| {broken[0].magnitude:.3g})")
     return report
-
-
-def _nbytes(shape, dtype: str) -> int:
-    count = 1
-    for s in shape:
-        count *= s
-    return count * dtypes.itemsize(dtype)
 
 
 def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from remap import api
+from remap.errors import RemapError
 from remap.io.writer import sha256_file
 from remap.parity import run_parity, token_ids
 from remap.parity.compare import PROFILES, checks, logit_metrics, profile_for, weight_precision
@@ -40,6 +41,21 @@ def _broken_hf_to_mlx(tmp_path: Path, rule_name: str, replacement: list[dict], n
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def _remap(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def _check_junit(path: Path, expected_failures: int, total: int) -> None:
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites" and int(root.get("tests")) == total and int(root.get("failures")) == expected_failures
+    (suite,) = root.findall("testsuite")
+    cases = suite.findall("testcase")
+    assert len(cases) == int(suite.get("tests")) == total
+    assert all(case.get("name") and case.get("classname") and float(case.get("time")) >= 0 for case in cases)
+    assert sum(len(case.findall("failure")) for case in cases) == int(suite.get("failures")) == expected_failures
 
 
 # -- correct conversions pass --------------------------------------------------------------------
@@ -63,6 +79,13 @@ def test_compatible_scratch_passes(spec, runtime):
     assert result.ok, [c.describe() for c in result.failures]
     assert result.source.runtime.startswith("remap ScratchModel") and result.target.runtime.startswith(runtime)
     assert result.logits["kl"] < 1e-9 and result.logits["top1"] == 1.0
+
+
+def test_a_quantized_target_is_judged_by_the_quantized_profile():
+    result = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx", quantize=8, group_size=32)
+    assert (result.profile, result.target.weights, result.spec) == ("quantized", "quantized", "hf-to-mlx+8bit")
+    assert result.ok, [c.describe() for c in result.failures]
+    assert 0 < result.logits["kl"] < PROFILES["quantized"].max_kl and result.logits["max_rel"] > PROFILES["fp32"].max_error
 
 
 # -- broken conversions fail, localised -----------------------------------------------------------
@@ -157,9 +180,10 @@ def test_a_replaced_final_norm_diverges_at_the_head(tmp_path):
 
 def test_hf_mlx_hf_round_trip_is_bit_exact_and_parity_identical(tmp_path):
     original = FIXTURES / "hf-bf16"
-    for src, dst, inverse in ((original, tmp_path / "mlx", False), (tmp_path / "mlx", tmp_path / "hf", True)):
-        plan, checkpoint = api.plan(src, "hf-to-mlx", inverse=inverse)
-        api.convert(plan, checkpoint, dst)
+    plan, checkpoint = api.plan(original, "hf-to-mlx")
+    api.convert(plan, checkpoint, tmp_path / "mlx")
+    inverted = _remap("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "hf-to-mlx", "--inverse", "-q")
+    assert inverted.returncode == 0, inverted.stderr
     assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(original / "model.safetensors")
 
     forward = run_parity(original, tmp_path / "mlx")
@@ -176,24 +200,9 @@ def test_hf_mlx_hf_round_trip_is_bit_exact_and_parity_identical(tmp_path):
 # -- the command ----------------------------------------------------------------------------------
 
 
-def _remap(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "remap.cli", "parity", *map(str, args)], capture_output=True, text=True, env=env)
-
-
-def _check_junit(path: Path, expected_failures: int, total: int) -> None:
-    root = ET.parse(path).getroot()
-    assert root.tag == "testsuites" and int(root.get("tests")) == total and int(root.get("failures")) == expected_failures
-    (suite,) = root.findall("testsuite")
-    cases = suite.findall("testcase")
-    assert len(cases) == int(suite.get("tests")) == total
-    assert all(case.get("name") and case.get("classname") and float(case.get("time")) >= 0 for case in cases)
-    assert sum(len(case.findall("failure")) for case in cases) == int(suite.get("failures")) == expected_failures
-
-
 def test_command_writes_json_junit_markdown_and_exits_1_on_drift(tmp_path):
     out = {kind: tmp_path / f"parity.{kind}" for kind in ("json", "xml", "md")}
-    run = _remap(FIXTURES / "scratch-trained", "--spec", "scratch-to-mlx", "--tokens", 16, "--batch", 3, "--seed", 7,
+    run = _remap("parity", FIXTURES / "scratch-trained", "--spec", "scratch-to-mlx", "--tokens", 16, "--batch", 3, "--seed", 7,
                  "--json", out["json"], "--junit", out["xml"], "--markdown", out["md"])
     assert run.returncode == 1, run.stderr
     assert "first divergence: embedding" in run.stdout and "learned positions" in run.stdout
@@ -208,7 +217,7 @@ def test_command_writes_json_junit_markdown_and_exits_1_on_drift(tmp_path):
 
 
 def test_command_exits_0_on_parity_and_tolerances_are_flags(tmp_path):
-    run = _remap(FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--json", tmp_path / "p.json",
+    run = _remap("parity", FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--json", tmp_path / "p.json",
                  "--junit", tmp_path / "p.xml")
     assert run.returncode == 0, run.stdout + run.stderr
     data = json.loads((tmp_path / "p.json").read_text())
@@ -216,7 +225,7 @@ def test_command_exits_0_on_parity_and_tolerances_are_flags(tmp_path):
     assert data["ok"] and data["profile"] == "fp32" and data["target"]["path"].endswith("mlx")
     _check_junit(tmp_path / "p.xml", 0, len(data["checks"]))
     # an impossible KL limit: everything else passes, so the drift is in the head
-    strict = _remap(FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--max-kl", 0, "--json", tmp_path / "s.json")
+    strict = _remap("parity", FIXTURES / "hf-bf16", FIXTURES / "mlx", "--spec", "hf-to-mlx", "--max-kl", 0, "--json", tmp_path / "s.json")
     assert strict.returncode == 1
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["tolerances"]["max_kl"] == 0 and data["divergence"] == "head"
@@ -224,8 +233,44 @@ def test_command_exits_0_on_parity_and_tolerances_are_flags(tmp_path):
 
 
 def test_command_exits_2_on_bad_input():
-    run = _remap(FIXTURES / "hf-bf16")
+    run = _remap("parity", FIXTURES / "hf-bf16")
     assert run.returncode == 2 and "--spec" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_example_workflow_step_runs_and_fills_the_job_summary(tmp_path):
+    """The `remap parity` step of examples/github-actions-parity.yml, run as GitHub runs a step
+    (bash -e) with the job's default inputs."""
+    workflow = yaml.safe_load((ROOT / "examples/github-actions-parity.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    (step,) = [s for s in job["steps"] if s.get("name") == "remap parity"]
+    env = {**os.environ, "CHECKPOINT": str(FIXTURES / "hf-bf16"), "SPEC": "hf-to-mlx", "VARIANT": "", "TOKENS": "16",
+           "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "summary.md").read_text().startswith("## remap parity: PASS")
+    data = json.loads((tmp_path / "parity.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["tokens"] == 16
+    _check_junit(tmp_path / "parity.xml", 0, len(data["checks"]))
+
+
+def test_a_checkpoint_missing_a_weight_is_bad_input_not_a_random_model(tmp_path):
+    """transformers would fill the gap with random values and run: refused, as mlx-lm refuses."""
+    from safetensors.numpy import load_file, save_file
+
+    incomplete = {}
+    for fixture, fmt in (("hf-bf16", "pt"), ("mlx", "mlx")):
+        incomplete[fixture] = tmp_path / fixture
+        incomplete[fixture].mkdir()
+        (incomplete[fixture] / "config.json").write_bytes((FIXTURES / fixture / "config.json").read_bytes())
+        tensors = load_file(FIXTURES / fixture / "model.safetensors")
+        del tensors["model.layers.1.mlp.gate.weight"]
+        save_file(tensors, incomplete[fixture] / "model.safetensors", metadata={"format": fmt})
+    with pytest.raises(RemapError, match="transformers finds no weights .* model.layers.1.mlp.gate.weight"):
+        run_parity(incomplete["hf-bf16"], FIXTURES / "mlx", spec="hf-to-mlx")
+    with pytest.raises(RemapError, match="mlx-lm cannot load it: Missing 1 parameters: model.layers.1.mlp.gate.weight"):
+        run_parity(FIXTURES / "hf-bf16", incomplete["mlx"], spec="hf-to-mlx")
 
 
 # -- metrics and tolerances -----------------------------------------------------------------------

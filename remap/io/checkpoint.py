@@ -209,12 +209,28 @@ def _checkpoint(src: str, root: Path, files: dict[str, dict[str, TensorInfo]], *
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RemapError(f"not valid JSON: {e}", file=str(path), expected="a JSON object") from e
+    except _DuplicateKey as e:
+        # which one counts depends on the parser (Python's takes the last, others the first)
+        raise RemapError(f"names '{e}' twice", file=str(path), expected="each key once") from None
     if not isinstance(config, dict):
         raise RemapError(f"is a JSON {type(config).__name__}", file=str(path), expected="a JSON object")
     return config
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _open_directory(src: str, root: Path, *, revision: str | None = None) -> Checkpoint:
@@ -222,7 +238,7 @@ def _open_directory(src: str, root: Path, *, revision: str | None = None) -> Che
         return _checkpoint(src, root, _files_from_index(root), revision=revision)
     names = sorted(p.name for p in root.glob("*.safetensors"))
     if not names:
-        raise RemapError(f"no *.safetensors files and no {INDEX_NAME}", file=str(root))
+        raise RemapError(f"no *.safetensors files and no {INDEX_NAME}", file=str(root), expected="a checkpoint directory")
     files = {name: read_header(root / name)[0] for name in names}
     ranks = _model_parallel_ranks(names, root)
     if ranks == 1:
@@ -264,14 +280,16 @@ def _files_from_index(root: Path) -> dict[str, dict[str, TensorInfo]]:
     index_path = root / INDEX_NAME
     weight_map = _read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise RemapError("weight_map is missing or not a map of names to files", file=str(index_path))
+        raise RemapError("weight_map is missing or not a map of names to files", file=str(index_path),
+                         expected='"weight_map": {"tensor name": "file name", ...}')
 
     files: dict[str, dict[str, TensorInfo]] = {}
     for name, file in weight_map.items():
         if file not in files:
             files[file] = read_header(_index_entry_path(root, file, name, index_path))[0]
         if name not in files[file]:
-            raise RemapError(f"the index puts it in {file}, which does not hold it", file=str(index_path), tensor=name)
+            raise RemapError(f"the index puts it in {file}, which does not hold it", file=str(index_path), tensor=name,
+                             expected="each tensor in the file the index names")
     for file, tensors in files.items():
         for name in tensors:
             listed_in = weight_map.get(name)
@@ -299,7 +317,8 @@ def _index_entry_path(root: Path, file: str, tensor: str, index_path: Path) -> P
         )
     path = root / relative
     if not path.is_file():
-        raise RemapError(f"the index names {file}, which does not exist", file=str(index_path), tensor=tensor)
+        raise RemapError(f"the index names {file}, which does not exist", file=str(index_path), tensor=tensor,
+                         expected="every file the index names, beside it")
     return path
 
 
@@ -340,7 +359,7 @@ def _open_torch(src: str, path: Path, allow_pickle: bool) -> Checkpoint:
         raise RemapError(
             "holds Python objects besides tensors; loading them would run their pickle code",
             file=src,
-            expected="a plain state dict (allow_pickle=True only for a file you trust)",
+            expected="a plain state dict (--allow-pickle only for a file you trust)",
         ) from e
     except RuntimeError as e:
         raise RemapError(f"torch cannot load it: {str(e).splitlines()[0]}", file=src) from e

@@ -156,11 +156,13 @@ class ShardWriter:
         header, self._spans, file_size = _layout(entries, metadata)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
-        self._fd: int | None = os.open(self._incomplete, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd: int | None = None
         try:
-            _pwrite_all(self._fd, memoryview(header), 0)
-            # final size from the start (sparse until written), so pieces can land at any offset
-            os.ftruncate(self._fd, file_size)
+            with disk_errors(self.path):
+                self._fd = os.open(self._incomplete, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                _pwrite_all(self._fd, memoryview(header), 0)
+                # final size from the start (sparse until written), so pieces can land at any offset
+                os.ftruncate(self._fd, file_size)
         except BaseException:
             self._abandon()
             raise
@@ -183,7 +185,8 @@ class ShardWriter:
             )
         if piece.nbytes:
             _claim(self._written[name], offset, offset + piece.nbytes, self.path, name)
-            _pwrite_all(self._fd, piece, begin + offset)
+            with disk_errors(self.path, name):
+                _pwrite_all(self._fd, piece, begin + offset)
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -199,7 +202,7 @@ class ShardWriter:
         if not nbytes:
             return
         _claim(self._written[name], offset, offset + nbytes, self.path, name)
-        with open(source, "rb", buffering=0) as f:
+        with disk_errors(self.path, name), open(source, "rb", buffering=0) as f:
             _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes)
 
     def close(self) -> None:
@@ -220,11 +223,12 @@ class ShardWriter:
                 file=str(self.path),
                 expected="every byte of every tensor written before close",
             )
-        if self.sync:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.replace(self._incomplete, self.path)
+        with disk_errors(self.path):
+            if self.sync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._incomplete, self.path)
 
     def _abandon(self) -> None:
         if self._fd is not None:
@@ -300,7 +304,8 @@ def atomic_output(
                 expected="--resume to continue it, or --force to start over",
             )
         _remove(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    with disk_errors(partial):
+        partial.mkdir(parents=True, exist_ok=True)
 
     yield partial
 
@@ -316,6 +321,22 @@ def atomic_output(
         partial.rename(dst)
     if sync:
         _fsync(dst.parent)
+
+
+@contextmanager
+def disk_errors(path: str | os.PathLike, tensor: str | None = None) -> Iterator[None]:
+    """An OSError (disk full, read-only or missing directory, I/O error) as a RemapError naming
+    the file: a 1 TB conversion that runs out of space stops with one line, and the files it
+    finished stay in DST.partial for --resume."""
+    try:
+        yield
+    except OSError as exc:
+        raise RemapError(
+            exc.strerror or str(exc),
+            file=str(exc.filename or path),
+            tensor=tensor,
+            expected="a writable destination with free space; finished files stay in DST.partial for --resume",
+        ) from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:

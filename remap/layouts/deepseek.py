@@ -10,15 +10,23 @@ layer's router `ffn.gate.weight` (+ `ffn.gate.bias`, V3's e_score_correction_bia
 `ffn.experts.{e}.w1/w2/w3` and `ffn.shared_experts.w1/w2/w3`; then `norm.weight`, `head.weight`.
 convert.py drops the MTP layer; model.py has no attention or MLP biases and always its own head.
 
+DeepSeek-V3.2: github.com/deepseek-ai/DeepSeek-V3.2-Exp at commit
+3b99a5350d260b7c2a357e82362305509e2d0724 (2025-10-02), inference/model.py and convert.py. Its
+MLA holds an `attn.indexer` with `wq_b` and `wk` (fp8 Linears with a `scale` in the fp8 model),
+`k_norm` (a LayerNorm: weight and bias) and `weights_proj` (built in the default dtype: never
+fp8); convert.py keeps these names and replicates them on every rank (the indexer's `wq_b` is not
+sliced, unlike the attention's). Its ModelArgs JSON names the indexer sizes (index_n_heads,
+index_head_dim, index_topk), which V3's ModelArgs would refuse: their presence means V3.2.
+
 model.py creates the router bias only when dim == 7168, a shortcut that equals "the model routes
 like V3" for every release; this layout keys the bias on V3 routing (topk_method noaux_tc), so a
 small V3 carries it as convert.py writes it.
 
 Variants:
   bf16  model.py with dtype "bf16" (also what fp8_cast_bf16.py output converts to).
-  fp8   model.py with dtype "fp8": every Linear but `head` in float8_e4m3fn with a float32
-        `{module}.scale` per 128 x 128 block (model.py's block_size); convert.py renames the HF
-        weight_scale_inv to it.
+  fp8   model.py with dtype "fp8": every Linear but `head` (and V3.2's `weights_proj`) in
+        float8_e4m3fn with a float32 `{module}.scale` per 128 x 128 block (model.py's
+        block_size); convert.py renames the HF weight_scale_inv to it.
 
 Model parallelism: convert.py writes `model{r}-mp{N}.safetensors`, one per rank. `split_of(name)`
 says how a tensor spreads: sliced on dim 0 (embed, wq, wq_b, wkv_b, w1, w3, head), on dim 1
@@ -42,6 +50,7 @@ from remap.layouts.hf import (
     MODEL_TYPES,
     ExpectedTensors,
     config_error,
+    indexer,
     normalised_config,
     read_transformers_config,
 )
@@ -70,14 +79,22 @@ _MODEL_ARGS: dict[str, tuple[str, Any]] = {
     "qk_rope_head_dim": ("qk_rope_head_dim", 64),
     "v_head_dim": ("v_head_dim", 128),
 }
+# DeepSeek-V3.2-Exp's ModelArgs adds the indexer's sizes (its defaults).
+_INDEXER_ARGS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 
 
 def _read_model_args(raw: Mapping[str, Any]) -> dict[str, Any]:
     values = {hf_key: raw.get(key, default) for key, (hf_key, default) in _MODEL_ARGS.items()}
+    for key, hf_key in (("n_expert_groups", "n_group"), ("n_routed_experts", "n_routed_experts"),
+                        ("n_shared_experts", "n_shared_experts")):  # model.py needs them as numbers
+        if isinstance(values[hf_key], bool) or not isinstance(values[hf_key], int):
+            raise config_error(f"{key} is {values[hf_key]!r}", key, "an integer >= 0")
     v3 = values["scoring_func"] == "sigmoid"  # sigmoid routing with a bias arrived with V3
+    v32 = any(key in raw for key in _INDEXER_ARGS)
     grouped = values["n_group"] > 1
     values.update(
-        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        model_type="deepseek_v32" if v32 else "deepseek_v3" if v3 else "deepseek_v2",
+        **{key: raw.get(key, default) if v32 else None for key, default in _INDEXER_ARGS.items()},
         q_lora_rank=values["q_lora_rank"] or None,  # model.py: 0 means no q LoRA
         moe_layer_freq=1,
         topk_method="noaux_tc" if v3 else "group_limited_greedy" if grouped else "greedy",
@@ -123,6 +140,8 @@ def _attention(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
     t.add(f"{p}.kv_norm.weight", (rank,))
     t.linear(f"{p}.wkv_b", heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), rank)
     t.linear(f"{p}.wo", hidden, heads * c["v_head_dim"])
+    if c["index_n_heads"] is not None:
+        indexer(t, f"{p}.indexer", c)  # model.py's Indexer uses transformers' names
 
 
 def _mlp(t: ExpectedTensors, p: str, hidden: int, width: int) -> None:
@@ -164,6 +183,8 @@ _ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 
 
 def split_of(name: str) -> Split:
+    if ".indexer." in name:  # V3.2's convert.py maps every indexer module with dim None
+        return Split()
     if match := _ROUTED_EXPERT.search(name):
         return Split(expert=int(match.group(1)))
     return Split(dim=_SLICED.get(name.split(".")[-2]))

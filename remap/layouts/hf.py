@@ -1,11 +1,11 @@
-"""The `hf` layout: DeepSeek-V2/V3 as transformers saves them, and the official HF checkpoints.
+"""The `hf` layout: DeepSeek-V2/V3/V3.2 as transformers saves them, and the official HF checkpoints.
 
 Names are transformers' (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...). transformers 5.23
 fuses routed experts in memory but `save_pretrained` writes one tensor per expert
 (`mlp.experts.{e}.gate_proj.weight`); the on-disk names are the layout.
 
 Variants:
-  bf16      what DeepseekV3ForCausalLM / DeepseekV2ForCausalLM.save_pretrained writes. "bf16"
+  bf16      what DeepseekV3/V32/V2ForCausalLM.save_pretrained writes. "bf16"
             names the unquantized family: f32 or f16 files have the same tensors.
   bf16-mtp  bf16 plus the multi-token-prediction modules of the official checkpoints, one per
             num_nextn_predict_layers at `model.layers.{num_hidden_layers + k}`: a full decoder
@@ -17,6 +17,14 @@ Variants:
             (default 128 x 128). Embeddings, norms, router and lm_head stay unquantized.
   fp8-mtp   the official release as shipped: fp8 plus MTP, whose decoder block is quantized like
             any other and whose eh_proj, embed_tokens and shared_head.head are not.
+
+DeepSeek-V3.2 (model_type deepseek_v32) is V3 plus a lightning indexer in every attention block,
+`self_attn.indexer.{wq_b, wk, k_norm, weights_proj}` (k_norm a LayerNorm: weight and bias). The
+official FP8 release quantizes wq_b and wk like any other linear and keeps weights_proj unquantized:
+DeepSeek-V3.2-Exp's inference/model.py (github.com/deepseek-ai/DeepSeek-V3.2-Exp at 3b99a535,
+2025-10-02) builds weights_proj in the default dtype and every other Linear in fp8 with a block
+scale, and loads the converted checkpoint strictly; transformers' DeepseekV32 keeps
+`indexer.weights_proj` in float32 (`_keep_in_fp32_modules`), which its FP8 quantizer skips.
 
 The config namespace of every DeepSeek layout is HF DeepSeek-V3's config.json key names
 (CONFIG_KEYS); `normalised_config` builds it, so the layouts cannot drift apart.
@@ -58,19 +66,24 @@ CONFIG_KEYS = (
     "mlp_bias",
     "tie_word_embeddings",
     "num_nextn_predict_layers",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
     "quantization_config",
 )
-# Tensor sizes: integers >= 0. Null means "absent" for these three (no q LoRA; mlx-lm builds a
-# dense model without n_routed_experts and no shared expert without n_shared_experts).
+# DeepSeek-V3.2's sparse-attention indexer; null in every other model (no indexer).
+INDEXER_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
+# Tensor sizes: integers >= 0. Null means "absent" for the nullable ones (no q LoRA; mlx-lm builds
+# a dense model without n_routed_experts and no shared expert without n_shared_experts; no indexer).
 _SIZES = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "first_k_dense_replace", "moe_layer_freq", "num_nextn_predict_layers",
 )
-_NULLABLE_SIZES = ("q_lora_rank", "n_routed_experts", "n_shared_experts")
+_NULLABLE_SIZES = ("q_lora_rank", "n_routed_experts", "n_shared_experts", *INDEXER_KEYS)
 
-# DeepseekV3Config / DeepseekV2Config defaults (transformers 5.23) for the keys that shape
-# tensors or routing. Keys the class lacks are filled as its model behaves (comments).
+# DeepseekV3Config / DeepseekV32Config / DeepseekV2Config defaults (transformers 5.23) for the keys
+# that shape tensors or routing. Keys the class lacks are filled as its model behaves (comments).
 _TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": {
         "vocab_size": 129280,
@@ -123,10 +136,20 @@ _TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_nextn_predict_layers": 0,  # DeepSeek-V2 has no MTP
     },
 }
+_TRANSFORMERS_DEFAULTS["deepseek_v32"] = {
+    **_TRANSFORMERS_DEFAULTS["deepseek_v3"],  # DeepseekV32Config repeats V3's defaults
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    # not a DeepseekV32Config field: the official config.json states 1, and the model ignores
+    # the MTP layer on load (model.layers.61.*)
+    "num_nextn_predict_layers": 1,
+}
 # The classes' attribute_map: a config.json may spell these keys either way.
 _ALIASES = {
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "deepseek_v2": {"num_experts": "n_routed_experts"},
+    "deepseek_v32": {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts"},
 }
 MODEL_TYPES = tuple(_TRANSFORMERS_DEFAULTS)
 
@@ -152,6 +175,13 @@ def normalised_config(values: Mapping[str, Any]) -> dict[str, Any]:
             raise config_error(f"{key} is {value!r}", key, "an integer >= 0")
     if config["moe_layer_freq"] == 0:
         raise config_error("moe_layer_freq is 0", "moe_layer_freq", "an integer >= 1")
+    indexer = [config[key] is not None for key in INDEXER_KEYS]
+    if any(indexer) and not all(indexer):
+        raise config_error(f"{dict((k, config[k]) for k in INDEXER_KEYS)}", "index_n_heads",
+                           "all three indexer sizes, or none (no indexer)")
+    if all(indexer) and config["q_lora_rank"] is None:
+        raise config_error("q_lora_rank is None", "q_lora_rank",
+                           "an integer: DeepSeek-V3.2's indexer reads the q LoRA latent")
     layers = config["num_hidden_layers"] + config["num_nextn_predict_layers"]
     if layers * max(1, config["n_routed_experts"] or 0) > MAX_LAYER_EXPERTS:
         raise config_error(
@@ -163,7 +193,7 @@ def normalised_config(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json as transformers' DeepseekV3Config / DeepseekV2Config reads it."""
+    """config.json as transformers' DeepseekV3Config / DeepseekV32Config / DeepseekV2Config reads it."""
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in _TRANSFORMERS_DEFAULTS:
         raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
@@ -172,7 +202,10 @@ def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         if alias in raw and key not in raw:
             values[key] = raw[alias]
     values.update((key, raw[key]) for key in _TRANSFORMERS_DEFAULTS[model_type] if key in raw)
-    v3 = model_type == "deepseek_v3"
+    v3 = model_type != "deepseek_v2"
+    if model_type == "deepseek_v32" and raw.get("mlp_layer_types") is not None:
+        # V3.2 builds each layer from mlp_layer_types (first_k_dense_replace only fills it in)
+        values["first_k_dense_replace"] = _dense_prefix(raw["mlp_layer_types"], values["num_hidden_layers"])
     values.update(
         model_type=model_type,
         # transformers builds a MoE block at every layer from first_k_dense_replace on, whatever
@@ -182,12 +215,22 @@ def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         topk_method="noaux_tc" if v3 else values["topk_method"],
         scoring_func="sigmoid" if v3 else "softmax",
         mlp_bias=values.get("mlp_bias", False),
+        **{key: values.get(key) for key in INDEXER_KEYS},
         quantization_config=_quantization_config(raw.get("quantization_config")),
     )
     for key in ("n_routed_experts", "n_shared_experts"):  # transformers' MoE block needs both
         if values[key] is None:
             raise config_error(f"{key} is None", key, "an integer >= 0")
     return normalised_config(values)
+
+
+def _dense_prefix(types: Any, layers: Any) -> int:
+    """How many leading layers mlp_layer_types makes dense; a layout lists dense layers first."""
+    dense = types.count("dense") if isinstance(types, list) else -1
+    if not (isinstance(layers, int) and types == ["dense"] * dense + ["sparse"] * (layers - dense)):
+        raise config_error(f"mlp_layer_types is {types!r}", "mlp_layer_types",
+                           f"{layers} entries: 'dense' layers first, then 'sparse'")
+    return dense
 
 
 def _quantization_config(value: Any) -> dict[str, Any] | None:
@@ -253,6 +296,19 @@ def _attention(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
     t.add(f"{p}.kv_a_layernorm.weight", (c["kv_lora_rank"],))
     t.linear(f"{p}.kv_b_proj", heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"])
     t.linear(f"{p}.o_proj", hidden, heads * c["v_head_dim"], bias=bias)
+    if c["index_n_heads"] is not None:
+        indexer(t, f"{p}.indexer", c)
+
+
+def indexer(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
+    """DeepSeek-V3.2's lightning indexer, under the same names in transformers and DeepSeek's
+    model.py: wq_b and wk quantize like any linear, weights_proj never does."""
+    heads, dim = c["index_n_heads"], c["index_head_dim"]
+    t.linear(f"{p}.wq_b", heads * dim, c["q_lora_rank"])
+    t.linear(f"{p}.wk", dim, c["hidden_size"])
+    t.add(f"{p}.k_norm.weight", (dim,))
+    t.add(f"{p}.k_norm.bias", (dim,))
+    t.linear(f"{p}.weights_proj", heads, c["hidden_size"], quantized=False)
 
 
 def _mlp(t: ExpectedTensors, p: str, hidden: int, width: int, bias: bool = False) -> None:

@@ -1,8 +1,11 @@
-"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model` holds (mlx-lm 0.32).
+"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model` and `deepseek_v32.Model` hold (mlx-lm 0.32).
 
 Routed experts are stacked per layer as `model.layers.{i}.mlp.switch_mlp.{gate,up,down}_proj.weight`
 of shape [experts, out, in]. mlx-lm's `sanitize` drops the MTP layer, so the layout has none, and
 the model always holds its own `lm_head` (mlx-lm ignores tie_word_embeddings here).
+DeepSeek-V3.2 (model_type deepseek_v32) adds the indexer under transformers' names,
+`self_attn.indexer.{wq_b, wk, k_norm, weights_proj}` (sanitize passes them through unchanged;
+k_norm is an nn.LayerNorm with weight and bias, the three others quantizable Linears).
 
 Variants, differing only in how attention's kv_b_proj is held:
   embed_q    what current mlx-lm holds and writes: per head, `self_attn.embed_q.weight`
@@ -31,11 +34,11 @@ from typing import Any, Mapping
 
 from remap.errors import RemapError
 from remap.layouts.base import FLOAT, U32, Expected
-from remap.layouts.hf import config_error, normalised_config
+from remap.layouts.hf import INDEXER_KEYS, config_error, normalised_config
 
-# mlx-lm loads these model types with deepseek_v3 (the first is its own; the others through
-# mlx_lm.utils.MODEL_REMAPPING).
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "joyai_llm_flash")
+# mlx-lm loads these model types with deepseek_v3 (the first is its own; the next two through
+# mlx_lm.utils.MODEL_REMAPPING), and deepseek_v32 with its own module.
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "joyai_llm_flash", "deepseek_v32")
 
 # mlx_lm.models.deepseek_v3.ModelArgs defaults (mlx-lm 0.32) for the keys that shape tensors or
 # routing. ModelArgs.from_dict keeps only its own fields, so nothing else in config.json counts.
@@ -63,14 +66,23 @@ _MODEL_ARGS_DEFAULTS: dict[str, Any] = {
     "first_k_dense_replace": 0,
     "attention_bias": False,
 }
+# mlx_lm.models.deepseek_v32.ModelArgs: the same defaults, plus its indexer's.
+_V32_MODEL_ARGS_DEFAULTS: dict[str, Any] = {
+    **_MODEL_ARGS_DEFAULTS,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+}
 
 
 def read_mlx_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json as mlx-lm's deepseek_v3 ModelArgs reads it."""
+    """config.json as mlx-lm's deepseek_v3 (or deepseek_v32) ModelArgs reads it."""
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
-    values = {key: raw.get(key, default) for key, default in _MODEL_ARGS_DEFAULTS.items()}
+    defaults = _V32_MODEL_ARGS_DEFAULTS if model_type == "deepseek_v32" else _MODEL_ARGS_DEFAULTS
+    values = {key: raw.get(key, default) for key, default in defaults.items()}
+    values.update((key, values.get(key)) for key in INDEXER_KEYS)  # null: no indexer
     values.update(
         model_type=model_type,
         scoring_func="sigmoid",  # the only routing mlx-lm's deepseek_v3 implements
@@ -186,6 +198,13 @@ def _attention(t: _Tensors, p: str, c: Mapping[str, Any], variant: str) -> None:
     else:
         t.linear(f"{p}.kv_b_proj", heads * (nope + v), rank)
     t.linear(f"{p}.o_proj", hidden, heads * v, bias)
+    if c["index_n_heads"] is not None:
+        index_heads, index_dim = c["index_n_heads"], c["index_head_dim"]
+        t.linear(f"{p}.indexer.wq_b", index_heads * index_dim, c["q_lora_rank"])
+        t.linear(f"{p}.indexer.wk", index_dim, hidden)
+        t.add(f"{p}.indexer.k_norm.weight", (index_dim,))
+        t.add(f"{p}.indexer.k_norm.bias", (index_dim,))
+        t.linear(f"{p}.indexer.weights_proj", index_heads, hidden)
 
 
 def _layer(t: _Tensors, i: int, c: Mapping[str, Any], variant: str) -> None:

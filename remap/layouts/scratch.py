@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from remap.errors import RemapError
 from remap.layouts.base import Expected
+from remap.layouts.hf import MAX_LAYER_EXPERTS
 
 MODEL_TYPE = "deepseek_v3_scratch"
 
@@ -54,8 +55,8 @@ DEFAULTS: dict[str, Any] = {
 
 # What the format fixes, in the HF DeepSeek-V3 names every layout's config shares: one shared
 # expert, DeepSeek-V3's sigmoid top-k with a single group and no stored correction bias (zero),
-# MLP biases, no attention biases, no quantization, no rope scaling. A config.json may state
-# them, but only with these values.
+# MLP biases, no attention biases, no quantization, no rope scaling, no sparse-attention indexer
+# (DeepSeek-V3.2's). A config.json may state them, but only with these values.
 FIXED: dict[str, Any] = {
     "n_shared_experts": 1,
     "moe_layer_freq": 1,
@@ -67,6 +68,9 @@ FIXED: dict[str, Any] = {
     "mlp_bias": True,
     "quantization_config": None,
     "rope_scaling": None,
+    "index_n_heads": None,
+    "index_head_dim": None,
+    "index_topk": None,
 }
 
 
@@ -106,12 +110,16 @@ def read_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             config[key] = _positive_int(raw, key)
     for key, default in DEFAULTS.items():
         config[key] = raw.get(key, default)
-    config["first_k_dense_replace"] = int(config["first_k_dense_replace"])
-    config["num_nextn_predict_layers"] = int(config["num_nextn_predict_layers"])
+    for key in ("first_k_dense_replace", "num_nextn_predict_layers"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int):
+            raise _bad(f"{key} is {config[key]!r}", key, "an integer")
     for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta"):
+        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)):
+            raise _bad(f"{key} is {config[key]!r}", key, "a number")
         config[key] = float(config[key])
     for key in ("norm_topk_prob", "tie_word_embeddings"):
-        config[key] = bool(config[key])
+        if not isinstance(config[key], bool):
+            raise _bad(f"{key} is {config[key]!r}", key, "true or false")
 
     if config["qk_rope_head_dim"] % 2:
         raise _bad("RoPE rotates pairs of dims", "qk_rope_head_dim", "an even number")
@@ -121,6 +129,10 @@ def read_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise _bad("dense layers out of range", "first_k_dense_replace", "0..num_hidden_layers")
     if config["num_nextn_predict_layers"] < 0:
         raise _bad("negative number of MTP heads", "num_nextn_predict_layers", ">= 0")
+    layers = config["num_hidden_layers"] + config["num_nextn_predict_layers"]
+    if layers * config["n_routed_experts"] > MAX_LAYER_EXPERTS:  # refused before listing them
+        raise _bad(f"{layers} layers x {config['n_routed_experts']} routed experts is beyond any model",
+                   "num_hidden_layers", f"layers x experts <= {MAX_LAYER_EXPERTS}")
     return config
 
 

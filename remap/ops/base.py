@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from remap.dtypes import byte_size
 from remap.errors import RemapError
 from remap.spec.expr import evaluate, evaluate_int, names_in
 
@@ -33,6 +34,10 @@ CLAIMS = ("zero", "redundant", "unused", "lossy")
 class TensorType:
     shape: Shape
     dtype: str  # safetensors dtype name: BF16, F32, F8_E4M3, ...
+
+    @property
+    def nbytes(self) -> int:
+        return byte_size(self.dtype, self.shape)
 
     def with_shape(self, shape: Sequence[int]) -> "TensorType":
         return TensorType(tuple(int(s) for s in shape), self.dtype)

@@ -41,7 +41,8 @@ class Concat(Op):
             rest = p.shape[:axis] + p.shape[axis + 1 :]
             if len(p.shape) != len(first.shape) or rest != first.shape[:axis] + first.shape[axis + 1 :]:
                 raise RemapError(
-                    f"concat on axis {axis}: shapes {[list(q.shape) for q in parts]} differ off that axis"
+                    f"concat on axis {axis}: shapes {[list(q.shape) for q in parts]} differ off that axis",
+                    expected=f"shapes equal except on axis {axis}",
                 )
             if p.dtype != first.dtype:
                 raise RemapError(f"concat: dtypes differ ({', '.join(q.dtype for q in parts)})")
@@ -81,7 +82,8 @@ class Split(Op):
         axis = self._axis(t.shape, self.axis)
         if sum(self.sizes) != t.shape[axis] or any(s <= 0 for s in self.sizes):
             raise RemapError(
-                f"split: sizes {list(self.sizes)} do not cover axis {axis} of shape {list(t.shape)}"
+                f"split: sizes {list(self.sizes)} do not cover axis {axis} of shape {list(t.shape)}",
+                expected=f"positive sizes summing to {t.shape[axis]}",
             )
         pieces = [t.with_shape(t.shape[:axis] + (s,) + t.shape[axis + 1 :]) for s in self.sizes]
         return [*inputs[: self.input], *pieces, *inputs[self.input + 1 :]]

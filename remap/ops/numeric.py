@@ -93,8 +93,17 @@ class DequantFP8(Op):
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         w, s = arrays[self.input], arrays[self.input + 1]
         rows, cols = w.shape
-        scale = np.repeat(np.repeat(s.astype(np.float32), self.block[0], 0)[:rows], self.block[1], 1)[:, :cols]
-        out = (w.astype(np.float32) * scale).astype(dtypes.numpy_dtype(self.dtype))
+        (b0, b1), (r, c) = self.block, s.shape
+        # View the weight as [r, b0, c, b1] blocks (zero-padded at partial edges) and broadcast one
+        # scale per block: the same float32 products as a full-size scale map, without building it.
+        blocks = np.zeros((r * b0, c * b1), np.float32) if (r * b0, c * b1) != (rows, cols) else None
+        if blocks is None:
+            blocks = w.astype(np.float32)
+        else:
+            blocks[:rows, :cols] = w
+        blocks = blocks.reshape(r, b0, c, b1)
+        blocks *= s.astype(np.float32)[:, None, :, None]
+        out = blocks.reshape(r * b0, c * b1)[:rows, :cols].astype(dtypes.numpy_dtype(self.dtype))
         return [*arrays[: self.input], out, *arrays[self.input + 2 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:

@@ -28,6 +28,7 @@ MLX_MODES = ("affine",)
 _MLX_FLOATS = ("BF16", "F16", "F32")
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+_CHUNK_BYTES = 64 << 20  # rows quantized per mlx call
 
 
 # -- numpy <-> mlx ------------------------------------------------------------------------------
@@ -105,8 +106,22 @@ class QuantizeMLX(Op):
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         mx = _mx()
-        quantized = mx.quantize(_to_mlx(self._pick(arrays)), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
-        return [*arrays[: self.input], *map(_to_numpy, quantized), *arrays[self.input + 1 :]]
+        x = self._pick(arrays)
+        rows = x.reshape(-1, x.shape[-1])
+        # Groups never cross a row, so quantizing a block of rows at a time gives the same bytes as
+        # the whole tensor at once, with mlx's working memory bounded by one block (an embedding of
+        # 129280 x 7168 would otherwise take several GB of temporaries).
+        step = max(1, _CHUNK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+        pieces: list[list[np.ndarray]] = [[], [], []]
+        for start in range(0, rows.shape[0], step):
+            quantized = mx.quantize(_to_mlx(rows[start : start + step]), self.group_size, self.bits,
+                                    mode=self.mode, stream=mx.cpu)
+            for kept, q in zip(pieces, quantized):
+                kept.append(_to_numpy(q))
+            del quantized
+            mx.clear_cache()  # mlx keeps freed buffers for reuse; a conversion must not hold them all
+        outputs = [np.concatenate(p).reshape(*x.shape[:-1], -1) for p in pieces]
+        return [*arrays[: self.input], *outputs, *arrays[self.input + 1 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         t = self._pick(inputs)
@@ -178,6 +193,7 @@ class DequantizeMLX(Op):
             s, b = s.astype(mx.float32), b.astype(mx.float32)
         out = mx.dequantize(w, s, b, self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
         out = _to_numpy(out.astype(_mlx_dtype(target), stream=mx.cpu))
+        mx.clear_cache()  # as in QuantizeMLX.apply: release mlx's buffer cache
         return [*arrays[: self.input], out, *arrays[self.input + 3 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:

@@ -25,7 +25,8 @@ class SplitHeads(Op):
         axis = self._axis(t.shape, self.axis)
         if self.heads <= 0 or t.shape[axis] % self.heads:
             raise RemapError(
-                f"split_heads: axis {axis} of shape {list(t.shape)} does not split into {self.heads} heads"
+                f"split_heads: axis {axis} of shape {list(t.shape)} does not split into {self.heads} heads",
+                expected=f"a multiple of {self.heads} on axis {axis}",
             )
         shape = t.shape[:axis] + (self.heads, t.shape[axis] // self.heads) + t.shape[axis + 1 :]
         return self._replace(inputs, t.with_shape(shape))
@@ -57,7 +58,8 @@ class MergeHeads(Op):
         if axis + 1 >= len(t.shape):
             raise RemapError(f"merge_heads: shape {list(t.shape)} has no axis after {axis} to merge")
         if self.heads is not None and t.shape[axis] != self.heads:
-            raise RemapError(f"merge_heads: axis {axis} of shape {list(t.shape)} is not {self.heads} heads")
+            raise RemapError(f"merge_heads: axis {axis} of shape {list(t.shape)} is not {self.heads} heads",
+                             expected=f"{self.heads} on axis {axis}")
         shape = t.shape[:axis] + (t.shape[axis] * t.shape[axis + 1],) + t.shape[axis + 2 :]
         return self._replace(inputs, t.with_shape(shape))
 
@@ -85,7 +87,8 @@ class Transpose(Op):
     def types(self, inputs: list[TensorType]) -> list[TensorType]:
         t = self._pick(inputs)
         if sorted(self.axes) != list(range(len(t.shape))):
-            raise RemapError(f"transpose: axes {list(self.axes)} are not a permutation for shape {list(t.shape)}")
+            raise RemapError(f"transpose: axes {list(self.axes)} are not a permutation for shape {list(t.shape)}",
+                             expected=f"a permutation of 0..{len(t.shape) - 1}")
         return self._replace(inputs, t.with_shape([t.shape[a] for a in self.axes]))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:

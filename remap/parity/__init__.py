@@ -5,9 +5,9 @@
     result = run_parity("path/to/hf", "path/to/mlx")           # or compares a finished conversion
     print(result.ok, result.logits["max_abs"], result.divergence)
 
-The source runs in the torch runtime of its layout (transformers for `hf`, remap's reference
-ScratchModel for `scratch`), the target in its own (mlx-lm for `mlx`, transformers for `hf`),
-both on the same seeded token ids and by default in float32 (runtimes.py). compare.py turns the
+Each side runs in the runtime of its layout (runtimes.py: transformers for `hf`, remap's
+reference ScratchModel for `scratch`, mlx-lm for `mlx`), both on the same seeded token ids and by
+default in float32. compare.py turns the
 two forward passes into metrics and checks; when one fails, the first hidden state that drifts
 (the embedding, a decoder layer, or the head) names the spec rules that made its tensors, and the
 spec's claims are measured on the source bytes to say which of them do not hold. render.py
@@ -25,9 +25,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from remap import __version__
+from remap import __version__, api
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
+from remap.parity import runtimes
 from remap.parity.compare import (PROFILES, Check, RuleRef, Tolerances, checks, first_divergence, hidden_metrics,
                                   hidden_names, logit_metrics, profile_for, rules_behind, weight_precision)
 from remap.plan import Plan
@@ -95,6 +96,9 @@ def run_parity(
     variant: str | None = None,
     params: Mapping[str, Any] | None = None,
     revision: str | None = None,
+    quantize: int | None = None,
+    group_size: int = 64,
+    allow_pickle: bool = False,
     tokens: int = 32,
     batch: int = 2,
     seed: int = 0,
@@ -105,18 +109,20 @@ def run_parity(
 
     With `dst`, compare against that finished conversion (`spec`, or else the spec its
     remap-manifest.json names, only names the rules behind a divergence). Without, convert SRC
-    with `spec` into a temporary directory first. `tolerances` overrides fields of the default
+    with `spec` into a temporary directory first (`quantize` bits and `group_size` append the
+    mlx-quantize stage, as for `remap convert`). `tolerances` overrides fields of the default
     profile (compare.Tolerances).
     """
-    from remap import api
-
     start = time.perf_counter()
-    source = api.open_source(src, revision=revision)
+    source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     if spec is None and dst is not None:
         spec, inverse, variant = _spec_in_manifest(Path(dst), str(src)) or (None, inverse, variant)
     if spec is None and dst is None:
         raise RemapError("nothing to compare the source with", expected="a converted DST, or --spec to convert SRC")
-    plan = api.plan(source, spec, inverse=inverse, params=params, variant=variant)[0] if spec is not None else None
+    plan = None
+    if spec is not None:
+        plan, _ = api.plan(source, spec, inverse=inverse, params=params, variant=variant, quantize=quantize,
+                           group_size=group_size)
     options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {})
     if dst is not None:
         result = _compare(source, api.open_source(dst), plan, **options)
@@ -136,11 +142,11 @@ def run_parity(
 
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
              dtype: str, tolerances: Mapping[str, float | None]) -> ParityResult:
-    from remap.parity import runtimes
-
-    sides = [_side(source, plan and plan.first.spec.source_layout), _side(target, plan and plan.spec.target_layout)]
-    models = [runtimes.load(side.layout, checkpoint, dtype) for side, checkpoint in zip(sides, (source, target))]
-    sides = [replace(side, runtime=model.name) for side, model in zip(sides, models)]
+    checkpoints = (source, target)
+    found = [_layout(source, plan and plan.first.spec.source_layout), _layout(target, plan and plan.spec.target_layout)]
+    models = [runtimes.load(layout, checkpoint, dtype) for (layout, _), checkpoint in zip(found, checkpoints)]
+    sides = [Side(checkpoint.source, layout, variant, model.name, _weights(checkpoint))
+             for checkpoint, (layout, variant), model in zip(checkpoints, found, models)]
     if models[0].vocab_size != models[1].vocab_size:
         raise RemapError(f"vocabularies differ: {models[0].vocab_size} (source) and {models[1].vocab_size} (target)",
                          expected="the same vocab_size on both sides")
@@ -162,25 +168,22 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
     result = ParityResult(sides[0], sides[1], plan.name if plan else None, dtype, tokens, batch, seed, profile, limits,
                           logits, hidden, results, divergence=first_divergence(results, names))
     if result.divergence is not None and plan is not None:
-        from remap import api
-
         result.rules = rules_behind(plan, result.divergence)
         measured = api.report(plan, source, check=True).losses
         result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
     return result
 
 
-def _side(checkpoint: Checkpoint, planned_layout: str | None) -> Side:
-    """What a checkpoint is (its runtime is filled in once loaded): the detected layout, else
-    the one the plan says it has."""
-    from remap import api
-
+def _layout(checkpoint: Checkpoint, planned: str | None) -> tuple[str, str | None]:
+    """(layout, variant) of a checkpoint: as detected, else the layout the plan says it has."""
     detected = api.identify(checkpoint)
-    layout = detected.layout or planned_layout
-    if layout is None:
+    if detected.layout is None and planned is None:
         raise RemapError(f"not a layout remap knows: {detected.describe()}", file=checkpoint.source)
-    matrices = {name: t.dtype for name, t in checkpoint.tensors.items() if len(t.shape) >= 2}
-    return Side(checkpoint.source, layout, detected.variant, "", weight_precision(matrices))
+    return detected.layout or planned, detected.variant
+
+
+def _weights(checkpoint: Checkpoint) -> str:
+    return weight_precision({name: t.dtype for name, t in checkpoint.tensors.items() if len(t.shape) >= 2})
 
 
 def _spec_in_manifest(dst: Path, src: str) -> tuple[str, bool, str | None] | None:

@@ -93,9 +93,9 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 def _cosine(s: np.ndarray, t: np.ndarray) -> float:
     norms = np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1)
-    dots = (s * t).sum(-1)
-    # two zero vectors are the same vector
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where((s == t).all(-1), 1.0, 0.0))
+    nonzero = norms > 0
+    # where a vector is zero: 1 if both are (the same vector), else 0
+    cos = np.where(nonzero, (s * t).sum(-1) / np.where(nonzero, norms, 1.0), (s == t).all(-1))
     return float(cos.mean())
 
 

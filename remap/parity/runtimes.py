@@ -77,9 +77,14 @@ def _transformers(path: Path, dtype: str) -> Runtime:
 
     with _no_progress_bars():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
         except ImportError as exc:  # e.g. an FP8 checkpoint: transformers' quantizer needs accelerate
             raise RemapError(f"transformers cannot load it: {exc}", file=str(path)) from None
+    # transformers fills what a checkpoint lacks with random values: that is not this checkpoint
+    absent = sorted(info["missing_keys"]) + sorted(str(entry[0]) for entry in info["mismatched_keys"])
+    if absent:
+        raise RemapError(f"transformers finds no weights of the right shape for {len(absent)} parameters, "
+                         f"e.g. {absent[0]}", file=str(path), expected="every parameter of its model class")
     model.eval()
     decoder = model.get_decoder()
 
@@ -149,7 +154,10 @@ def _mlx(path: Path, dtype: str) -> Runtime:
     from mlx_lm.models.base import create_attention_mask
     from mlx_lm.utils import load_model
 
-    model, config = load_model(path)
+    try:
+        model, config = load_model(path)
+    except ValueError as exc:  # mlx-lm loads strictly: a missing or extra weight
+        raise RemapError(f"mlx-lm cannot load it: {' '.join(str(exc).split())}", file=str(path)) from None
     model.set_dtype(getattr(mx, dtype))  # quantized weights stay packed; scales and floats follow
 
     def forward(ids: np.ndarray) -> Forward:

@@ -75,7 +75,7 @@ def evaluate(text: str | int | float | bool | None, names: Mapping[str, Any]) ->
     except RemapError:
         raise
     except ZeroDivisionError:
-        raise RemapError(f"division by zero in {text!r}") from None
+        raise RemapError(f"division by zero in {text!r}", expected="a non-zero divisor") from None
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise RemapError(f"cannot evaluate {text!r}: {exc}") from None
 

@@ -105,7 +105,8 @@ def parse_spec(text: str, path: str = "<memory>") -> Spec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise RemapError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", file=where) from None
+        raise RemapError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", file=where,
+                         expected="a spec in plain YAML (docs/specs.md)") from None
     return spec_from_document(document, path)
 
 
