@@ -1,10 +1,10 @@
 """The hf, mlx and deepseek layouts against the runtimes they describe, and detection.
 
-hf: the tensors transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM write with
+hf: the tensors transformers' DeepseekV3 / DeepseekV32 / DeepseekV2ForCausalLM write with
 save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
-fine-grained FP8 integration, and the MTP layer transformers' MtpModel loads and saves.
-mlx: the parameters of mlx-lm's deepseek_v3.Model, and what its sanitize turns the kv_b_proj
-variant and an hf checkpoint into. deepseek: DeepSeek's inference code cannot be installed, so
+fine-grained FP8 quantizer, and the MTP layer transformers' MtpModel loads and saves.
+mlx: the parameters of mlx-lm's deepseek_v3.Model and deepseek_v32.Model (quantized too), and what
+their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's inference code cannot be installed, so
 its layout is checked for a consistent model-parallel split and for holding exactly hf's tensors
 under other names (convert.py only renames and slices).
 """
@@ -18,7 +18,8 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3 as mlx_deepseek_v3
-from mlx_lm.utils import MODEL_REMAPPING
+from mlx_lm.models import deepseek_v32 as mlx_deepseek_v32
+from mlx_lm.utils import MODEL_REMAPPING, quantize_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -26,14 +27,17 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     FineGrainedFP8Config,
 )
-from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+from transformers.integrations.finegrained_fp8 import FP8Linear
 from transformers.modeling_layers import MtpModel
+from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 from remap.errors import RemapError
 from remap.layouts import LAYOUTS, detect, get_layout
-from remap.layouts.base import F32, FLOAT, FP8
+from remap.layouts.base import F32, FLOAT, FP8, U32
 from remap.layouts.deepseek import LAYOUT as DEEPSEEK
 from remap.layouts.deepseek import shard_file, split_of
 from remap.layouts.hf import CONFIG_KEYS
@@ -55,7 +59,9 @@ TINY = {
 }
 # config.json contents, covering: q_lora_rank null and set; first_k_dense_replace 0, 1, 2;
 # n_shared_experts 1 and 2; n_group 1 and > 1; tied and untied; attention and MLP biases;
-# a moe_layer_freq that mlx-lm honours and transformers ignores.
+# a moe_layer_freq that mlx-lm honours and transformers ignores; V3.2 indexers (an index_head_dim
+# equal to the rope dim), and V3.2's mlp_layer_types, which transformers builds from instead of
+# first_k_dense_replace (mlx-lm reads only the latter).
 CONFIGS = {
     "v3-qlora-dense1": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 2, "q_lora_rank": 24,
                         "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1,
@@ -76,10 +82,22 @@ CONFIGS = {
                                "first_k_dense_replace": 0, "n_routed_experts": 4, "n_shared_experts": 1,
                                "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1,
                                "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+    "v32-dense1": {**TINY, "model_type": "deepseek_v32", "num_hidden_layers": 2, "q_lora_rank": 24,
+                   "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 2,
+                   "topk_group": 1, "num_key_value_heads": 4, "index_n_heads": 2, "index_head_dim": 16,
+                   "index_topk": 4, "tie_word_embeddings": False},
+    "v32-layertypes-tied-attnbias": {**TINY, "model_type": "deepseek_v32", "num_hidden_layers": 3, "q_lora_rank": 16,
+                                     "first_k_dense_replace": 1, "mlp_layer_types": ["dense", "dense", "sparse"],
+                                     "n_routed_experts": 8, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
+                                     "num_key_value_heads": 4, "index_n_heads": 4, "index_head_dim": 8,
+                                     "index_topk": 2, "attention_bias": True, "tie_word_embeddings": True},
 }
 V3 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v3"]
+V32 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v32"]
 TRANSFORMERS = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+                "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
                 "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM)}
+MLX_MODULES = {"deepseek_v3": mlx_deepseek_v3, "deepseek_v32": mlx_deepseek_v32}
 # Shapes of the real DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3).
 DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
                "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
@@ -87,6 +105,9 @@ DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size":
                "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3,
                "num_nextn_predict_layers": 1, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
                                                                       "weight_block_size": [128, 128]}}
+# DeepSeek-V3.2-Exp: V3's shapes plus the indexer (its config.json and inference/config_671B_v3.2.json).
+DEEPSEEK_V32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "index_n_heads": 64, "index_head_dim": 128,
+                "index_topk": 2048}
 
 
 def _transformers_config(raw):
@@ -126,7 +147,9 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("raw", [*CONFIGS.values(), {"model_type": "deepseek_v3"}, {"model_type": "deepseek_v2"},
-                                 {"model_type": "deepseek_v3", "num_local_experts": 7, "num_mtp_layers": 2}])
+                                 {"model_type": "deepseek_v32"},
+                                 {"model_type": "deepseek_v3", "num_local_experts": 7, "num_mtp_layers": 2},
+                                 {"model_type": "deepseek_v32", "num_experts": 6}])
 def test_hf_reads_config_as_transformers_does(raw):
     ours = HF.read_config(raw)
     theirs = _transformers_config(raw)
@@ -134,35 +157,51 @@ def test_hf_reads_config_as_transformers_does(raw):
     # which test_hf_equals_save_pretrained checks on the freq-2 config)
     compared = [k for k in ours if hasattr(theirs, k) and k not in ("moe_layer_freq", "quantization_config")]
     assert len(compared) >= 20
-    assert {k: ours[k] for k in compared} == {k: getattr(theirs, k) for k in compared}
+    expected = {k: getattr(theirs, k) for k in compared}
+    if hasattr(theirs, "mlp_layer_types"):  # V3.2 builds its layers from this list
+        expected["first_k_dense_replace"] = theirs.mlp_layer_types.count("dense")
+    assert {k: ours[k] for k in compared} == expected
+    assert (ours["index_n_heads"] is not None) == (raw["model_type"] == "deepseek_v32")
 
 
-@pytest.mark.parametrize("raw", [*(CONFIGS[n] for n in V3), {"model_type": "deepseek_v3"}])
+@pytest.mark.parametrize("raw", [*(CONFIGS[n] for n in V3 + V32), {"model_type": "deepseek_v3"},
+                                 {"model_type": "deepseek_v32"}])
 def test_mlx_reads_config_as_model_args_does(raw):
     ours = MLX.read_config(raw)
-    theirs = mlx_deepseek_v3.ModelArgs.from_dict(raw)
+    theirs = MLX_MODULES[raw["model_type"]].ModelArgs.from_dict(raw)
     compared = [k for k in ours if hasattr(theirs, k) and k != "model_type"]
-    assert len(compared) >= 20
+    assert len(compared) >= 20 + 3 * (raw["model_type"] == "deepseek_v32")
     assert {k: ours[k] for k in compared} == {k: getattr(theirs, k) for k in compared}
 
 
 def test_every_layout_reads_into_the_same_keys():
-    raw = CONFIGS["v3-qlora-dense1"]
-    for layout in (HF, MLX, DEEPSEEK):
-        assert tuple(layout.read_config(raw)) == CONFIG_KEYS
+    for raw in (CONFIGS["v3-qlora-dense1"], CONFIGS["v32-dense1"]):
+        for layout in (HF, MLX, DEEPSEEK):
+            assert tuple(layout.read_config(raw)) == CONFIG_KEYS
     assert tuple(DEEPSEEK.read_config({"dim": 32, "n_layers": 2})) == CONFIG_KEYS
 
 
-def test_mlx_model_types_are_the_ones_mlx_lm_loads_with_deepseek_v3():
-    assert {MODEL_REMAPPING.get(t, t) for t in MLX_MODEL_TYPES} == {"deepseek_v3"}
+def test_mlx_model_types_are_the_ones_mlx_lm_loads_with_its_deepseek_modules():
+    assert {MODEL_REMAPPING.get(t, t) for t in MLX_MODEL_TYPES} == set(MLX_MODULES)
 
 
 @pytest.mark.parametrize("bad", [{"hidden_size": None}, {"num_hidden_layers": -1}, {"kv_lora_rank": 1.5},
-                                 {"model_type": "llama"}, {"model_type": None}])
+                                 {"model_type": "llama"}, {"model_type": None},
+                                 {"model_type": "deepseek_v32", "q_lora_rank": None},  # the indexer reads it
+                                 {"model_type": "deepseek_v32", "index_head_dim": None}])
 def test_unreadable_configs_are_user_errors(bad):
     raw = {**CONFIGS["v3-qlora-dense1"], **bad}
     for layout in (HF, MLX, DEEPSEEK):
         with pytest.raises(RemapError):
+            layout.read_config(raw)
+
+
+@pytest.mark.parametrize("types", [["sparse", "dense"], ["dense", "dense", "dense"], "dense", ["dense", "moe"]])
+def test_hf_refuses_mlp_layer_types_no_layout_can_list(types):
+    """A layout lists dense layers first (DeepSeek's first_k_dense_replace): other patterns are named."""
+    raw = {**CONFIGS["v32-dense1"], "mlp_layer_types": types}
+    for layout in (HF, DEEPSEEK):
+        with pytest.raises(RemapError, match="mlp_layer_types"):
             layout.read_config(raw)
 
 
@@ -177,11 +216,15 @@ def test_hf_equals_save_pretrained(name, saved):
     assert all(_dtype_fits(expected[k].dtype, dtype) for k, (_, dtype) in header.items())
 
 
-def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes():
-    raw = {**CONFIGS["v3-qlora-dense1"], "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
-    model = DeepseekV3ForCausalLM(_transformers_config(raw))
-    replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"],
-                            quantization_config=FineGrainedFP8Config(weight_block_size=(16, 16)))
+@pytest.mark.parametrize("name", ["v3-qlora-dense1", "v32-dense1"])
+def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes(name):
+    """transformers' own FP8 quantizer, as it prepares a model for an official checkpoint: it skips
+    lm_head and the modules a model keeps in float32 (V3.2's indexer.weights_proj)."""
+    raw = {**CONFIGS[name], "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    _, model_class = TRANSFORMERS[raw["model_type"]]
+    model = model_class(_transformers_config(raw))
+    quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=(16, 16)), pre_quantized=True)
+    quantizer._process_model_before_weight_loading(model)
     expected = HF.expected(HF.read_config(raw), "fp8")
     # transformers fuses routed experts in memory; their on-disk per-expert names are checked below
     held = {n: t for n, t in model.state_dict().items() if ".mlp.experts." not in n}
@@ -200,6 +243,10 @@ def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes():
         scale = name.replace(".weight", ".weight_scale_inv")
         assert expected[name].dtype == FP8 and expected[name].shape == tensor.shape
         assert expected[scale].dtype == F32 and expected[scale].shape == tuple(linear.weight_scale_inv.shape)
+    if raw["model_type"] == "deepseek_v32":  # the official V3.2 release: wq_b and wk fp8, weights_proj not
+        indexer = "model.layers.1.self_attn.indexer"
+        assert [expected[f"{indexer}.{m}.weight"].dtype for m in ("wq_b", "wk", "weights_proj")] == [FP8, FP8, FLOAT]
+        assert f"{indexer}.weights_proj.weight_scale_inv" not in expected
 
 
 def test_hf_fp8_mtp_is_the_official_deepseek_v3_checkpoint():
@@ -243,21 +290,22 @@ def test_hf_mtp_is_what_transformers_mtp_model_loads_and_saves(tmp_path):
 
 
 def _mlx_model(raw):
-    return mlx_deepseek_v3.Model(mlx_deepseek_v3.ModelArgs.from_dict(raw))
+    module = MLX_MODULES[raw["model_type"]]
+    return module.Model(module.ModelArgs.from_dict(raw))
 
 
 def _mlx_shapes(arrays) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in arrays}
 
 
-@pytest.mark.parametrize("name", V3)
+@pytest.mark.parametrize("name", V3 + V32)
 def test_mlx_embed_q_equals_mlx_lm_model(name):
     model = _mlx_model(CONFIGS[name])
     expected = MLX.expected(MLX.read_config(CONFIGS[name]), "embed_q")
     assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
 
 
-@pytest.mark.parametrize("name", V3)
+@pytest.mark.parametrize("name", V3 + V32)
 def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
     model = _mlx_model(CONFIGS[name])
     expected = MLX.expected(MLX.read_config(CONFIGS[name]), "kv_b_proj")
@@ -265,7 +313,10 @@ def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
     assert _mlx_shapes(model.sanitize(weights).items()) == _mlx_shapes(tree_flatten(model.parameters()))
 
 
-@pytest.mark.parametrize("name", [n for n in V3 if CONFIGS[n].get("moe_layer_freq", 1) == 1])
+# (mlx-lm honours moe_layer_freq and ignores mlp_layer_types, transformers the other way round:
+# only where they agree on the layers does an hf checkpoint fit mlx-lm's model)
+@pytest.mark.parametrize("name", [n for n in V3 + V32 if CONFIGS[n].get("moe_layer_freq", 1) == 1
+                                  and "mlp_layer_types" not in CONFIGS[n]])
 def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
     _, path = saved[name]
     raw = CONFIGS[name]
@@ -275,6 +326,18 @@ def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
         # mlx-lm's deepseek_v3 always holds lm_head: a tied hf checkpoint lacks it and will not load
         del expected["lm_head.weight"]
     assert sanitized == expected
+
+
+@pytest.mark.parametrize("name", ["v3-qlora-dense1", *V32])
+def test_mlx_quantized_equals_mlx_lm_quantize_model(name):
+    """mlx-lm's own quantize_model (groups of 32: some widths quantize, some are too narrow),
+    V3.2's indexer linears included, k_norm and the router left float."""
+    raw = CONFIGS[name]
+    model, config = quantize_model(_mlx_model(raw), dict(raw), group_size=32, bits=4)
+    expected = MLX.expected(MLX.read_config({**raw, "quantization": config["quantization"]}), "embed_q")
+    assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
+    assert any(e.dtype == U32 for e in expected.values()) and any(e.dtype == FLOAT for n, e in expected.items()
+                                                                  if n.endswith("proj.weight"))
 
 
 # --- deepseek -----------------------------------------------------------------------------

@@ -73,6 +73,17 @@ def test_hf_to_mlx_passes_in_both_variants(variant):
     assert result.hidden["embedding"]["max_abs"] == 0.0
 
 
+def test_fp8_to_mlx_passes_against_transformers_on_the_dequantized_weights(tmp_path):
+    """The FP8 fixture straight to MLX computes what transformers computes on the same weights
+    dequantized by hf-fp8-to-hf (transformers itself cannot load FP8 here without `accelerate`)."""
+    for spec, out in (("hf-fp8-to-hf", "hf"), ("hf-fp8-to-mlx", "mlx")):
+        plan, ckpt = api.plan(FIXTURES / "hf-fp8-mtp", spec)
+        api.convert(plan, ckpt, tmp_path / out)
+    result = run_parity(tmp_path / "hf", tmp_path / "mlx")
+    assert result.ok, [c.describe() for c in result.failures]
+    assert result.logits["max_rel"] < 1e-5 and result.profile == "fp32"
+
+
 @pytest.mark.parametrize("spec, runtime", [("scratch-to-mlx", "mlx-lm"), ("scratch-to-hf", "transformers")])
 def test_compatible_scratch_passes(spec, runtime):
     result = run_parity(FIXTURES / "scratch-compatible", spec=spec, tokens=48, batch=2)

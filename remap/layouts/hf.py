@@ -227,7 +227,8 @@ def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _dense_prefix(types: Any, layers: Any) -> int:
     """How many leading layers mlp_layer_types makes dense; a layout lists dense layers first."""
     dense = types.count("dense") if isinstance(types, list) else -1
-    if not (isinstance(layers, int) and types == ["dense"] * dense + ["sparse"] * (layers - dense)):
+    if not (isinstance(layers, int) and 0 <= dense <= layers
+            and types == ["dense"] * dense + ["sparse"] * (layers - dense)):
         raise config_error(f"mlp_layer_types is {types!r}", "mlp_layer_types",
                            f"{layers} entries: 'dense' layers first, then 'sparse'")
     return dense
