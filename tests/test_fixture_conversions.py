@@ -144,3 +144,30 @@ def test_fp8_dequantization_is_bit_identical_to_mlx_lms(tmp_path):
         expected = np.array(value.astype(mx.float32))
         got = ours.read(name).astype(np.float32)
         assert np.array_equal(got, expected), name
+
+
+@pytest.mark.parametrize("variant", ["embed_q", "kv_b_proj"])
+def test_scratch_to_hf_to_mlx_equals_scratch_to_mlx(tmp_path, variant):
+    """Composition: converting in two runs through transformers' layout writes the same MLX bytes
+    as the composed scratch-to-mlx in one."""
+    for src, spec, dst in ((FIXTURES / "scratch-compatible", "scratch-to-hf", "hf"),
+                           (tmp_path / "hf", "hf-to-mlx", "two-runs"),
+                           (FIXTURES / "scratch-compatible", "scratch-to-mlx", "one-run")):
+        plan, ckpt = api.plan(src, spec, variant=variant if spec != "scratch-to-hf" else None)
+        api.convert(plan, ckpt, tmp_path / dst)
+    assert sha256_file(tmp_path / "two-runs/model.safetensors") == sha256_file(tmp_path / "one-run/model.safetensors")
+    two, one = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("two-runs", "one-run"))
+    assert two == one
+
+
+@pytest.mark.parametrize("fixture, lossy", [("scratch-compatible", set()),
+                                            ("scratch-trained", {"learned positions", "dense MLP biases",
+                                                                 "shared expert biases", "routed expert biases",
+                                                                 "kv_a_proj_with_mqa = kv_proj + the first head's rope key"})])
+def test_check_data_on_the_scratch_fixtures(fixture, lossy):
+    """The trained fixture's report names every lossy step with its magnitude; the compatible one none."""
+    plan, ckpt = api.plan(FIXTURES / fixture, "scratch-to-mlx")
+    report = api.report(plan, ckpt, check=True)
+    broken = {loss.rule.split(" ", 1)[1]: loss.magnitude for loss in report.losses if loss.holds is False}
+    assert set(broken) == lossy and all(m > 0.01 for m in broken.values())
+    assert report.ok == (not lossy)
