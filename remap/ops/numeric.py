@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from remap import dtypes
@@ -13,6 +14,8 @@ from remap.ops.base import Loss, NotInvertible, Op, TensorType
 
 
 # (exponent bits, mantissa bits) of each float dtype.
+# Every e4m3 code's float32 value: decoding by table lookup is exact (each code has one value).
+_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 _FLOAT_BITS = {"F8_E4M3": (4, 3), "F8_E5M2": (5, 2), "BF16": (8, 7), "F16": (5, 10), "F32": (8, 23), "F64": (11, 52)}
 
 
@@ -96,11 +99,12 @@ class DequantFP8(Op):
         (b0, b1), (r, c) = self.block, s.shape
         # View the weight as [r, b0, c, b1] blocks (zero-padded at partial edges) and broadcast one
         # scale per block: the same float32 products as a full-size scale map, without building it.
-        blocks = np.zeros((r * b0, c * b1), np.float32) if (r * b0, c * b1) != (rows, cols) else None
-        if blocks is None:
-            blocks = w.astype(np.float32)
+        values = _E4M3_TO_F32[w.view(np.uint8)]  # exact, and ~4x faster than ml_dtypes' cast
+        if (r * b0, c * b1) == (rows, cols):
+            blocks = values
         else:
-            blocks[:rows, :cols] = w
+            blocks = np.zeros((r * b0, c * b1), np.float32)
+            blocks[:rows, :cols] = values
         blocks = blocks.reshape(r, b0, c, b1)
         blocks *= s.astype(np.float32)[:, None, :, None]
         out = blocks.reshape(r * b0, c * b1)[:rows, :cols].astype(dtypes.numpy_dtype(self.dtype))
