@@ -60,10 +60,10 @@ def hf_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str,
 
 def model_parallel_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str, list[Placement]]]:
     """DeepSeek's convert.py scheme: model{r}-mp{N}.safetensors, one file per rank."""
-    mp = int(names.get("mp", 1))
+    mp = names.get("mp", 1)  # it names the files: a whole number, never text
     experts = names["n_routed_experts"]
-    if mp < 1 or experts % mp:
-        raise RemapError(f"--param mp={mp} does not divide {experts} routed experts", expected="mp >= 1 dividing n_routed_experts")
+    if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1 or experts % mp:
+        raise RemapError(f"--param mp={mp!r} does not divide {experts} routed experts", expected="mp >= 1 dividing n_routed_experts")
     files = [deepseek.shard_file(r, mp) for r in range(mp)]
     entries: list[list[TensorEntry]] = [[] for _ in range(mp)]
     placements: dict[str, list[Placement]] = {}

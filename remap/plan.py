@@ -193,11 +193,14 @@ def _derive(expression: Any, names: Mapping[str, Any]) -> Any:
 
 
 def namespace(spec: Spec, config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
-    """Config values plus the spec's params (defaults may be expressions; overrides win)."""
+    """Config values plus the spec's params: a default may be an expression over the config; a
+    user's override (`--param key=value`) is a value, taken as given."""
     names = dict(config)
     for key, default in spec.params.items():
-        value = (overrides or {}).get(key, default)
-        names[key] = evaluate(value, names) if isinstance(value, str) else value
+        if key in (overrides or {}):
+            names[key] = overrides[key]
+        else:
+            names[key] = evaluate(default, names) if isinstance(default, str) else default
     unknown = set(overrides or {}) - set(spec.params)
     if unknown:
         raise RemapError(f"unknown parameter '{sorted(unknown)[0]}'", file=spec.path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,3 +167,18 @@ def test_resume_refuses_a_partial_of_another_conversion(source, tmp_path, change
         os.utime(source / "model-00002-of-00002.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert "out.partial: was started by a different conversion: " in stderr and what in stderr
     assert "--force to start over" in stderr and not dst.exists()
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])  # tensors moved as bytes; tensors decoded
+def test_a_source_that_shrinks_mid_run_is_an_error_not_a_crash(tmp_path, dtype):
+    from remap import api
+    from remap.errors import RemapError
+
+    src = Path(shutil.copytree(ROOT / "fixtures" / "hf-bf16", tmp_path / "src"))
+    plan, checkpoint = api.plan(src, "hf-to-mlx", dtype=dtype)
+    with open(src / "model.safetensors", "r+b") as f:  # replaced by a shorter download, say
+        f.truncate(os.path.getsize(src / "model.safetensors") - 100)
+    with pytest.raises(RemapError, match="ended") as caught:
+        api.convert(plan, checkpoint, tmp_path / "out")
+    assert caught.value.file == str(src / "model.safetensors") and caught.value.tensor == "model.norm.weight"
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()

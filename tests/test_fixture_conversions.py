@@ -1,5 +1,6 @@
 """Every bundled spec converts every fixture it applies to, and the real runtimes load the result:
-mlx-lm loads and generates from MLX outputs, transformers loads HF outputs."""
+mlx-lm loads and generates from MLX outputs, transformers loads HF outputs (mlx-lm loads FP8 ones:
+transformers needs the accelerate package for those, mlx-lm dequantizes them on load)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ MATRIX = [
     ("hf-fp8-mtp", "hf-fp8-to-hf", None),
     ("hf-fp8-mtp", "hf-fp8-to-mlx", "embed_q"),
     ("hf-fp8-mtp", "hf-fp8-to-mlx", "kv_b_proj"),
+    ("hf-bf16", "hf-to-hf-fp8", None),
+    ("hf-v32-bf16", "hf-to-mlx", "embed_q"),
+    ("hf-v32-bf16", "hf-to-deepseek", None),
+    ("hf-v32-bf16", "hf-to-hf-fp8", None),
     ("scratch-compatible", "scratch-to-hf", None),
     ("scratch-compatible", "scratch-to-mlx", "embed_q"),
     ("scratch-compatible", "scratch-to-mlx", "kv_b_proj"),
@@ -68,7 +73,7 @@ def test_fixture_converts_and_loads(tmp_path, fixture, spec, variant):
     api.convert(plan, ckpt, tmp_path / "out", report=report.to_dict())
     assert (tmp_path / "out/tokenizer.json").exists()
     target = plan.spec.target_layout
-    if target == "mlx":
+    if target == "mlx" or "quantization_config" in plan.target_config:
         _mlx_generates(tmp_path / "out")
     elif target == "hf":
         _transformers_loads(tmp_path / "out")
@@ -171,3 +176,74 @@ def test_check_data_on_the_scratch_fixtures(fixture, lossy):
     broken = {loss.rule.split(" ", 1)[1]: loss.magnitude for loss in report.losses if loss.holds is False}
     assert set(broken) == lossy and all(m > 0.01 for m in broken.values())
     assert report.ok == (not lossy)
+
+
+def test_mlx_lm_computes_transformers_v32_logits_after_hf_to_mlx(tmp_path):
+    """DeepSeek-V3.2's sparse attention, in both runtimes: the prompt is longer than index_topk, so
+    each query attends to the keys its indexer picks; a mis-mapped indexer tensor would pick others."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = FIXTURES / "hf-v32-bf16"
+    plan, ckpt = api.plan(source, "hf-to-mlx")
+    api.convert(plan, ckpt, tmp_path / "mlx")
+    ids = AutoTokenizer.from_pretrained(source)("The quick brown fox jumps", return_tensors="pt").input_ids
+    assert ids.shape[1] > json.loads((source / "config.json").read_text())["index_topk"]
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(ids).logits[0].numpy()
+    model, _ = load(str(tmp_path / "mlx"))
+    model.set_dtype(mx.float32)  # MLX on CPU runs the MoE gather-matmul in float32 only
+    np.testing.assert_allclose(np.array(model(mx.array(ids.numpy()))[0]), theirs, atol=1e-4)
+
+
+def _converted(source: Path, spec: str, out: Path) -> Path:
+    plan, ckpt = api.plan(source, spec)
+    api.convert(plan, ckpt, out)
+    return out
+
+
+def test_fp8_fixture_requantized_from_bf16_keeps_every_code(tmp_path):
+    """hf-fp8-mtp -> hf-fp8-to-hf -> hf-to-hf-fp8: every e4m3 code and every unquantized tensor comes
+    back bit for bit; the scales move by up to 2^-8 relative (the fixture's come from float32
+    amaxes, which bf16 cannot hold: docs/specs.md, "Quantization"). The result is a fixed point:
+    a second round trip rewrites it byte for byte."""
+    import ml_dtypes
+
+    fixture = FIXTURES / "hf-fp8-mtp"
+    once = _converted(_converted(fixture, "hf-fp8-to-hf", tmp_path / "bf16"), "hf-to-hf-fp8", tmp_path / "fp8")
+    before, after = api.open_source(fixture), api.open_source(once)
+    assert set(after.tensors) == set(before.tensors)
+    moved = []
+    for name in before.tensors:
+        a, b = before.read(name), after.read(name)
+        if name.endswith("weight_scale_inv"):
+            assert np.all(np.abs(b / a - 1) <= 2.0**-8), name
+            moved.append(not np.array_equal(a, b))
+        else:
+            assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    assert any(a.dtype == ml_dtypes.float8_e4m3fn for a in map(after.read, after.tensors)) and any(moved)
+    twice = _converted(_converted(once, "hf-fp8-to-hf", tmp_path / "bf16-2"), "hf-to-hf-fp8", tmp_path / "fp8-2")
+    assert sha256_file(twice / "model.safetensors") == sha256_file(once / "model.safetensors")
+
+
+def test_bf16_fp8_round_trip_lands_on_a_fixed_point(tmp_path):
+    """hf-v32-bf16 -> fp8 -> bf16 -> fp8: the second FP8 file is the first byte for byte (each tile's
+    amax is a bf16 value, so its scale survives), the bf16 in between loads in transformers, and the
+    report names the quantization loss of every quantized weight, measured within its bound."""
+    source = FIXTURES / "hf-v32-bf16"
+    plan, ckpt = api.plan(source, "hf-to-hf-fp8")
+    report = api.report(plan, ckpt, check=True)
+    assert report.ok, report.problems
+    [loss] = report.to_dict()["losses"]
+    quantized = [n for n, t in api.open_source(source).tensors.items()
+                 if n.endswith(("_proj.weight", "wq_b.weight", "wk.weight", "kv_a_proj_with_mqa.weight"))
+                 and ".mlp.gate." not in n and "weights_proj" not in n]
+    assert loss["claim"] == "quantization" and loss["count"] == len(quantized)
+    assert 0 < loss["magnitude"] < 0.1
+    api.convert(plan, ckpt, tmp_path / "fp8")
+    bf16 = _converted(tmp_path / "fp8", "hf-fp8-to-hf", tmp_path / "bf16")
+    again = _converted(bf16, "hf-to-hf-fp8", tmp_path / "fp8-2")
+    assert sha256_file(again / "model.safetensors") == sha256_file(tmp_path / "fp8" / "model.safetensors")
+    _transformers_loads(bf16)

@@ -16,7 +16,8 @@ from remap.layouts import detect, get_layout
 from remap.layouts.base import F32, FLOAT, FP8
 
 # The dtype a fixture stores for each dtype class of its layout.
-FLOAT_DTYPE = {"hf-bf16": "BF16", "hf-fp8-mtp": "BF16", "mlx": "BF16", "scratch-compatible": "F32", "scratch-trained": "F32"}
+FLOAT_DTYPE = {"hf-bf16": "BF16", "hf-fp8-mtp": "BF16", "hf-v32-bf16": "BF16", "mlx": "BF16",
+               "scratch-compatible": "F32", "scratch-trained": "F32"}
 CLASS_DTYPE = {FP8: "F8_E4M3", F32: "F32"}
 PROMPT = "The quick brown fox jumps"
 
@@ -131,6 +132,30 @@ def test_fp8_is_the_bf16_model_block_quantized():
                     # e4m3 keeps 3 mantissa bits (1/16 relative), subnormals a step of scale * 2**-9
                     error = np.abs(weight[block] * scale[i, j] - reference[block])
                     assert (error <= np.abs(reference[block]) / 14 + scale[i, j] * 2.0**-9).all(), name
+
+
+def test_v32_is_the_bf16_model_plus_an_indexer_that_sparsifies_attention():
+    """hf-v32-bf16 holds hf-bf16's tensors and an indexer per layer; transformers loads it with
+    nothing missing or unexpected. Its logits equal the V3 model's while a prompt is no longer
+    than index_topk (every key is kept) and differ after: the indexer's choice matters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    v32, v3 = tensors("hf-v32-bf16"), tensors("hf-bf16")
+    assert {n for n in v32 if n not in v3} == {n for n in v32 if ".self_attn.indexer." in n}
+    assert set(v3) < set(v32) and all(np.array_equal(v32[n], v3[n]) for n in v3)
+    config = json.loads((HERE / "hf-v32-bf16" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v32" and config["index_topk"] == 4
+    model, info = AutoModelForCausalLM.from_pretrained(HERE / "hf-v32-bf16", dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    ids = torch.arange(2, 14)[None]
+    with torch.no_grad():
+        sparse = model(ids).logits[0].numpy()
+        dense = AutoModelForCausalLM.from_pretrained(HERE / "hf-bf16", dtype=torch.float32)(ids).logits[0].numpy()
+    topk = config["index_topk"]
+    np.testing.assert_allclose(sparse[:topk], dense[:topk], atol=1e-5)
+    assert (np.abs(sparse[topk:] - dense[topk:]).max(axis=-1) > 0.1).all()
 
 
 def _scratch_conditions(weights: dict[str, np.ndarray]) -> dict[str, list[bool]]:

@@ -4,9 +4,9 @@ hf: the tensors transformers' DeepseekV3 / DeepseekV32 / DeepseekV2ForCausalLM w
 save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
 fine-grained FP8 quantizer, and the MTP layer transformers' MtpModel loads and saves.
 mlx: the parameters of mlx-lm's deepseek_v3.Model and deepseek_v32.Model (quantized too), and what
-their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's inference code cannot be installed, so
-its layout is checked for a consistent model-parallel split and for holding exactly hf's tensors
-under other names (convert.py only renames and slices).
+their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's
+inference code cannot be installed, so its layout is checked for a consistent model-parallel split
+and for holding exactly hf's tensors under other names (convert.py only renames and slices).
 """
 
 from __future__ import annotations
@@ -373,6 +373,40 @@ def test_deepseek_model_args_config_reads_like_the_hf_config():
     assert DEEPSEEK.read_config({**model_args, "q_lora_rank": 0})["q_lora_rank"] is None
 
 
+def test_deepseek_v32_model_args_config_reads_like_the_hf_config():
+    """DeepSeek-V3.2-Exp's inference/config_671B_v3.2.json names the indexer sizes, which is how it
+    tells V3.2 from V3; its tensors are those of the HF V3.2 config.json."""
+    model_args = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+                  "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                  "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+                  "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                  "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8", "scale_fmt": "ue8m0",
+                  "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    from_model_args = DEEPSEEK.read_config(model_args)
+    assert from_model_args["model_type"] == "deepseek_v32"
+    expected = DEEPSEEK.expected(from_model_args, "fp8")
+    assert expected == DEEPSEEK.expected(DEEPSEEK.read_config(DEEPSEEK_V32), "fp8")
+    indexer = "layers.60.attn.indexer"
+    assert {n.removeprefix(indexer + ".") for n in expected if n.startswith(indexer)} == {
+        "wq_b.weight", "wq_b.scale", "wk.weight", "wk.scale", "k_norm.weight", "k_norm.bias", "weights_proj.weight"}
+    assert expected[f"{indexer}.wq_b.weight"].shape == (64 * 128, 1536)
+    assert expected[f"{indexer}.weights_proj.weight"].dtype == FLOAT  # built in the default dtype
+    v3_model_args = {k: v for k, v in model_args.items() if not k.startswith("index_")}
+    assert DEEPSEEK.read_config(v3_model_args)["index_n_heads"] is None  # V3's ModelArgs has no indexer
+
+
+def test_deepseek_v32_indexer_is_replicated_on_every_rank():
+    """V3.2's convert.py maps the indexer's modules with dim None, its wq_b included (the attention's
+    q_b_proj -> wq_b is sliced)."""
+    config = DEEPSEEK.read_config(CONFIGS["v32-dense1"])
+    files = DEEPSEEK.shards(config, 2)
+    single = DEEPSEEK.expected(config)
+    indexer = [n for n in single if ".indexer." in n]
+    assert len(indexer) == 2 * 5
+    assert all(shard[n] == single[n] for shard in files.values() for n in indexer)
+    assert split_of("layers.0.attn.wq_b.weight").dim == 0 and split_of("layers.0.attn.indexer.wq_b.weight").dim is None
+
+
 @pytest.mark.parametrize("variant", DEEPSEEK.variants)
 @pytest.mark.parametrize("mp", [1, 2, 8])
 def test_deepseek_shards_cut_the_single_file_exactly(mp, variant):
@@ -421,9 +455,10 @@ def _as_checkpoint(expected):
     return {name: (tensor.shape, "BF16") for name, tensor in expected.items()}
 
 
+@pytest.mark.parametrize("name", ["v3-qlora-dense1", "v32-dense1"])
 @pytest.mark.parametrize("layout", [HF, MLX, DEEPSEEK])
-def test_each_layout_variant_detects_as_itself(layout):
-    raw = {**CONFIGS["v3-qlora-dense1"], "num_nextn_predict_layers": 1}
+def test_each_layout_variant_detects_as_itself(layout, name):
+    raw = {**CONFIGS[name], "num_nextn_predict_layers": 1}
     for variant in layout.variants:
         detection = detect(_as_checkpoint(layout.expected(layout.read_config(raw), variant)), raw)
         assert (detection.layout, detection.variant) == (layout.name, variant)

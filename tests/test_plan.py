@@ -20,6 +20,7 @@ HF_CONFIGS = {
     "q-lora": {},
     "no-q-lora, all MoE": dict(q_lora_rank=None, first_k_dense_replace=0),
     "two dense, two shared": dict(first_k_dense_replace=2, n_shared_experts=2),
+    "V3.2 indexer": dict(model_type="deepseek_v32", index_n_heads=2, index_head_dim=16, index_topk=4),
 }
 SCRATCH_CONFIGS = {
     "q-lora + MTP": dict(num_nextn_predict_layers=1),
@@ -32,6 +33,8 @@ CASES = [
     ("hf-to-deepseek", "hf", "bf16-mtp", None, HF_CONFIGS),
     ("hf-fp8-to-hf", "hf", "fp8-mtp", None, HF_CONFIGS),
     ("hf-fp8-to-mlx", "hf", "fp8", "kv_b_proj", HF_CONFIGS),
+    ("hf-to-hf-fp8", "hf", "bf16", None, HF_CONFIGS),
+    ("hf-to-hf-fp8", "hf", "bf16-mtp", None, HF_CONFIGS),
     ("scratch-to-hf", "scratch", None, None, SCRATCH_CONFIGS),
     ("scratch-to-mlx", "scratch", None, "embed_q", SCRATCH_CONFIGS),
     ("scratch-to-mlx", "scratch", None, "kv_b_proj", SCRATCH_CONFIGS),
@@ -39,7 +42,8 @@ CASES = [
     ("mlx-dequantize", "mlx", "kv_b_proj", None, HF_CONFIGS),
     ("mlx-to-hf", "mlx", "embed_q", None, HF_CONFIGS),
 ]
-# Quantizing is lossy by design: those specs have no exact inverse to test.
+# Quantizing is lossy by design: those specs have no exact inverse to test (FP8 ones: see
+# test_fp8_requantization_is_a_projection).
 LOSSY_SPECS = {"mlx-quantize", "mlx-dequantize", "mlx-to-hf"}
 FP8 = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
 
@@ -102,6 +106,58 @@ def test_forward_then_inverse_is_the_identity(spec, layout, source_variant, vari
         assert all(np.array_equal(x1[k], x0[k]) for k in kept)
         assert set(x0) - kept == {k for k in x0 if k.startswith(f"model.layers.{config['num_hidden_layers']}.")}
     assert lossless or spec.startswith("scratch")
+
+
+@pytest.mark.parametrize("overrides", HF_CONFIGS.values(), ids=list(HF_CONFIGS))
+def test_fp8_requantization_is_a_projection(overrides):
+    """bf16 -> hf-to-hf-fp8 -> its inverse (dequantize) -> hf-to-hf-fp8 again: the second FP8
+    checkpoint is the first bit for bit, and so is the bf16 after it (one round trip lands on a
+    fixed point). The inverse computes exactly what hf-fp8-to-hf does."""
+    config, tensors = _source("hf", "bf16-mtp", {**overrides, "num_nextn_predict_layers": 1})
+    quantize, dequantize = load_spec("hf-to-hf-fp8"), invert_spec(load_spec("hf-to-hf-fp8"))
+
+    def forward(data):
+        plan = build_plan(quantize, types_of(data), config, source_variant="bf16-mtp")
+        return run_plan(plan, data), plan.target_config
+
+    def back(data, fp8_config):
+        plan = build_plan(dequantize, types_of(data), fp8_config, source_variant="fp8-mtp")
+        ours = run_plan(plan, data)
+        official = run_plan(build_plan(load_spec("hf-fp8-to-hf"), types_of(data), fp8_config,
+                                       source_variant="fp8-mtp"), data)
+        assert ours.keys() == official.keys() and all(np.array_equal(ours[k], official[k]) for k in ours)
+        return ours
+
+    x0 = random_tensors(tensors)
+    q1, fp8_config = forward(x0)
+    x1 = back(q1, fp8_config)
+    q2, _ = forward(x1)
+    x2 = back(q2, fp8_config)
+    assert q2.keys() == q1.keys() and all(np.array_equal(q2[k].view(np.uint8), q1[k].view(np.uint8)) for k in q1)
+    assert all(np.array_equal(x2[k], x1[k]) for k in x1)
+    assert {k for k in x0 if not np.array_equal(x1[k].astype(np.float32), x0[k].astype(np.float32))} == {
+        k.removesuffix("_scale_inv") for k in q1 if k.endswith("weight_scale_inv")}  # only what was quantized
+
+
+@pytest.mark.parametrize("spec", sorted({s for s, layout, *_ in CASES if layout == "hf"}))
+def test_an_mtp_layer_is_kept_only_where_asked_and_the_target_has_a_place(spec):
+    """Every spec reading hf accounts for an MTP layer: an hf target keeps it unless `--param
+    mtp=false`; any other target drops it, with a claim and a reason."""
+    variant = "fp8-mtp" if spec.startswith("hf-fp8") else "bf16-mtp"
+    config, tensors = _source("hf", variant, {"num_nextn_predict_layers": 1})
+    loaded = load_spec(spec)
+    mtp = {n for n in tensors if n.startswith(f"model.layers.{config['num_hidden_layers']}.")}
+    runs = [({}, loaded.target_layout == "hf")]
+    if any("mtp" in part.params for part in loaded.parts or (loaded,)):
+        runs.append(({"mtp": False}, False))
+    for params, kept in runs:
+        plan = build_plan(loaded, tensors, config, params=params, source_variant=variant)
+        report = build_report(plan)
+        assert report.ok, report.problems
+        fates = plan.fates()
+        assert {fates[n] for n in mtp} == ({("used", None)} if kept else {("dropped", "unused")})
+        dropped = [d for d in report.to_dict()["dropped"] if d["name"] in mtp]
+        assert bool(dropped) != kept and all("MTP" in d["reason"] for d in dropped)
 
 
 def test_inverted_config_restores_the_scratch_config():

@@ -65,7 +65,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         raise RemapError(f"cannot read: {e.strerror}", file=str(path)) from e
 
     header = _parse_json(raw, path)
-    metadata = _metadata(header.pop("__metadata__", {}), path)
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else _metadata(metadata, path)  # null is none, as for the crate
     data_start = 8 + header_len
     spans = {name: _entry(name, entry, path) for name, entry in header.items()}
     _check_tiling(spans, file_size - data_start, path)
@@ -134,9 +135,24 @@ def _metadata(value: Any, path: Path) -> dict[str, str]:
     return value
 
 
+# The crate reads sizes and offsets as usize: what does not fit 64 bits is no size.
+_USIZE = 2**64
+
+
 def _is_count(value: Any) -> bool:
     # bool is an int in Python, but `true` is no size
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _USIZE
+
+
+def _overflows(shape: tuple[int, ...], bits: int) -> bool:
+    """Whether the element count, multiplied dimension by dimension in order, or its bit count
+    leaves usize (the crate's checked_mul refuses such a tensor even if a later dimension is 0)."""
+    count = 1
+    for size in (*shape, bits):
+        count *= size
+        if count >= _USIZE:
+            return True
+    return False
 
 
 def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int, int]:
@@ -148,7 +164,7 @@ def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int
     if not isinstance(entry, dict):
         raise bad(f"entry is a JSON {type(entry).__name__}", '{"dtype": ..., "shape": [...], "data_offsets": [b, e]}')
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (a JSON list is not even hashable)
         raise bad(f"unknown dtype {dtype!r}", "one of " + ", ".join(DTYPES))
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers", "e.g. [4096, 7168]")
@@ -160,6 +176,8 @@ def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int
     ):
         raise bad(f"data_offsets {offsets!r} is not a [begin, end] byte range", "two integers, 0 <= begin <= end")
     shape = tuple(shape)
+    if _overflows(shape, DTYPES[dtype].bits):
+        raise bad(f"shape {list(shape)} of {dtype} has more than 2**64 bits", "a tensor that fits in memory")
     try:
         size = byte_size(dtype, shape)
     except RemapError as e:

@@ -1,0 +1,199 @@
+"""Files from the internet never run code and never write outside DST.
+
+- torch files load with weights_only=True; a pickle that runs code is refused unless the user
+  passes --allow-pickle (inspect, report, convert);
+- spec YAML is loaded safely: no tags, no Python objects;
+- the package has no eval / exec / unsafe deserialisation outside the one checked place;
+- output file names come from remap's own schemes, never from tensor names, spec text or
+  parameters; `remap verify` does not follow a manifest outside its directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import remap
+from remap import api
+from remap.io.headers import read_header
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "fixtures" / "hf-bf16"
+PACKAGE = Path(remap.__file__).parent
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "COLUMNS": "250"})
+
+
+def tree(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+# -- pickle ---------------------------------------------------------------------------------------
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): code run by merely loading the file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def hostile_pt(tmp_path) -> tuple[Path, Path]:
+    import torch
+
+    marker = tmp_path / "code-ran"
+    torch.save({"model.norm.weight": torch.ones(64), "payload": CreatesAFile(marker)}, tmp_path / "model.pt")
+    shutil.copy(FIXTURE / "config.json", tmp_path)
+    return tmp_path / "model.pt", marker
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["report", "--spec", "hf-to-mlx"], ["convert", "DST", "--spec", "hf-to-mlx"]])
+def test_pickle_runs_no_code_unless_allowed(hostile_pt, tmp_path, command):
+    path, marker = hostile_pt
+    args = [str(tmp_path / "out") if a == "DST" else a for a in command]
+    refused = cli(args[0], path, *args[1:])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "holds Python objects besides tensors" in refused.stderr and "--allow-pickle" in refused.stderr
+    assert not marker.exists()
+    # The control: the flag reaches the loader, and this file really does run code when allowed.
+    allowed = cli(args[0], path, *args[1:], "--allow-pickle")
+    assert marker.exists()
+    assert allowed.returncode == 2 and "holds a TextIOWrapper under the key 'payload'" in allowed.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- YAML -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:io.open", "!!python/object/new:io.open", "!!python/name:io.open"])
+def test_spec_yaml_constructs_no_python_objects(tmp_path, tag):
+    marker = tmp_path / "code-ran"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"remap: 1\nname: x\nfrom: hf\nto: mlx\nrules:\n  - {tag} ['{marker}', 'w']\n")
+    run = cli("convert", FIXTURE, tmp_path / "out", "--spec", spec)
+    assert run.returncode == 2 and "could not determine a constructor" in run.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# -- no code from data in the package -------------------------------------------------------------
+
+FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "breakpoint"}
+FORBIDDEN_METHODS = {("pickle", "load"), ("pickle", "loads"), ("marshal", "load"), ("marshal", "loads"),
+                     ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "load_all"), ("shelve", "open"),
+                     ("dill", "load"), ("dill", "loads")}
+
+
+def unsafe_calls(path: Path) -> list[str]:
+    """Calls that can run code from data, except the two checked ones: yaml.load with remap's
+    SafeLoader (spec/yaml_lines.py) and torch.load with weights_only (io/checkpoint.py)."""
+    found = []
+    relative = path.relative_to(PACKAGE).as_posix()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func, where = node.func, f"{relative}:{node.lineno}"
+        keywords = {k.arg: k.value for k in node.keywords}
+        if isinstance(func, ast.Name) and func.id in FORBIDDEN_CALLS:
+            found.append(f"{where} {func.id}()")
+        if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
+            continue
+        call = (func.value.id, func.attr)
+        if call in FORBIDDEN_METHODS:
+            found.append(f"{where} {'.'.join(call)}()")
+        elif call == ("yaml", "load") and not (relative == "spec/yaml_lines.py" and ast.unparse(keywords.get("Loader", node)) == "_Loader"):
+            found.append(f"{where} yaml.load() without remap's safe loader")
+        elif call == ("torch", "load") and not (relative == "io/checkpoint.py" and ast.unparse(keywords.get("weights_only", node)) == "not allow_pickle"):
+            found.append(f"{where} torch.load() without weights_only=not allow_pickle")
+        elif call == ("np", "load") and "allow_pickle" in keywords:
+            found.append(f"{where} np.load(allow_pickle=...)")
+    return found
+
+
+def test_no_eval_exec_or_unsafe_loading_in_the_package():
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20
+    assert [call for path in files for call in unsafe_calls(path)] == []
+    from remap.spec.yaml_lines import _Loader
+
+    assert issubclass(_Loader, yaml.SafeLoader)
+
+
+def test_the_scan_finds_what_it_forbids(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
+    (tmp_path / "bad.py").write_text("import pickle, yaml, torch\neval(x)\npickle.loads(b)\nyaml.load(t)\n"
+                                     "torch.load(p, weights_only=False)\nmodel.eval()\n")
+    assert [c.split(" ", 1)[1] for c in unsafe_calls(tmp_path / "bad.py")] == [
+        "eval()", "pickle.loads()", "yaml.load() without remap's safe loader", "torch.load() without weights_only=not allow_pickle"]
+
+
+# -- file names -----------------------------------------------------------------------------------
+
+def test_tensor_names_never_become_file_names(tmp_path):
+    """Output tensors named like the files remap writes (and like paths, as far as a pattern
+    allows) are written into the safetensors header, and only remap's own files appear."""
+    names = ["..", "...", "config.json", "model.safetensors.index.json", "remap-manifest.json", "-rf", ".hidden"]
+    rules = "".join(f"  - {{to: '{n}', from: 'model.layers.{k}.input_layernorm.weight'}}\n" for k, n in enumerate(names[:3]))
+    rules += "".join(f"  - {{to: '{n}', from: 'model.layers.{k}.post_attention_layernorm.weight'}}\n" for k, n in enumerate(names[3:6]))
+    rules += f"  - {{to: '{names[6]}', from: model.norm.weight}}\n"  # the rest is left unmatched
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("remap: 1\nname: names\nfrom: hf\nto: mlx\nrules:\n" + rules)
+    plan, checkpoint = api.plan(FIXTURE, spec)
+    before = tree(tmp_path)
+
+    api.convert(plan, checkpoint, tmp_path / "out")
+
+    expected = {"model.safetensors", "config.json", "remap-manifest.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(os.listdir(tmp_path / "out")) == expected
+    assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in expected}
+    assert set(read_header(tmp_path / "out/model.safetensors")[0]) == set(names)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--spec", "SPEC"], "does not match"),  # a `to:` pattern with a path in it
+    (["--spec", "hf-to-deepseek", "--param", "mp='../../escape'"], "--param mp='../../escape' does not divide"),
+])
+def test_paths_in_spec_names_or_parameters_are_refused(tmp_path, args, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("remap: 1\nname: x\nfrom: hf\nto: mlx\nrules:\n  - {to: '../../escape.weight', from: model.norm.weight}\n")
+    before = tree(tmp_path)
+    run = cli("convert", FIXTURE, work / "out", *[str(spec) if a == "SPEC" else a for a in args])
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert tree(tmp_path) == before
+
+
+def test_verify_refuses_manifest_entries_outside_dst(tmp_path, monkeypatch):
+    assert cli("convert", FIXTURE, tmp_path / "out", "--spec", "hf-to-mlx").returncode == 0
+    outside = tmp_path / "secret"
+    outside.write_text("not remap's")
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    manifest_path = tmp_path / "out/remap-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"].update({"../secret": digest, str(outside): digest})  # the hashes even match
+    manifest_path.write_text(json.dumps(manifest))
+
+    run = cli("verify", tmp_path / "out")
+    assert run.returncode == 1
+    assert "../secret: not a plain file name" in run.stdout and f"{outside}: not a plain file name" in run.stdout
+
+    import remap.verify
+
+    hashed = []
+    monkeypatch.setattr(remap.verify, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or "")
+    api.verify(tmp_path / "out")
+    assert hashed and all(path.parent == (tmp_path / "out").resolve() for path in hashed)
