@@ -164,7 +164,7 @@ def test_tensor_names_never_become_file_names(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--spec", "SPEC"], "does not match"),  # a `to:` pattern with a path in it
-    (["--spec", "hf-to-deepseek", "--param", "mp='../../escape'"], "--param mp='../../escape' does not divide"),
+    (["--spec", "hf-to-deepseek", "--param", "mp=../../escape"], "--param mp='../../escape' does not divide"),
 ])
 def test_paths_in_spec_names_or_parameters_are_refused(tmp_path, args, message):
     work = tmp_path / "work"

@@ -203,7 +203,7 @@ class ShardWriter:
             return
         _claim(self._written[name], offset, offset + nbytes, self.path, name)
         with disk_errors(self.path, name), open(source, "rb", buffering=0) as f:
-            _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes, str(source))
+            _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes, where=(str(source), name))
 
     def close(self) -> None:
         """Check that every byte was written, flush to disk, and give the file its name."""
@@ -376,7 +376,7 @@ def _claim(written: list[tuple[int, int]], lo: int, hi: int, path: Path, name: s
     written.insert(i, (lo, hi))
 
 
-def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int, source: str) -> None:
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int, where: tuple[str, str]) -> None:
     """copy_file_range where the kernel and filesystem allow it, else pread/pwrite in 64 MiB chunks."""
     while nbytes:
         try:
@@ -386,7 +386,7 @@ def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: in
         if n == 0:  # unsupported here (or across filesystems on old kernels): copy through a buffer
             chunk = os.pread(src, min(nbytes, 64 << 20), src_offset)
             if not chunk:
-                raise RemapError("source file ended early (changed since it was planned?)", file=source,
+                raise RemapError("source file ended early (changed since it was planned?)", file=where[0], tensor=where[1],
                                  expected=f"{nbytes} more bytes at offset {src_offset}")
             _pwrite_all(dst, memoryview(chunk), dst_offset)
             n = len(chunk)
