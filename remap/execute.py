@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def convert(
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
-        writers = {s.file: ShardWriter(out / s.file, s.entries, metadata, sync=sync) for s in shards if s.file not in done}
+        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync)
         # Each shard is checksummed as soon as it is complete, in the background, while later
         # shards are still being written (hashing is the one pass over the data a copy lacks).
         hasher = ThreadPoolExecutor(1)
@@ -138,8 +139,7 @@ def convert(
                 hashes[file] = hasher.submit(digest, out / file)
         except BaseException:
             finished.close()  # Ctrl-C lands here too: let running steps end before their files close
-            for writer in writers.values():
-                writer._abandon()
+            writers.abandon()
             hasher.shutdown(cancel_futures=True)
             raise
         if len(shards) > 1 and scheme is hf_files:
@@ -156,6 +156,41 @@ def convert(
         _write_json(out / MANIFEST, {**_manifest(plan, checkpoint, files), "conversion": identity})
         (out / RESUME).unlink()
     return Result(Path(dst), files, total, time.perf_counter() - start)
+
+
+class _Writers:
+    """The shards still to write, each opened at its first piece and closed after its last: a
+    1.3 TB output in 1 GB shards is over a thousand files, more than a process may hold open."""
+
+    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool):
+        self._out, self._metadata, self._sync = out, metadata, sync
+        self._shards = {s.file: s for s in shards}
+        self._open: dict[str, ShardWriter] = {}
+        self._lock = threading.Lock()  # steps run in threads; two may reach a new shard at once
+
+    def __contains__(self, file: str) -> bool:
+        return file in self._shards
+
+    def __getitem__(self, file: str) -> ShardWriter:
+        with self._lock:
+            if file not in self._open:
+                shard = self._shards[file]
+                self._open[file] = ShardWriter(self._out / file, shard.entries, self._metadata, sync=self._sync)
+            return self._open[file]
+
+    def get(self, file: str) -> ShardWriter | None:
+        return self[file] if file in self else None
+
+    def close(self, file: str) -> None:
+        self[file].close()
+        with self._lock:
+            del self._open[file]
+
+    def abandon(self) -> None:
+        with self._lock:
+            for writer in self._open.values():
+                writer._abandon()
+            self._open.clear()
 
 
 def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress) -> Iterator[str]:
@@ -192,7 +227,7 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, pr
                 if place.file in writers:
                     remaining[place.file] -= 1
                     if remaining[place.file] == 0:
-                        writers[place.file].close()
+                        writers.close(place.file)
                         yield place.file
 
     if workers <= 1:

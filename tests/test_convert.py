@@ -187,3 +187,19 @@ def test_verify_catches_a_changed_byte_and_a_missing_file(tiny_hf, tmp_path):
     (tmp_path / "mlx/config.json").unlink()
     assert "config.json: missing" in remap("verify", tmp_path / "mlx", check=False).stdout
     assert remap("verify", tmp_path, check=False).returncode == 2
+
+
+def test_more_shards_than_open_files_allowed(tiny_hf, tmp_path):
+    """Shards open at their first piece and close after their last, so a conversion into more
+    files than the process may hold open still works."""
+    import resource
+
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+
+    run = subprocess.run([*REMAP, "convert", str(tiny_hf), str(tmp_path / "out"), "--spec", "hf-to-mlx",
+                          "--max-shard-size", "2KB", "-q"], capture_output=True, text=True, preexec_fn=few_files)
+    assert run.returncode == 0, run.stderr
+    shards = list((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 32
+    assert remap("verify", tmp_path / "out").returncode == 0

@@ -23,7 +23,7 @@ import numpy as np
 
 from remap.errors import RemapError
 from remap.dtypes import DTYPES, safetensors_dtype
-from remap.io.headers import TensorInfo, read_header
+from remap.io.headers import DuplicateKey, TensorInfo, read_header, unique_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -209,28 +209,14 @@ def _checkpoint(src: str, root: Path, files: dict[str, dict[str, TensorInfo]], *
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RemapError(f"not valid JSON: {e}", file=str(path), expected="a JSON object") from e
-    except _DuplicateKey as e:
-        # which one counts depends on the parser (Python's takes the last, others the first)
+    except DuplicateKey as e:
         raise RemapError(f"names '{e}' twice", file=str(path), expected="each key once") from None
     if not isinstance(config, dict):
         raise RemapError(f"is a JSON {type(config).__name__}", file=str(path), expected="a JSON object")
     return config
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
 
 
 def _open_directory(src: str, root: Path, *, revision: str | None = None) -> Checkpoint:

@@ -101,15 +101,17 @@ def _header_length(prefix: bytes, file_size: int, path: Path) -> int:
     return header_len
 
 
-class _DuplicateKey(Exception):
+class DuplicateKey(Exception):
     pass
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook that refuses a key given twice: which one counts would depend on the
+    parser (Python's keeps the last, others the first)."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         result[key] = value
     return result
 
@@ -117,10 +119,10 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
     expected = "a JSON object of tensor entries"
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as e:
         raise RemapError(f"header is not UTF-8 text (byte {e.start})", file=str(path), expected=expected) from e
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise RemapError(f"header names '{e}' twice", file=str(path), expected="unique names") from e
     except (json.JSONDecodeError, RecursionError) as e:
         raise RemapError(f"header is not valid JSON: {e}", file=str(path), expected=expected) from e
