@@ -16,9 +16,11 @@ from remap.ops import op_class
 from remap.spec import yaml_lines
 from remap.spec.pattern import Pattern
 
-ROOT = Path(__file__).resolve().parents[2]
-MAPPINGS = ROOT / "mappings"
-SCHEMAS = ROOT / "schemas"
+# The repository's top-level mappings/ and schemas/, reached through symlinks inside the package
+# so that a wheel (which copies what they point to) carries them too.
+PACKAGE = Path(__file__).resolve().parents[1]
+MAPPINGS = PACKAGE / "mappings"
+SCHEMAS = PACKAGE / "schemas"
 
 
 @dataclass(frozen=True)
