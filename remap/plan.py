@@ -396,10 +396,10 @@ class _Planner:
             types = op.types(types)
             if loss:
                 losses.append(loss)
-        if self.dtype:  # --dtype: a final cast of every floating output
+        if self.dtype:  # --dtype: a final cast of every floating output (not fp8 codes: those are data)
             extra = []
             for k, t in enumerate(types):
-                if dtypes.is_float(t.dtype) and t.dtype != self.dtype:
+                if dtypes.is_float(t.dtype) and not t.dtype.startswith("F8") and t.dtype != self.dtype:
                     cast = build_op({"op": "cast", "dtype": self.dtype, "input": k}, {})
                     if (loss := cast.loss(types)):
                         losses.append(loss)
