@@ -84,12 +84,22 @@ def test_fp8_to_mlx_passes_against_transformers_on_the_dequantized_weights(tmp_p
     assert result.logits["max_rel"] < 1e-5 and result.profile == "fp32"
 
 
-@pytest.mark.parametrize("spec, runtime", [("scratch-to-mlx", "mlx-lm"), ("scratch-to-hf", "transformers")])
-def test_compatible_scratch_passes(spec, runtime):
-    result = run_parity(FIXTURES / "scratch-compatible", spec=spec, tokens=48, batch=2)
+@pytest.mark.parametrize("spec, variant, runtime", [("scratch-to-mlx", "embed_q", "mlx-lm"),
+                                                    ("scratch-to-mlx", "kv_b_proj", "mlx-lm"),
+                                                    ("scratch-to-hf", None, "transformers")])
+def test_compatible_scratch_passes(spec, variant, runtime):
+    result = run_parity(FIXTURES / "scratch-compatible", spec=spec, variant=variant, tokens=48, batch=2)
     assert result.ok, [c.describe() for c in result.failures]
     assert result.source.runtime.startswith("remap ScratchModel") and result.target.runtime.startswith(runtime)
     assert result.logits["kl"] < 1e-9 and result.logits["top1"] == 1.0
+
+
+@pytest.mark.parametrize("spec", ["mlx-to-hf", "mlx-dequantize"])
+def test_mlx_sources_pass(spec):
+    """mlx-lm as the source side: its own checkpoint against the conversion of it."""
+    result = run_parity(FIXTURES / "mlx", spec=spec)
+    assert result.ok, [c.describe() for c in result.failures]
+    assert result.source.runtime.startswith("mlx-lm") and result.logits["max_rel"] < 1e-5
 
 
 def test_a_quantized_target_is_judged_by_the_quantized_profile():
