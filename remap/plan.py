@@ -293,15 +293,29 @@ class _Planner:
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
+        self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
+        self.shapes: dict[str, list[str]] = {}  # name shape (numbers as #) -> names, in order
+        for name in names:
+            self.shapes.setdefault(_INDEX.sub("#", name), []).append(name)
 
     # -- rules ---------------------------------------------------------------------------
     def add(self, rule: Rule) -> None:
         {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
 
+    def _candidates(self, pattern: Pattern) -> list[str]:
+        """The names `pattern` could match. Names alike but for their layer / expert numbers share
+        a shape (`model.layers.#.mlp.experts.#.w1`); a pattern without literal digits or repeated
+        variables matches all of a shape or none of it, so one try per shape (~100 for the 92k
+        tensors of DeepSeek-V3) rules out most names before any regex runs on them."""
+        if any(c.isdigit() for c in _VARIABLE_TEXT.sub("", pattern.text)) or len(set(pattern.variables)) != len(
+                _VARIABLE_TEXT.findall(pattern.text)):
+            return self.names
+        return [n for members in self.shapes.values() if pattern.match(members[0]) is not None for n in members]
+
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
         """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
         tensor's) pass the rule's `when`."""
-        found = [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
+        found = [(n, b) for n in self._candidates(pattern) if (b := pattern.match(n)) is not None]
         if rule.when is None:
             return found
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
@@ -369,8 +383,9 @@ class _Planner:
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
         """The rule's ops, built once per distinct value of the variables they read (usually
         once per rule: 15,000 expert steps share one `pad`)."""
-        used = {n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)} & set(binding)
-        key = (rule.index, tuple((k, binding[k]) for k in sorted(used)))
+        if rule.index not in self.op_reads:
+            self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
+        key = (rule.index, tuple((k, binding[k]) for k in self.op_reads[rule.index] if k in binding))
         if key not in self.op_cache:
             self.op_cache[key] = tuple(build_op(raw, {**self.plan.names, **binding}) for raw in rule.ops)
         return self.op_cache[key]
@@ -451,6 +466,11 @@ class _Planner:
     def finish(self) -> None:
         used = set(self.used) | set(self.plan.reused)
         self.plan.unmatched = [n for n in self.names if n not in used]
+
+
+# A dot-separated decimal index, written as a pattern's `{i}` matches it (no leading zeros).
+_INDEX = re.compile(r"(?<=\.)(?:0|[1-9][0-9]*)(?=\.|$)")
+_VARIABLE_TEXT = re.compile(r"\{[^}]*\}")
 
 
 def _op_names(step: Step) -> list[str]:
