@@ -28,12 +28,16 @@ def step_pieces(step: Step, read: Reader) -> Iterator[tuple[int | None, list[np.
         yield None, [make(o.shape, dtype=dtypes.numpy_dtype(o.dtype)) for o in step.outputs]
         return
     for index, group in enumerate(step.groups):
-        arrays = [read(name) for name in group]
-        if step.take is not None:
-            arrays = [a[step.take] for a in arrays]
+        arrays = _inputs(step, group, read)
         for op in step.ops:
             arrays = op.apply(arrays)
         yield (index if step.stacked else None), arrays
+
+
+def _inputs(step: Step, group: tuple[str, ...], read: Reader) -> list[np.ndarray]:
+    """One group's source arrays, as the step's ops take them (an unstacking step's element)."""
+    arrays = [read(name) for name in group]
+    return arrays if step.take is None else [a[step.take] for a in arrays]
 
 
 def step_outputs(step: Step, read: Reader) -> list[np.ndarray]:
@@ -48,9 +52,7 @@ def step_findings(step: Step, read: Reader) -> list[Finding]:
     """What the data says about each claim a step's ops make (the ops' `check`)."""
     findings: list[Finding] = []
     for group in step.groups:
-        arrays = [read(name) for name in group]
-        if step.take is not None:
-            arrays = [a[step.take] for a in arrays]
+        arrays = _inputs(step, group, read)
         for op in step.ops:
             findings.extend(op.check(arrays))
             arrays = op.apply(arrays)

@@ -6,16 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
 
 from remap import api
 from remap.names import collapse, format_indices, template
 from remap.plan import build_plan
-from remap.report import build_report, render_markdown
+from remap.report import build_report
 from remap.spec.load import SCHEMAS, load_spec
 from tests.helpers import SCRATCH_BASE, layout_tensors, random_tensors
 
