@@ -21,17 +21,26 @@ Reader = Callable[[str], np.ndarray]
 
 
 def step_pieces(step: Step, read: Reader) -> Iterator[tuple[int | None, list[np.ndarray]]]:
-    """Yield (stack index or None, one array per output) — a stacked step yields one slab per
-    element, so a 7.5 GB stacked expert tensor never exists in memory at once."""
+    """Yield (index on axis 0 or None, one array per output). A stacked step yields one slab per
+    element, so a 7.5 GB stacked expert tensor never exists in memory at once; so does a step of a
+    later stage whose ops act slab by slab on a tensor an earlier stage stacks (quantizing the
+    stacked experts quantizes one expert at a time)."""
     if step.fill is not None:
         make = np.zeros if step.fill == "zeros" else np.ones
         yield None, [make(o.shape, dtype=dtypes.numpy_dtype(o.dtype)) for o in step.outputs]
         return
+    if isinstance(read, StagedReader) and (slabs := read.slabs(step)) is not None:
+        for index, slab in slabs:
+            yield index, _apply(step, [slab])
+        return
     for index, group in enumerate(step.groups):
-        arrays = _inputs(step, group, read)
-        for op in step.ops:
-            arrays = op.apply(arrays)
-        yield (index if step.stacked else None), arrays
+        yield (index if step.stacked else None), _apply(step, _inputs(step, group, read))
+
+
+def _apply(step: Step, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    for op in step.ops:
+        arrays = op.apply(arrays)
+    return arrays
 
 
 def _inputs(step: Step, group: tuple[str, ...], read: Reader) -> list[np.ndarray]:
@@ -41,11 +50,16 @@ def _inputs(step: Step, group: tuple[str, ...], read: Reader) -> list[np.ndarray
 
 
 def step_outputs(step: Step, read: Reader) -> list[np.ndarray]:
-    """Whole output arrays of a step (stacked steps assembled)."""
-    pieces = list(step_pieces(step, read))
-    if not step.stacked:
-        return pieces[0][1]
-    return [np.stack([arrays[j] for _, arrays in pieces]) for j in range(len(step.outputs))]
+    """Whole output arrays of a step (slabs written into place as they come)."""
+    whole: list[np.ndarray] = []
+    for index, arrays in step_pieces(step, read):
+        if index is None:
+            return arrays
+        if not whole:
+            whole = [np.empty(o.shape, a.dtype) for o, a in zip(step.outputs, arrays)]
+        for out, array in zip(whole, arrays):
+            out[index] = array
+    return whole
 
 
 def step_findings(step: Step, read: Reader) -> list[Finding]:
@@ -66,6 +80,7 @@ class StagedReader:
     cached embedding is hundreds of MB that nothing will read again."""
 
     def __init__(self, plan: Plan, read_source: Reader, cache_steps: int = 2):
+        self.plan = plan
         self.read_source = read_source
         self.upstream = StagedReader(plan.upstream, read_source, cache_steps) if plan.upstream else None
         self.producer: dict[str, tuple[Step, int]] = {}
@@ -75,6 +90,33 @@ class StagedReader:
                     self.producer[output.name] = (step, j)
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._cache_steps = cache_steps
+
+    def _slab_producer(self, step: Step) -> Step | None:
+        """The earlier stage's stacking step whose output is `step`'s one source, where every op
+        of `step` acts on each slab alone (so the two can run slab by slab); None otherwise."""
+        if self.upstream is None or step.stacked or step.take is not None or len(step.sources) != 1:
+            return None
+        producer, _ = self.producer.get(step.sources[0], (None, 0))
+        if producer is None or not producer.stacked or len(producer.outputs) != 1:
+            return None
+        return producer if all(op.per_slab for op in step.ops) else None
+
+    def slabs(self, step: Step) -> Iterator[tuple[int, np.ndarray]] | None:
+        """`step`'s one source, slab by slab as the earlier stage stacks it (see _slab_producer)."""
+        producer = self._slab_producer(step)
+        if producer is None:
+            return None
+        return ((index, arrays[0]) for index, arrays in step_pieces(producer, self.upstream))
+
+    def piece_nbytes(self, step: Step) -> int:
+        """Bytes of the sources of the largest piece `step` computes at once."""
+        if step.fill is not None or not step.groups:
+            return sum(o.nbytes for o in step.outputs)
+        if (producer := self._slab_producer(step)) is not None:
+            (output,) = producer.outputs
+            return output.nbytes // max(1, output.shape[0])
+        size = max(sum(self.plan.source_tensors[n].nbytes for n in group) for group in step.groups)
+        return size // max(1, self.plan.source_tensors[step.sources[0]].shape[0]) if step.take is not None else size
 
     def __call__(self, name: str) -> np.ndarray:
         if self.upstream is None:

@@ -241,7 +241,8 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, pr
         window: deque = deque()
         in_flight = 0
         for step in steps:
-            need = 0 if _byte_moves(plan, checkpoint, step) else _working_set(plan, step)
+            # a decoded piece is held about 3 times: the private copy, what ops make of it, what is written
+            need = 0 if _byte_moves(plan, checkpoint, step) else 3 * read.piece_nbytes(step)
             while window and (len(window) >= 2 * workers or in_flight + need > memory):
                 finished, future, used = window.popleft()
                 future.result()
@@ -253,14 +254,6 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, pr
             finished, future, _ = window.popleft()
             future.result()
             yield from done(finished)
-
-
-def _working_set(plan: Plan, step: Step) -> int:
-    """Bytes a decoded step holds at once, roughly: its largest piece's sources, read and
-    transformed (x3: the private copy, what ops make of it, what is written)."""
-    sizes = [sum(plan.source_tensors[n].nbytes for n in group) for group in step.groups] or [
-        sum(o.nbytes for o in step.outputs)]
-    return 3 * max(sizes)
 
 
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:

@@ -348,8 +348,9 @@ def deepseek_fp8_cast_bf16(weight: torch.Tensor, scale_inv: torch.Tensor, block:
 
 
 @pytest.mark.parametrize("block", [(128, 128), (64, 32), (7, 5)])
-def test_dequant_fp8_matches_deepseek_bit_for_bit(block):
-    rows, cols = 200, 72  # neither a multiple of 128 nor of 64 x 32: partial edge blocks
+@pytest.mark.parametrize("rows, cols", [(200, 72), (131, 71)])  # odd widths decode code by code
+def test_dequant_fp8_matches_deepseek_bit_for_bit(block, rows, cols):
+    # neither a multiple of 128 nor of 64 x 32: partial edge blocks
     codes = RNG.integers(0, 256, size=(rows, cols), dtype=np.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0x3C  # e4m3fn's only NaNs; every other code, subnormals included
     weight = codes.view(ml_dtypes.float8_e4m3fn)

@@ -97,6 +97,17 @@ def test_quantize_mlx_is_mx_quantize(bits, group_size):
         assert ours[1].shape == ours[2].shape == (*lead, width // group_size) and ours[1].dtype == w.dtype
 
 
+def test_quantize_mlx_in_row_blocks_on_threads_is_one_mx_quantize(monkeypatch):
+    """Blocks of rows quantized on several threads (uneven last block) give the whole call's bytes."""
+    import remap.ops.quant as quant
+
+    monkeypatch.setattr(quant, "_CHUNK_BYTES", 3 * 512 * 2)  # 3 rows of bf16 per block
+    w = random((5, 7, 512), ml_dtypes.bfloat16, scale_rows=True)
+    ours = run({"op": "quantize_mlx", "bits": 4, "group_size": 64}, [w])
+    theirs = [from_mlx(x) for x in mx.quantize(to_mlx(w), 64, 4)]
+    assert [bits_of(a) for a in ours] == [bits_of(a) for a in theirs]
+
+
 @pytest.mark.parametrize("bits", MLX_BITS)
 def test_dequantize_mlx_is_mx_dequantize_and_exact_in_float32(bits):
     w = random((8, 256), ml_dtypes.bfloat16, scale_rows=True)

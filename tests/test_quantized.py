@@ -103,3 +103,21 @@ def test_quantized_mlx_back_to_transformers(tmp_path):
     assert cosine > 0.999
     original = _torch_logits(FIXTURES / "hf-bf16")  # and close to the model before quantization
     assert (original * torch_logits).sum() / np.linalg.norm(original) / np.linalg.norm(torch_logits) > 0.99
+
+
+def test_stacked_experts_quantize_one_expert_at_a_time():
+    """The quantize stage takes the earlier stage's stacked experts slab by slab (never the whole
+    stack in memory), and the slabs assemble to the whole tensor's quantization."""
+    from remap.compute import StagedReader, step_outputs, step_pieces
+    from remap.ops.quant import QuantizeMLX
+
+    plan, ckpt = api.plan(FIXTURES / "hf-bf16", "hf-to-mlx", quantize=4)
+    read = StagedReader(plan, ckpt.load)
+    step = next(s for s in plan.steps if s.outputs[0].name.endswith("switch_mlp.up_proj.weight"))
+    experts = step.outputs[0].shape[0]
+    pieces = list(step_pieces(step, read))
+    assert [index for index, _ in pieces] == list(range(experts))
+    assert read.piece_nbytes(step) * experts == plan.source_tensors[step.sources[0]].nbytes
+
+    whole = QuantizeMLX(bits=4, group_size=64).apply([read(step.sources[0])])
+    assert all(np.array_equal(a, b) for a, b in zip(step_outputs(step, read), whole))

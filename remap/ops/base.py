@@ -73,6 +73,11 @@ class Op:
     int_params: ClassVar[tuple[str, ...]] = ()
     list_params: ClassVar[tuple[str, ...]] = ()
 
+    # True where applying the op to each slab along axis 0 and stacking the results equals
+    # applying it to the whole: a later stage may then run it on an earlier stage's stacked
+    # tensor one slab at a time (compute.step_pieces).
+    per_slab: ClassVar[bool] = False
+
     input: int = 0  # which element of the list the op acts on, for single-input ops
 
     @classmethod

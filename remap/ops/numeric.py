@@ -16,7 +16,18 @@ from remap.ops.base import Loss, NotInvertible, Op, TensorType
 # (exponent bits, mantissa bits) of each float dtype.
 # Every e4m3 code's float32 value: decoding by table lookup is exact (each code has one value).
 _E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+# ... and of each pair of codes (a uint16, little-endian: the low byte is the first value), as one
+# uint64: decoding two at a time halves the lookups. 512 KB, so it stays in cache.
+_E4M3_PAIRS_TO_F32 = np.stack(np.meshgrid(_E4M3_TO_F32, _E4M3_TO_F32), -1).reshape(-1, 2).view(np.uint64).ravel()
 _FLOAT_BITS = {"F8_E4M3": (4, 3), "F8_E5M2": (5, 2), "BF16": (8, 7), "F16": (5, 10), "F32": (8, 23), "F64": (11, 52)}
+
+
+def _decode_e4m3(codes: np.ndarray) -> np.ndarray:
+    """e4m3 codes -> their float32 values, exactly (~4x faster than ml_dtypes' cast)."""
+    codes = np.ascontiguousarray(codes).view(np.uint8)
+    if codes.shape[-1] % 2:
+        return _E4M3_TO_F32[codes]
+    return _E4M3_PAIRS_TO_F32[codes.view(np.uint16)].view(np.float32)
 
 
 def _narrows(source: str, target: str) -> bool:
@@ -32,6 +43,7 @@ class Cast(Op):
     """Change dtype; narrowing (f32 -> bf16) is named as rounding in the plan."""
 
     name = "cast"
+    per_slab = True
     dtype: str = "BF16"
     source: str | None = None  # the dtype being cast from: declared so the inverse can cast back
 
@@ -96,18 +108,14 @@ class DequantFP8(Op):
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         w, s = arrays[self.input], arrays[self.input + 1]
         rows, cols = w.shape
-        (b0, b1), (r, c) = self.block, s.shape
-        # View the weight as [r, b0, c, b1] blocks (zero-padded at partial edges) and broadcast one
-        # scale per block: the same float32 products as a full-size scale map, without building it.
-        values = _E4M3_TO_F32[w.view(np.uint8)]  # exact, and ~4x faster than ml_dtypes' cast
-        if (r * b0, c * b1) == (rows, cols):
-            blocks = values
-        else:
-            blocks = np.zeros((r * b0, c * b1), np.float32)
-            blocks[:rows, :cols] = values
-        blocks = blocks.reshape(r, b0, c, b1)
-        blocks *= s.astype(np.float32)[:, None, :, None]
-        out = blocks.reshape(r * b0, c * b1)[:rows, :cols].astype(dtypes.numpy_dtype(self.dtype))
+        b0, b1 = self.block
+        out = np.empty((rows, cols), dtypes.numpy_dtype(self.dtype))
+        # One band of b0 rows at a time (they share a row of scales), so the float32 values stay
+        # in cache between decoding, scaling and rounding; edge tiles use their own scale.
+        for k, start in enumerate(range(0, rows, b0)):
+            band = _decode_e4m3(w[start : start + b0])
+            band *= np.repeat(s[k].astype(np.float32), b1)[:cols]
+            out[start : start + b0] = band  # rounded once, to nearest even
         return [*arrays[: self.input], out, *arrays[self.input + 2 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:

@@ -9,6 +9,9 @@ docs/specs.md ("Quantization").
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,9 +37,14 @@ _CHUNK_BYTES = 64 << 20  # rows quantized per mlx call
 # -- numpy <-> mlx ------------------------------------------------------------------------------
 
 
+@functools.cache
 def _mx() -> Any:
     import mlx.core as mx  # on first use: planning never needs mlx
 
+    # mlx keeps freed buffers for reuse; a conversion quantizing tensor after tensor must not hold
+    # them all. A zero cache limit frees each at once. (mx.clear_cache() after each call did the
+    # same but serialized the threads that run steps side by side.)
+    mx.set_cache_limit(0)
     return mx
 
 
@@ -53,6 +61,14 @@ def _to_numpy(x: Any) -> np.ndarray:
     if x.dtype == mx.bfloat16:
         return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
     return np.array(x)
+
+
+@functools.cache
+def _threads() -> ThreadPoolExecutor:
+    """Threads that evaluate blocks of one tensor side by side. Since mlx 0.31.2 each thread has
+    its own default stream, so blocks created and evaluated in one thread run in parallel."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return ThreadPoolExecutor(max(1, cores or 1), thread_name_prefix="remap-mlx")
 
 
 def _mlx_dtype(name: str) -> Any:
@@ -83,6 +99,7 @@ class QuantizeMLX(Op):
     """
 
     name = "quantize_mlx"
+    per_slab = True
     int_params = ("bits", "group_size")
     bits: int = 4  # mlx-lm's defaults
     group_size: int = 64
@@ -105,23 +122,27 @@ class QuantizeMLX(Op):
         return [*inputs[: self.input], weight, scales, scales, *inputs[self.input + 1 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        mx = _mx()
         x = self._pick(arrays)
         rows = x.reshape(-1, x.shape[-1])
-        # Groups never cross a row, so quantizing a block of rows at a time gives the same bytes as
-        # the whole tensor at once, with mlx's working memory bounded by one block (an embedding of
-        # 129280 x 7168 would otherwise take several GB of temporaries).
-        step = max(1, _CHUNK_BYTES // max(1, rows.shape[1] * rows.itemsize))
-        pieces: list[list[np.ndarray]] = [[], [], []]
-        for start in range(0, rows.shape[0], step):
-            quantized = mx.quantize(_to_mlx(rows[start : start + step]), self.group_size, self.bits,
-                                    mode=self.mode, stream=mx.cpu)
-            for kept, q in zip(pieces, quantized):
-                kept.append(_to_numpy(q))
-            del quantized
-            mx.clear_cache()  # mlx keeps freed buffers for reuse; a conversion must not hold them all
-        outputs = [np.concatenate(p).reshape(*x.shape[:-1], -1) for p in pieces]
+        width = rows.shape[1]
+        outputs = [np.empty((rows.shape[0], width * self.bits // 32), np.uint32),
+                   *(np.empty((rows.shape[0], width // self.group_size), x.dtype) for _ in range(2))]
+        # Groups never cross a row, so blocks of rows quantize to the same bytes as the whole
+        # tensor at once: mlx's working memory stays one block per thread (an embedding of
+        # 129280 x 7168 would otherwise take several GB of temporaries), and every core gets work
+        # (mlx's CPU kernel is single-threaded; each thread evaluates on its own stream).
+        threads = _threads()
+        step = max(1, min(_CHUNK_BYTES // max(1, width * rows.itemsize), -(-rows.shape[0] // threads._max_workers)))
+        blocks = [slice(start, start + step) for start in range(0, rows.shape[0], step)]
+        list(threads.map(lambda block: self._quantize_block(rows[block], [o[block] for o in outputs]), blocks))
+        outputs = [o.reshape(*x.shape[:-1], -1) for o in outputs]
         return [*arrays[: self.input], *outputs, *arrays[self.input + 1 :]]
+
+    def _quantize_block(self, rows: np.ndarray, into: list[np.ndarray]) -> None:
+        mx = _mx()
+        quantized = mx.quantize(_to_mlx(rows), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+        for out, q in zip(into, quantized):
+            out[...] = _to_numpy(q)
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         t = self._pick(inputs)
@@ -152,6 +173,7 @@ class DequantizeMLX(Op):
     """
 
     name = "dequantize_mlx"
+    per_slab = True
     int_params = ("bits", "group_size")
     bits: int = 4
     group_size: int = 64
@@ -193,7 +215,6 @@ class DequantizeMLX(Op):
             s, b = s.astype(mx.float32), b.astype(mx.float32)
         out = mx.dequantize(w, s, b, self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
         out = _to_numpy(out.astype(_mlx_dtype(target), stream=mx.cpu))
-        mx.clear_cache()  # as in QuantizeMLX.apply: release mlx's buffer cache
         return [*arrays[: self.input], out, *arrays[self.input + 3 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
