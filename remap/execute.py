@@ -27,7 +27,7 @@ from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
 from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, TensorEntry, atomic_output,
-                             disk_errors, plan_shards, sha256_file, shard_is_complete, write_index)
+                             disk_errors, file_order, plan_shards, sha256_file, shard_is_complete, write_index)
 from remap.layouts import deepseek
 from remap.plan import Plan, Step
 
@@ -126,17 +126,18 @@ def convert(
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
-        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync)
-        # Each shard is checksummed as soon as it is complete, in the background, while later
-        # shards are still being written (hashing is the one pass over the data a copy lacks).
+        # Shards are checksummed while they are written (ShardWriter hashes each file as its
+        # bytes land, in order); shards a resumed run kept are hashed in the background meanwhile.
+        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums)
         hasher = ThreadPoolExecutor(1)
         digest = sha256_file if checksums else (lambda path: None)
-        hashes = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
-        steps = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
+        kept = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
+        hashes: dict[str, str | None] = {}
+        steps = _in_file_order([s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])],
+                               shards, placements)
         finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress)
         try:
-            for file in finished:
-                hashes[file] = hasher.submit(digest, out / file)
+            hashes.update(finished)
         except BaseException:
             finished.close()  # Ctrl-C lands here too: let running steps end before their files close
             writers.abandon()
@@ -149,7 +150,8 @@ def convert(
             shutil.copy2(path, out / path.name)
         if report is not None:
             _write_json(out / REPORT, report)
-        files = {p.name: hashes[p.name].result() if p.name in hashes else digest(p)
+        hashes.update((file, future.result()) for file, future in kept.items())
+        files = {p.name: hashes[p.name] if p.name in hashes else digest(p)
                  for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
         hasher.shutdown()
         # The manifest carries the identity on, so a kill between these two lines still resumes.
@@ -162,8 +164,8 @@ class _Writers:
     """The shards still to write, each opened at its first piece and closed after its last: a
     1.3 TB output in 1 GB shards is over a thousand files, more than a process may hold open."""
 
-    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool):
-        self._out, self._metadata, self._sync = out, metadata, sync
+    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool, checksums: bool):
+        self._out, self._metadata, self._sync, self._checksums = out, metadata, sync, checksums
         self._shards = {s.file: s for s in shards}
         self._open: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()  # steps run in threads; two may reach a new shard at once
@@ -175,16 +177,20 @@ class _Writers:
         with self._lock:
             if file not in self._open:
                 shard = self._shards[file]
-                self._open[file] = ShardWriter(self._out / file, shard.entries, self._metadata, sync=self._sync)
+                self._open[file] = ShardWriter(self._out / file, shard.entries, self._metadata, sync=self._sync,
+                                               checksum=self._checksums)
             return self._open[file]
 
     def get(self, file: str) -> ShardWriter | None:
         return self[file] if file in self else None
 
-    def close(self, file: str) -> None:
-        self[file].close()
+    def close(self, file: str) -> str | None:
+        """Finish a shard; its sha256 where checksums are on."""
+        writer = self[file]
+        writer.close()
         with self._lock:
             del self._open[file]
+        return writer.sha256
 
     def abandon(self) -> None:
         with self._lock:
@@ -193,8 +199,9 @@ class _Writers:
             self._open.clear()
 
 
-def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress) -> Iterator[str]:
-    """Run the steps; yields each file as soon as its last tensor is written and it is closed."""
+def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress) -> Iterator[tuple[str, str | None]]:
+    """Run the steps; yields each file, with its sha256, as soon as its last tensor is written and
+    it is closed."""
     read = StagedReader(plan, checkpoint.load)
     remaining = Counter(p.file for s in steps for o in s.outputs for p in placements[o.name] if p.file in writers)
 
@@ -220,14 +227,13 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, pr
                     if progress:
                         progress(piece.nbytes)
 
-    def done(step: Step) -> Iterator[str]:
+    def done(step: Step) -> Iterator[tuple[str, str | None]]:
         for output in step.outputs:
             for place in placements[output.name]:
                 if place.file in writers:
                     remaining[place.file] -= 1
                     if remaining[place.file] == 0:
-                        writers.close(place.file)
-                        yield place.file
+                        yield place.file, writers.close(place.file)
 
     if workers <= 1:
         for step in steps:
@@ -254,6 +260,17 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, pr
             finished, future, _ = window.popleft()
             future.result()
             yield from done(finished)
+
+
+def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements) -> list[Step]:
+    """Steps ordered by where their first bytes land (file, then offset), so each file fills
+    from its start: it is hashed as it is written, and finishes (and can close) early."""
+    where: dict[tuple[str, str], tuple[int, int]] = {}
+    for rank, shard in enumerate(shards):
+        for offset, entry in enumerate(file_order(shard.entries)):
+            where[shard.file, entry.name] = (rank, offset)
+    first = {id(step): min(where[p.file, o.name] for o in step.outputs for p in placements[o.name]) for step in steps}
+    return sorted(steps, key=lambda step: first[id(step)])
 
 
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:

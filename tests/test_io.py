@@ -464,6 +464,25 @@ def test_writer_takes_pieces_at_offsets(tmp_path):
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
+def test_writer_checksum_is_the_files_sha256_whatever_the_order_and_threads(tmp_path, order):
+    """Pieces land in any order from several threads; the hash follows the written prefix and
+    equals sha256 of the finished file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stacked = RNG.standard_normal((16, 64, 33)).astype(np.float32)
+    small = RNG.standard_normal(5).astype(ml_dtypes.bfloat16)
+    pieces = [("experts", stacked[e], e * stacked[e].nbytes) for e in range(len(stacked))] + [("small", small, 0)]
+    pieces = {"in order": pieces, "reversed": pieces[::-1],
+              "shuffled": [pieces[i] for i in RNG.permutation(len(pieces))]}[order]
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, entries_of({"experts": stacked, "small": small}), {"format": "pt"}, checksum=True)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
+    shard.close()
+    assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_writer_incomplete_leaves_no_file(tmp_path):
     path = tmp_path / "out.safetensors"
     shard = ShardWriter(path, [("a", "F32", (4,)), ("b", "F32", (2,)), ("z", "F32", (0,))])

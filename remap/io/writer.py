@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,11 @@ def _entry(entry: EntryLike) -> TensorEntry:
     return TensorEntry(name, dtype, shape)
 
 
+def file_order(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
+    """The order tensors take in a safetensors file: by descending dtype alignment, then name."""
+    return sorted(entries, key=lambda entry: (-_ALIGNMENT_RANK[entry.dtype], entry.name))
+
+
 def _layout(
     entries: Iterable[TensorEntry], metadata: dict[str, str] | None
 ) -> tuple[bytes, dict[str, tuple[int, int]], int]:
@@ -109,7 +115,7 @@ def _layout(
     """
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise RemapError(f"metadata {metadata!r} is not a map of strings", expected='{"format": "pt"}')
-    entries = sorted(entries, key=lambda entry: (-_ALIGNMENT_RANK[entry.dtype], entry.name))
+    entries = file_order(entries)
     spans: dict[str, tuple[int, int]] = {}
     offset = 0
     for entry in entries:
@@ -136,6 +142,11 @@ class ShardWriter:
     byte of every tensor was written exactly once: a file under its final name is complete,
     which is what resuming an interrupted conversion relies on.
 
+    With `checksum`, the file's sha256 (`.sha256` after close) is computed while it is written:
+    whenever the bytes written from the start of the file grow, the new ones are read back (from
+    the page cache) and hashed, so a file written roughly in order costs no extra pass at the end.
+    Safe to call from several threads at once.
+
         with ShardWriter(out / plan.file, plan.entries, {"format": "pt"}) as shard:
             for e, expert in enumerate(experts):
                 shard.write("mlp.switch_mlp.up_proj.weight", expert, offset=e * expert.nbytes)
@@ -148,21 +159,25 @@ class ShardWriter:
         metadata: dict[str, str] | None = None,
         *,
         sync: bool = False,
+        checksum: bool = False,
     ):
         self.path = Path(path)
         self.sync = sync  # fsync before naming the file: survives power loss, not only a crash
         entries = [_entry(entry) for entry in entries]
         self._dtypes = {entry.name: entry.dtype for entry in entries}
-        header, self._spans, file_size = _layout(entries, metadata)
+        header, self._spans, self._size = _layout(entries, metadata)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
+        self._lock = threading.Lock()  # guards the written ranges
+        self._hash = _FollowingHash(self._size, len(header)) if checksum else None
+        self.sha256: str | None = None
         self._incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
         self._fd: int | None = None
         try:
             with disk_errors(self.path):
-                self._fd = os.open(self._incomplete, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fd = os.open(self._incomplete, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 _pwrite_all(self._fd, memoryview(header), 0)
                 # final size from the start (sparse until written), so pieces can land at any offset
-                os.ftruncate(self._fd, file_size)
+                os.ftruncate(self._fd, self._size)
         except BaseException:
             self._abandon()
             raise
@@ -184,9 +199,10 @@ class ShardWriter:
                 expected=f"pieces within the tensor's {end - begin} bytes",
             )
         if piece.nbytes:
-            _claim(self._written[name], offset, offset + piece.nbytes, self.path, name)
+            self._claim(name, offset, offset + piece.nbytes)
             with disk_errors(self.path, name):
                 _pwrite_all(self._fd, piece, begin + offset)
+            self._written_at(begin + offset, piece.nbytes)
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -201,9 +217,19 @@ class ShardWriter:
             raise RemapError(f"a piece of {nbytes} bytes at offset {offset} does not fit", file=str(self.path), tensor=name)
         if not nbytes:
             return
-        _claim(self._written[name], offset, offset + nbytes, self.path, name)
+        self._claim(name, offset, offset + nbytes)
         with disk_errors(self.path, name), open(source, "rb", buffering=0) as f:
             _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes, where=(str(source), name))
+        self._written_at(begin + offset, nbytes)
+
+    def _claim(self, name: str, lo: int, hi: int) -> None:
+        with self._lock:
+            _claim(self._written[name], lo, hi, self.path, name)
+
+    def _written_at(self, start: int, nbytes: int) -> None:
+        if self._hash is not None:
+            with disk_errors(self.path):
+                self._hash.written(start, nbytes, self._fd)
 
     def close(self) -> None:
         """Check that every byte was written, flush to disk, and give the file its name."""
@@ -224,6 +250,8 @@ class ShardWriter:
                 expected="every byte of every tensor written before close",
             )
         with disk_errors(self.path):
+            if self._hash is not None:
+                self.sha256 = self._hash.finish(self._fd)
             if self.sync:
                 os.fsync(self._fd)
             os.close(self._fd)
@@ -244,6 +272,46 @@ class ShardWriter:
             self.close()
         else:
             self._abandon()
+
+
+class _FollowingHash:
+    """sha256 of a file being written in pieces: it hashes the bytes written contiguously from the
+    start, reading them back as that prefix grows. One thread hashes at a time; a thread that
+    finds another hashing leaves the new bytes to it."""
+
+    def __init__(self, size: int, header: int):
+        self._digest = hashlib.sha256()
+        self._size = size
+        self._filled: list[tuple[int, int]] = [(0, header)]  # absolute ranges, merged
+        self._hashed = 0
+        self._ranges = threading.Lock()
+        self._hashing = threading.Lock()
+
+    def written(self, start: int, nbytes: int, fd: int) -> None:
+        with self._ranges:
+            _claim(self._filled, start, start + nbytes, Path(), "")
+        while self._frontier() > self._hashed and self._hashing.acquire(blocking=False):
+            try:
+                self._hash_to(self._frontier(), fd)
+            finally:
+                self._hashing.release()
+
+    def finish(self, fd: int) -> str:
+        with self._hashing:
+            self._hash_to(self._size, fd)
+        return self._digest.hexdigest()
+
+    def _frontier(self) -> int:
+        with self._ranges:
+            return self._filled[0][1]
+
+    def _hash_to(self, end: int, fd: int) -> None:
+        while self._hashed < end:
+            chunk = os.pread(fd, min(end - self._hashed, 1 << 22), self._hashed)
+            if not chunk:
+                raise OSError(f"file ended at {self._hashed} bytes, {self._size} expected")
+            self._digest.update(chunk)
+            self._hashed += len(chunk)
 
 
 def shard_is_complete(

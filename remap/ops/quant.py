@@ -31,7 +31,7 @@ MLX_MODES = ("affine",)
 _MLX_FLOATS = ("BF16", "F16", "F32")
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-_CHUNK_BYTES = 64 << 20  # rows quantized per mlx call
+_CHUNK_BYTES = 8 << 20  # rows quantized per mlx call: small enough to stay in cache
 
 
 # -- numpy <-> mlx ------------------------------------------------------------------------------
