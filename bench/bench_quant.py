@@ -1,12 +1,13 @@
 """Benchmark: quantizing and FP8 conversions, `remap convert` beside `mlx_lm.convert`.
 
-Rows (each tool 3 times on a warm page cache, median wall and peak RSS via /usr/bin/time -v):
+Rows (median wall and peak RSS via /usr/bin/time -v over --runs runs on a warm page cache; the two
+tools of a job take turns, run by run, so a slow spell of the shared machine hits both):
   bf16 (~3.3 GB) -> MLX 4-bit      mlx_lm.convert -q            vs  remap convert --spec hf-to-mlx --quantize 4
   FP8  (~3.2 GB) -> MLX bf16       mlx_lm.convert (dequantizes)  vs  remap convert --spec hf-fp8-to-mlx
   FP8  (~3.2 GB) -> MLX 4-bit      mlx_lm.convert -q            vs  remap convert --spec hf-fp8-to-mlx --quantize 4
 Synthetic checkpoints from bench/synthetic_hf.py (no MTP layer: mlx-lm drops one only at index 61).
 
-    python bench/bench_quant.py [--work /tmp/remap-bench] [--runs 3]
+    python bench/bench_quant.py [--work /tmp/remap-bench] [--runs 5]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/remap-bench"))
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     python = sys.executable
     remap = str(Path(python).with_name("remap"))
@@ -38,28 +39,34 @@ def main() -> None:
                            check=True, capture_output=True)
     out = args.work / "out"
     mlx_lm = [python, "-m", "mlx_lm", "convert", "--mlx-path", str(out)]
-    rows = [
-        ("bf16 -> MLX 4-bit", "bf16-3L", "mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
-        ("bf16 -> MLX 4-bit", "bf16-3L", "remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-to-mlx", "--quantize", "4", "-q"]),
-        ("FP8 -> MLX bf16", "fp8-5L", "mlx_lm.convert", [*mlx_lm, "--hf-path", "{src}"]),
-        ("FP8 -> MLX bf16", "fp8-5L", "remap convert", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "-q"]),
-        ("FP8 -> MLX 4-bit", "fp8-5L", "mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
-        ("FP8 -> MLX 4-bit", "fp8-5L", "remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "--quantize", "4", "-q"]),
+    jobs = [
+        ("bf16 -> MLX 4-bit", "bf16-3L",
+         ("mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
+         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-to-mlx", "--quantize", "4", "-q"])),
+        ("FP8 -> MLX bf16", "fp8-5L",
+         ("mlx_lm.convert", [*mlx_lm, "--hf-path", "{src}"]),
+         ("remap convert", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "-q"])),
+        ("FP8 -> MLX 4-bit", "fp8-5L",
+         ("mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
+         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "--quantize", "4", "-q"])),
     ]
-    print("| job | source | tool | wall (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
-    for job, source, tool, command in rows:
+    print("| job | source | tool | wall (s) | peak RSS (MB) | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for job, source, *tools in jobs:
         src = args.work / source
         size = sum(p.stat().st_size for p in src.iterdir()) / 1e9
-        command = [c.replace("{src}", str(src)) for c in command]
-        runs = []
+        subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL)  # warm the page cache
+        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool, _ in tools}
         for _ in range(args.runs):
-            shutil.rmtree(out, ignore_errors=True)
-            runs.append(timed(command))
+            for tool, command in tools:
+                shutil.rmtree(out, ignore_errors=True)
+                runs[tool].append(timed([c.replace("{src}", str(src)) for c in command]))
         shutil.rmtree(out, ignore_errors=True)
-        print(f"| {job} | {size:.1f} GB | {tool} | {statistics.median(r[0] for r in runs):.1f} | "
-              f"{statistics.median(r[1] for r in runs):.0f} |", flush=True)
-
+        walls = {tool: statistics.median(r[0] for r in results) for tool, results in runs.items()}
+        reference = walls[tools[0][0]]
+        for tool, results in runs.items():
+            print(f"| {job} | {size:.1f} GB | {tool} | {walls[tool]:.1f} | "
+                  f"{statistics.median(r[1] for r in results):.0f} | {reference / walls[tool]:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -202,7 +202,7 @@ class ShardWriter:
             self._claim(name, offset, offset + piece.nbytes)
             with disk_errors(self.path, name):
                 _pwrite_all(self._fd, piece, begin + offset)
-            self._written_at(begin + offset, piece.nbytes)
+            self._written_at(begin + offset, piece.nbytes, piece)
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -226,10 +226,10 @@ class ShardWriter:
         with self._lock:
             _claim(self._written[name], lo, hi, self.path, name)
 
-    def _written_at(self, start: int, nbytes: int) -> None:
+    def _written_at(self, start: int, nbytes: int, data: memoryview | None = None) -> None:
         if self._hash is not None:
             with disk_errors(self.path):
-                self._hash.written(start, nbytes, self._fd)
+                self._hash.written(start, nbytes, self._fd, data)
 
     def close(self) -> None:
         """Check that every byte was written, flush to disk, and give the file its name."""
@@ -287,11 +287,16 @@ class _FollowingHash:
         self._ranges = threading.Lock()
         self._hashing = threading.Lock()
 
-    def written(self, start: int, nbytes: int, fd: int) -> None:
+    def written(self, start: int, nbytes: int, fd: int, data: memoryview | None = None) -> None:
+        """Bytes [start, start + nbytes) are in the file (`data`: them, if at hand)."""
         with self._ranges:
             _claim(self._filled, start, start + nbytes, Path(), "")
         while self._frontier() > self._hashed and self._hashing.acquire(blocking=False):
             try:
+                if data is not None and self._hashed == start:  # next in line: hash it from memory
+                    self._digest.update(data)
+                    self._hashed += nbytes
+                    data = None
                 self._hash_to(self._frontier(), fd)
             finally:
                 self._hashing.release()

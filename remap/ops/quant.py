@@ -56,11 +56,16 @@ def _to_mlx(array: np.ndarray) -> Any:
     return mx.array(array)
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def _view(x: Any) -> np.ndarray:
+    """A numpy view of an mlx array's memory (it evaluates the array; the view keeps it alive)."""
     mx = _mx()
-    if x.dtype == mx.bfloat16:
-        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
-    return np.array(x)
+    if x.dtype == mx.bfloat16:  # numpy has no bfloat16 of its own: read the bits as uint16
+        return np.asarray(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    return np.asarray(x)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return np.array(_view(x))
 
 
 @functools.cache
@@ -142,7 +147,7 @@ class QuantizeMLX(Op):
         mx = _mx()
         quantized = mx.quantize(_to_mlx(rows), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
         for out, q in zip(into, quantized):
-            out[...] = _to_numpy(q)
+            out[...] = _view(q)
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         t = self._pick(inputs)
