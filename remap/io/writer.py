@@ -168,7 +168,7 @@ class ShardWriter:
         header, self._spans, self._size = _layout(entries, metadata)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._lock = threading.Lock()  # guards the written ranges
-        self._hash = _FollowingHash(self._size, len(header)) if checksum else None
+        self._hash: _FollowingHash | None = None
         self.sha256: str | None = None
         self._incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
         self._fd: int | None = None
@@ -178,6 +178,8 @@ class ShardWriter:
                 _pwrite_all(self._fd, memoryview(header), 0)
                 # final size from the start (sparse until written), so pieces can land at any offset
                 os.ftruncate(self._fd, self._size)
+                if checksum:
+                    self._hash = _FollowingHash(self._fd, self._size, len(header))
         except BaseException:
             self._abandon()
             raise
@@ -202,7 +204,7 @@ class ShardWriter:
             self._claim(name, offset, offset + piece.nbytes)
             with disk_errors(self.path, name):
                 _pwrite_all(self._fd, piece, begin + offset)
-            self._written_at(begin + offset, piece.nbytes, piece)
+            self._written_at(begin + offset, piece.nbytes)
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -226,10 +228,9 @@ class ShardWriter:
         with self._lock:
             _claim(self._written[name], lo, hi, self.path, name)
 
-    def _written_at(self, start: int, nbytes: int, data: memoryview | None = None) -> None:
+    def _written_at(self, start: int, nbytes: int) -> None:
         if self._hash is not None:
-            with disk_errors(self.path):
-                self._hash.written(start, nbytes, self._fd, data)
+            self._hash.written(start, nbytes)
 
     def close(self) -> None:
         """Check that every byte was written, flush to disk, and give the file its name."""
@@ -251,7 +252,7 @@ class ShardWriter:
             )
         with disk_errors(self.path):
             if self._hash is not None:
-                self.sha256 = self._hash.finish(self._fd)
+                self.sha256 = self._hash.finish()
             if self.sync:
                 os.fsync(self._fd)
             os.close(self._fd)
@@ -259,6 +260,8 @@ class ShardWriter:
             os.replace(self._incomplete, self.path)
 
     def _abandon(self) -> None:
+        if self._hash is not None:
+            self._hash.stop()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -275,48 +278,58 @@ class ShardWriter:
 
 
 class _FollowingHash:
-    """sha256 of a file being written in pieces: it hashes the bytes written contiguously from the
-    start, reading them back as that prefix grows. One thread hashes at a time; a thread that
-    finds another hashing leaves the new bytes to it."""
+    """sha256 of a file being written in pieces, computed by a thread of its own that follows the
+    bytes written contiguously from the start, reading them back (from the page cache) as that
+    prefix grows. Its own thread, so the writers never wait for it: sha256 is serial per file,
+    and two files being written are hashed side by side."""
 
-    def __init__(self, size: int, header: int):
-        self._digest = hashlib.sha256()
-        self._size = size
+    def __init__(self, fd: int, size: int, header: int):
+        self._fd, self._size = fd, size
         self._filled: list[tuple[int, int]] = [(0, header)]  # absolute ranges, merged
-        self._hashed = 0
-        self._ranges = threading.Lock()
-        self._hashing = threading.Lock()
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._error: OSError | None = None
+        self._digest = hashlib.sha256()
+        self._thread = threading.Thread(target=self._follow, name="remap-sha256", daemon=True)
+        self._thread.start()
 
-    def written(self, start: int, nbytes: int, fd: int, data: memoryview | None = None) -> None:
-        """Bytes [start, start + nbytes) are in the file (`data`: them, if at hand)."""
-        with self._ranges:
+    def written(self, start: int, nbytes: int) -> None:
+        with self._changed:
             _claim(self._filled, start, start + nbytes, Path(), "")
-        while self._frontier() > self._hashed and self._hashing.acquire(blocking=False):
-            try:
-                if data is not None and self._hashed == start:  # next in line: hash it from memory
-                    self._digest.update(data)
-                    self._hashed += nbytes
-                    data = None
-                self._hash_to(self._frontier(), fd)
-            finally:
-                self._hashing.release()
+            self._changed.notify()
 
-    def finish(self, fd: int) -> str:
-        with self._hashing:
-            self._hash_to(self._size, fd)
+    def finish(self) -> str:
+        """The digest, once every byte is written."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._digest.hexdigest()
 
-    def _frontier(self) -> int:
-        with self._ranges:
-            return self._filled[0][1]
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        self._thread.join()
 
-    def _hash_to(self, end: int, fd: int) -> None:
-        while self._hashed < end:
-            chunk = os.pread(fd, min(end - self._hashed, 1 << 22), self._hashed)
-            if not chunk:
-                raise OSError(f"file ended at {self._hashed} bytes, {self._size} expected")
-            self._digest.update(chunk)
-            self._hashed += len(chunk)
+    def _follow(self) -> None:
+        buffer = memoryview(bytearray(1 << 22))
+        hashed = 0
+        try:
+            while hashed < self._size:
+                with self._changed:
+                    while self._filled[0][1] <= hashed and not self._stopped:
+                        self._changed.wait()
+                    if self._stopped:
+                        return
+                    end = self._filled[0][1]
+                while hashed < end:
+                    n = os.preadv(self._fd, [buffer[: min(end - hashed, len(buffer))]], hashed)
+                    if n == 0:
+                        raise OSError(f"file ended at {hashed} bytes, {self._size} expected")
+                    self._digest.update(buffer[:n])
+                    hashed += n
+        except OSError as exc:
+            self._error = exc
 
 
 def shard_is_complete(
