@@ -68,12 +68,14 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.array(_view(x))
 
 
+_CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 @functools.cache
 def _threads() -> ThreadPoolExecutor:
-    """Threads that evaluate blocks of one tensor side by side. Since mlx 0.31.2 each thread has
-    its own default stream, so blocks created and evaluated in one thread run in parallel."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return ThreadPoolExecutor(max(1, cores or 1), thread_name_prefix="remap-mlx")
+    """A thread per core, to evaluate blocks of one tensor side by side. Since mlx 0.31.2 each
+    thread has its own default stream, so blocks made and evaluated in one thread run in parallel."""
+    return ThreadPoolExecutor(_CORES, thread_name_prefix="remap-mlx")
 
 
 def _mlx_dtype(name: str) -> Any:
@@ -136,10 +138,9 @@ class QuantizeMLX(Op):
         # tensor at once: mlx's working memory stays one block per thread (an embedding of
         # 129280 x 7168 would otherwise take several GB of temporaries), and every core gets work
         # (mlx's CPU kernel is single-threaded; each thread evaluates on its own stream).
-        threads = _threads()
-        step = max(1, min(_CHUNK_BYTES // max(1, width * rows.itemsize), -(-rows.shape[0] // threads._max_workers)))
+        step = max(1, min(_CHUNK_BYTES // max(1, width * rows.itemsize), -(-rows.shape[0] // _CORES)))
         blocks = [slice(start, start + step) for start in range(0, rows.shape[0], step)]
-        list(threads.map(lambda block: self._quantize_block(rows[block], [o[block] for o in outputs]), blocks))
+        list(_threads().map(lambda block: self._quantize_block(rows[block], [o[block] for o in outputs]), blocks))
         outputs = [o.reshape(*x.shape[:-1], -1) for o in outputs]
         return [*arrays[: self.input], *outputs, *arrays[self.input + 1 :]]
 
