@@ -97,8 +97,9 @@ def test_quantize_mlx_is_mx_quantize(bits, group_size):
         assert ours[1].shape == ours[2].shape == (*lead, width // group_size) and ours[1].dtype == w.dtype
 
 
-def test_quantize_mlx_in_row_blocks_on_threads_is_one_mx_quantize(monkeypatch):
-    """Blocks of rows quantized on several threads (uneven last block) give the whole call's bytes."""
+def test_mlx_ops_in_row_blocks_on_threads_are_one_mlx_call(monkeypatch):
+    """Blocks of rows (quantized or dequantized) on several threads, the last one short, give the
+    bytes of one call on the whole tensor."""
     import remap.ops.quant as quant
 
     monkeypatch.setattr(quant, "_CHUNK_BYTES", 3 * 512 * 2)  # 3 rows of bf16 per block
@@ -106,6 +107,9 @@ def test_quantize_mlx_in_row_blocks_on_threads_is_one_mx_quantize(monkeypatch):
     ours = run({"op": "quantize_mlx", "bits": 4, "group_size": 64}, [w])
     theirs = [from_mlx(x) for x in mx.quantize(to_mlx(w), 64, 4)]
     assert [bits_of(a) for a in ours] == [bits_of(a) for a in theirs]
+
+    restored = run({"op": "dequantize_mlx", "bits": 4, "group_size": 64}, ours)
+    assert bits_of(restored[0]) == bits_of(from_mlx(mx.dequantize(*(to_mlx(a) for a in theirs), 64, 4)))
 
 
 @pytest.mark.parametrize("bits", MLX_BITS)

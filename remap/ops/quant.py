@@ -13,7 +13,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -43,7 +43,7 @@ def _mx() -> Any:
 
     # mlx keeps freed buffers for reuse; a conversion quantizing tensor after tensor must not hold
     # them all. A zero cache limit frees each at once. (mx.clear_cache() after each call did the
-    # same but serialized the threads that run steps side by side.)
+    # same but serialized the threads that work side by side.)
     mx.set_cache_limit(0)
     return mx
 
@@ -64,10 +64,6 @@ def _view(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    return np.array(_view(x))
-
-
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -76,6 +72,24 @@ def _threads() -> ThreadPoolExecutor:
     """A thread per core, to evaluate blocks of one tensor side by side. Since mlx 0.31.2 each
     thread has its own default stream, so blocks made and evaluated in one thread run in parallel."""
     return ThreadPoolExecutor(_CORES, thread_name_prefix="remap-mlx")
+
+
+def _by_row_blocks(compute: Callable[..., Sequence[Any]], inputs: list[np.ndarray],
+                   outputs: list[np.ndarray]) -> None:
+    """Fill `outputs` (2-D) with `compute` (numpy rows of each input -> mlx arrays) run on blocks
+    of rows, side by side on the threads. For ops whose rows are independent (a quantization group
+    never crosses a row), so the bytes equal one call on the whole tensor, while mlx's working
+    memory stays one block per thread (an embedding of 129280 x 7168 would otherwise take several
+    GB of temporaries) and every core gets work (mlx's CPU kernels are single-threaded)."""
+    rows = inputs[0].shape[0]
+    row_bytes = max(1, sum(a[:1].nbytes for a in inputs))
+    step = max(1, min(_CHUNK_BYTES // row_bytes, -(-rows // _CORES)))
+
+    def run(block: slice) -> None:
+        for out, result in zip(outputs, compute(*(a[block] for a in inputs))):
+            out[block] = _view(result)  # copied once, into place
+
+    list(_threads().map(run, [slice(start, start + step) for start in range(0, rows, step)]))
 
 
 def _mlx_dtype(name: str) -> Any:
@@ -129,26 +143,16 @@ class QuantizeMLX(Op):
         return [*inputs[: self.input], weight, scales, scales, *inputs[self.input + 1 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        mx = _mx()
         x = self._pick(arrays)
         rows = x.reshape(-1, x.shape[-1])
         width = rows.shape[1]
         outputs = [np.empty((rows.shape[0], width * self.bits // 32), np.uint32),
                    *(np.empty((rows.shape[0], width // self.group_size), x.dtype) for _ in range(2))]
-        # Groups never cross a row, so blocks of rows quantize to the same bytes as the whole
-        # tensor at once: mlx's working memory stays one block per thread (an embedding of
-        # 129280 x 7168 would otherwise take several GB of temporaries), and every core gets work
-        # (mlx's CPU kernel is single-threaded; each thread evaluates on its own stream).
-        step = max(1, min(_CHUNK_BYTES // max(1, width * rows.itemsize), -(-rows.shape[0] // _CORES)))
-        blocks = [slice(start, start + step) for start in range(0, rows.shape[0], step)]
-        list(_threads().map(lambda block: self._quantize_block(rows[block], [o[block] for o in outputs]), blocks))
+        _by_row_blocks(lambda block: mx.quantize(_to_mlx(block), self.group_size, self.bits, mode=self.mode,
+                                                 stream=mx.cpu), [rows], outputs)
         outputs = [o.reshape(*x.shape[:-1], -1) for o in outputs]
         return [*arrays[: self.input], *outputs, *arrays[self.input + 1 :]]
-
-    def _quantize_block(self, rows: np.ndarray, into: list[np.ndarray]) -> None:
-        mx = _mx()
-        quantized = mx.quantize(_to_mlx(rows), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
-        for out, q in zip(into, quantized):
-            out[...] = _view(q)
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         t = self._pick(inputs)
@@ -215,13 +219,20 @@ class DequantizeMLX(Op):
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         mx = _mx()
-        w, s, b = (_to_mlx(a) for a in arrays[self.input : self.input + 3])
-        target = self.dtype or dtypes.dtype_name(arrays[self.input + 1].dtype)
-        if target == "F32":  # widen first: exact (see the class doc), where mlx's own dtype= is not
-            s, b = s.astype(mx.float32), b.astype(mx.float32)
-        out = mx.dequantize(w, s, b, self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
-        out = _to_numpy(out.astype(_mlx_dtype(target), stream=mx.cpu))
-        return [*arrays[: self.input], out, *arrays[self.input + 3 :]]
+        w, scales, biases = arrays[self.input : self.input + 3]
+        target = self.dtype or dtypes.dtype_name(scales.dtype)
+        # widening first is exact (see the class doc), where mlx's own dtype= is not
+        widen = (lambda a: a.astype(mx.float32)) if target == "F32" else (lambda a: a)
+
+        def dequantize(w: np.ndarray, s: np.ndarray, b: np.ndarray) -> list[Any]:
+            out = mx.dequantize(_to_mlx(w), widen(_to_mlx(s)), widen(_to_mlx(b)), self.group_size, self.bits,
+                                mode=self.mode, stream=mx.cpu)
+            return [out.astype(_mlx_dtype(target), stream=mx.cpu)]
+
+        *lead, packed = w.shape
+        out = np.empty((int(np.prod(lead)), packed * 32 // self.bits), dtypes.numpy_dtype(target))
+        _by_row_blocks(dequantize, [a.reshape(-1, a.shape[-1]) for a in (w, scales, biases)], [out])
+        return [*arrays[: self.input], out.reshape(*lead, -1), *arrays[self.input + 3 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         scales = inputs[self.input + 1].dtype
