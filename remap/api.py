@@ -39,14 +39,26 @@ def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
     return invert_spec(spec) if inverse else spec
 
 
-def quantized(spec: Spec, bits: int, group_size: int = 64) -> tuple[Spec, dict[str, int]]:
-    """`spec` followed by the mlx-quantize stage, and the params that stage takes."""
+# mlx-lm's named mixed recipes (`mlx_lm.convert --quant-predicate`): bits, and the high_bits that
+# lm_head and some layers' down_proj / kv_a_proj_with_mqa take (mappings/mlx-quantize.yaml).
+MIXED_RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+
+
+def quantized(spec: Spec, quantize: int | str, group_size: int = 64) -> tuple[Spec, dict[str, int]]:
+    """`spec` followed by the mlx-quantize stage, and the params that stage takes. `quantize` is
+    the bits, or the name of one of mlx-lm's mixed recipes."""
     if spec.target_layout != "mlx":
         raise RemapError(f"--quantize makes MLX quantized weights, but {spec.name} writes {spec.target_layout}",
                          expected="a spec whose target is mlx")
+    if str(quantize) in MIXED_RECIPES:
+        (bits, high_bits), label = MIXED_RECIPES[str(quantize)], str(quantize)
+    elif isinstance(quantize, int) or str(quantize).isdigit():
+        bits, high_bits, label = int(quantize), 0, f"{int(quantize)}bit"
+    else:
+        raise RemapError(f"--quantize {quantize!r}", expected="bits (2-8) or a mixed recipe: " + ", ".join(MIXED_RECIPES))
     stage = load_spec("mlx-quantize")
-    composed = dataclasses.replace(spec, name=f"{spec.name}+{bits}bit", rules=(), parts=(*(spec.parts or (spec,)), stage))
-    return composed, {"bits": bits, "group_size": group_size}
+    composed = dataclasses.replace(spec, name=f"{spec.name}+{label}", rules=(), parts=(*(spec.parts or (spec,)), stage))
+    return composed, {"bits": bits, "group_size": group_size, "high_bits": high_bits}
 
 
 def plan(
@@ -58,12 +70,12 @@ def plan(
     dtype: str | None = None,
     variant: str | None = None,
     revision: str | None = None,
-    quantize: int | None = None,
+    quantize: int | str | None = None,
     group_size: int = 64,
     allow_pickle: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
-    `quantize` (bits) appends the mlx-quantize stage."""
+    `quantize` (bits, or a mixed recipe such as "mixed_4_6") appends the mlx-quantize stage."""
     checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision, allow_pickle=allow_pickle)
     if checkpoint.config is None:  # every layout reads the model's sizes from it
         raise RemapError("no config.json beside the weights", file=str(checkpoint.root / "config.json"),

@@ -61,7 +61,7 @@ DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to this 
 ParamOption = typer.Option([], "--param", "-p", help="Spec parameter KEY=VALUE (repeatable).")
 RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit) for a repo id.")
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin file hold Python objects: runs their pickle code, so only for a file you trust.")
-QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize to this many bits (2-8), as mlx-lm does.")
+QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize as mlx-lm does, to this many bits (2-8) or by a mixed recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).")
 GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
 
 
@@ -133,7 +133,7 @@ def report(
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
     check_data: bool = typer.Option(False, "--check-data", help="Read the bytes behind every claim and measure it."),
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     full: bool = typer.Option(False, "--full", help="One row per tensor."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
@@ -162,7 +162,7 @@ def convert(
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
     check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
@@ -235,7 +235,7 @@ def parity(
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     param: List[str] = ParamOption,
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per sequence."),
     batch: int = typer.Option(2, "--batch", min=1, help="Sequences."),

@@ -250,17 +250,20 @@ def build_plan(
 
 
 def _record_quantization(plan: Plan) -> None:
-    """mlx-lm rebuilds quantized modules from config.json's `quantization` block: a module whose
-    bits or group size differ from the block's defaults (a mixed recipe) gets an entry of its own,
-    so the loader is told, never left to guess from shapes."""
+    """mlx-lm rebuilds quantized modules from config.json's `quantization` block. Where modules
+    differ in bits or group size (a mixed recipe), every quantized module gets an entry of its own,
+    as mlx-lm's mixed recipes write it, so the loader is told, never left to guess from shapes."""
     block = plan.target_config.get("quantization")
     if not isinstance(block, dict):
         return
-    for step in plan.steps:
-        for op in step.ops:
-            if op.name == "quantize_mlx" and (op.bits, op.group_size) != (block.get("bits"), block.get("group_size")):
-                module = step.outputs[0].name.removesuffix(".weight")
-                block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
+    quantized = [(step, op) for step in plan.steps for op in step.ops if op.name == "quantize_mlx"]
+    if all((op.bits, op.group_size) == (block.get("bits"), block.get("group_size")) for _, op in quantized):
+        return
+    for step, op in quantized:
+        module = step.outputs[0].name.removesuffix(".weight")
+        block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
+    if isinstance(plan.target_config.get("quantization_config"), dict):  # mlx-lm writes both, alike
+        plan.target_config["quantization_config"] = dict(block)
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:

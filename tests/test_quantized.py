@@ -58,9 +58,9 @@ def test_quantized_output_is_what_mlx_lm_convert_writes(tmp_path, bits, group_si
     assert config(tmp_path / "ours")["quantization"] == config(tmp_path / "theirs")["quantization"]
 
 
-def test_a_mixed_recipe_declares_every_module_that_differs(tmp_path):
-    """A spec may give some modules other bits; config.json then names each of them, so mlx-lm
-    builds the right shapes instead of guessing."""
+def test_a_mixed_recipe_declares_every_quantized_module(tmp_path):
+    """A spec may give some modules other bits; config.json then names every quantized module (as
+    mlx-lm's mixed recipes do), so mlx-lm builds the right shapes instead of guessing."""
     document = yaml.safe_load((MAPPINGS / "mlx-quantize.yaml").read_text())
     document["name"] = "mlx-quantize-mixed"
     document["rules"][0]["ops"][0]["bits"] = "6 if w == 'down_proj' else bits"
@@ -70,11 +70,56 @@ def test_a_mixed_recipe_declares_every_module_that_differs(tmp_path):
 
     spec = dataclasses.replace(base, name="hf-to-mlx-mixed", rules=(), parts=(base, mixed))
     _convert(FIXTURES / "hf-bf16", tmp_path / "mlx", spec, params={"bits": 4, "group_size": 32})
-    block = json.loads((tmp_path / "mlx/config.json").read_text())["quantization"]
-    overrides = {k: v for k, v in block.items() if isinstance(v, dict)}
-    assert overrides and all(k.endswith("down_proj") and v["bits"] == 6 for k, v in overrides.items())
-    assert len(overrides) == 1 + 2 * 2  # layer 0's dense down_proj; shared_experts and switch_mlp in 2 MoE layers
+    config = json.loads((tmp_path / "mlx/config.json").read_text())
+    block = config["quantization"]
+    modules = {k: v for k, v in block.items() if isinstance(v, dict)}
+    quantized = {n.removesuffix(".scales") for n in api.open_source(tmp_path / "mlx").tensors if n.endswith(".scales")}
+    assert set(modules) == quantized
+    six = {k for k, v in modules.items() if v["bits"] == 6}
+    assert six and all(k.endswith("down_proj") for k in six)
+    assert len(six) == 1 + 2 * 2  # layer 0's dense down_proj; shared_experts and switch_mlp in 2 MoE layers
+    assert config["quantization_config"] == block
     assert np.isfinite(_mlx_logits(tmp_path / "mlx")).all()  # strict load: every shape as declared
+
+
+@pytest.mark.parametrize("recipe", ["mixed_4_6", "mixed_3_4"])
+def test_mixed_recipes_write_what_mlx_lm_convert_writes(tmp_path, recipe):
+    _convert(FIXTURES / "hf-bf16", tmp_path / "ours", "hf-to-mlx", quantize=recipe)
+    low = api.MIXED_RECIPES[recipe][0]
+    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(FIXTURES / "hf-bf16"),
+                    "--mlx-path", str(tmp_path / "theirs"), "-q", "--q-bits", str(low), "--quant-predicate", recipe,
+                    "--q-group-size", "64"],  # without it mlx-lm writes "group_size": null per module (read as 64)
+                   check=True, capture_output=True)
+    ours, theirs = api.open_source(tmp_path / "ours"), api.open_source(tmp_path / "theirs")
+    assert set(ours.tensors) == set(theirs.tensors)
+    assert [n for n in theirs.tensors if bytes(ours.read_bytes(n)) != bytes(theirs.read_bytes(n))] == []
+    config = lambda p: json.loads((p / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        assert config(tmp_path / "ours")[key] == config(tmp_path / "theirs")[key]
+
+
+@pytest.mark.parametrize("layers", [1, 7, 8, 9, 16, 27, 61])
+def test_mixed_recipe_bits_are_mlx_lms_predicate_at_any_depth(layers):
+    """Which modules get the high bits, layer by layer, against mlx-lm's own predicate run on its
+    own model (the fixture's 3 layers put every layer in the first eighth)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.models import deepseek_v3
+
+    from helpers import HF_BASE
+    from remap.ops import TensorType
+    from remap.plan import build_plan
+
+    raw = {**HF_BASE, "num_hidden_layers": layers, "tie_word_embeddings": False}
+    model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(raw))
+    tensors = {n: TensorType(tuple(a.shape), "BF16") for n, a in tree_flatten(model.parameters())}
+    plan = build_plan(api.load("mlx-quantize"), tensors, raw, params={"bits": 3, "group_size": 32, "high_bits": 6})
+    ours = {s.outputs[0].name.removesuffix(".weight"): op.bits for s in plan.steps for op in s.ops}
+    predicate = mixed_quant_predicate_builder("mixed_3_6", model, group_size=32)
+    theirs = {path: predicate(path, module)["bits"] for path, module in model.named_modules()
+              if hasattr(module, "to_quantized") and module.weight.shape[-1] % 32 == 0}
+    assert ours == theirs
+    assert 6 in ours.values() and 3 in ours.values()
 
 
 @pytest.mark.parametrize("fixture, spec", [("hf-bf16", "hf-to-mlx"), ("hf-fp8-mtp", "hf-fp8-to-mlx"),

@@ -96,7 +96,7 @@ def run_parity(
     variant: str | None = None,
     params: Mapping[str, Any] | None = None,
     revision: str | None = None,
-    quantize: int | None = None,
+    quantize: int | str | None = None,
     group_size: int = 64,
     allow_pickle: bool = False,
     tokens: int = 32,
