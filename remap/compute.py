@@ -7,6 +7,7 @@ written or held beyond the step that needs it.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -90,6 +91,7 @@ class StagedReader:
                     self.producer[output.name] = (step, j)
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._cache_steps = cache_steps
+        self._lock = threading.Lock()
 
     def _slab_producer(self, step: Step) -> Step | None:
         """The earlier stage's stacking step whose output is `step`'s one source, where every op
@@ -127,8 +129,12 @@ class StagedReader:
         if len(step.outputs) == 1:
             return step_outputs(step, self.upstream)[0]
         key = id(step)
-        if key not in self._cache:
-            self._cache[key] = step_outputs(step, self.upstream)
-            if len(self._cache) > self._cache_steps:
-                self._cache.popitem(last=False)
-        return self._cache[key][j]
+        with self._lock:  # the executor's threads read side by side
+            outputs = self._cache.get(key)
+        if outputs is None:  # (two threads may both compute it: the same arrays, no harm)
+            outputs = step_outputs(step, self.upstream)
+            with self._lock:
+                self._cache[key] = outputs
+                if len(self._cache) > self._cache_steps:
+                    self._cache.popitem(last=False)
+        return outputs[j]

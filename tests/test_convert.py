@@ -203,3 +203,28 @@ def test_more_shards_than_open_files_allowed(tiny_hf, tmp_path):
     shards = list((tmp_path / "out").glob("model-*.safetensors"))
     assert len(shards) > 32
     assert remap("verify", tmp_path / "out").returncode == 0
+
+
+def test_staged_reader_is_safe_for_the_executors_threads():
+    """Threads reading a later stage's inputs share the cache of an earlier stage's split outputs;
+    with a thread switch after nearly every bytecode, an unguarded cache lost entries (KeyError)."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from remap.compute import StagedReader
+
+    fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf-bf16")
+    plan, ckpt = api.plan(fixture, "hf-to-mlx", quantize=4)
+    read = StagedReader(plan, ckpt.load, cache_steps=1)
+    split = [name for name, (step, _) in read.producer.items() if len(step.outputs) > 1]
+    assert split  # kv_b_proj -> embed_q, unembed_out
+    names = random.Random(0).choices(split, k=12000)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            arrays = list(pool.map(read, names))
+    finally:
+        sys.setswitchinterval(interval)
+    shapes = {o.name: o.shape for o in plan.upstream.outputs}
+    assert all(a.shape == shapes[n] for a, n in zip(arrays, names))
