@@ -483,6 +483,21 @@ def test_writer_checksum_is_the_files_sha256_whatever_the_order_and_threads(tmp_
     assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_writer_checksum_that_cannot_read_back_fails_the_file(tmp_path, monkeypatch):
+    """A hash that could not follow the writing (here: the read-back fails) never yields a digest
+    of part of the file: close() raises, naming the file, and leaves nothing under its name."""
+    def broken(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, [("a", "F32", (4,))], checksum=True)
+    shard.write("a", np.ones(4, np.float32))
+    with pytest.raises(RemapError, match="Input/output error") as caught:
+        shard.close()
+    assert str(path) in str(caught.value) and list(tmp_path.iterdir()) == []
+
+
 def test_writer_incomplete_leaves_no_file(tmp_path):
     path = tmp_path / "out.safetensors"
     shard = ShardWriter(path, [("a", "F32", (4,)), ("b", "F32", (2,)), ("z", "F32", (0,))])

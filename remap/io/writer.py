@@ -250,14 +250,18 @@ class ShardWriter:
                 file=str(self.path),
                 expected="every byte of every tensor written before close",
             )
-        with disk_errors(self.path):
-            if self._hash is not None:
-                self.sha256 = self._hash.finish()
-            if self.sync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            os.replace(self._incomplete, self.path)
+        try:
+            with disk_errors(self.path):
+                if self._hash is not None:
+                    self.sha256 = self._hash.finish()
+                if self.sync:
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+                os.replace(self._incomplete, self.path)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _abandon(self) -> None:
         if self._hash is not None:
@@ -288,7 +292,7 @@ class _FollowingHash:
         self._filled: list[tuple[int, int]] = [(0, header)]  # absolute ranges, merged
         self._changed = threading.Condition()
         self._stopped = False
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._digest = hashlib.sha256()
         self._thread = threading.Thread(target=self._follow, name="remap-sha256", daemon=True)
         self._thread.start()
@@ -322,13 +326,13 @@ class _FollowingHash:
                     if self._stopped:
                         return
                     end = self._filled[0][1]
-                while hashed < end:
+                while hashed < end and not self._stopped:  # (stop() waits for this loop)
                     n = os.preadv(self._fd, [buffer[: min(end - hashed, len(buffer))]], hashed)
                     if n == 0:
                         raise OSError(f"file ended at {hashed} bytes, {self._size} expected")
                     self._digest.update(buffer[:n])
                     hashed += n
-        except OSError as exc:
+        except Exception as exc:  # finish() raises it: a digest of part of the file must never pass
             self._error = exc
 
 
