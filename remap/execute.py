@@ -133,8 +133,8 @@ def convert(
         digest = sha256_file if checksums else (lambda path: None)
         kept = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
         hashes: dict[str, str | None] = {}
-        steps = _in_file_order([s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])],
-                               shards, placements)
+        todo = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
+        steps = _in_file_order(todo, shards, placements)
         finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress)
         try:
             hashes.update(finished)
@@ -199,7 +199,8 @@ class _Writers:
             self._open.clear()
 
 
-def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress) -> Iterator[tuple[str, str | None]]:
+def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
+               progress) -> Iterator[tuple[str, str | None]]:
     """Run the steps; yields each file, with its sha256, as soon as its last tensor is written and
     it is closed."""
     read = StagedReader(plan, checkpoint.load)
