@@ -270,8 +270,7 @@ def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements) -> li
     for rank, shard in enumerate(shards):
         for offset, entry in enumerate(file_order(shard.entries)):
             where[shard.file, entry.name] = (rank, offset)
-    first = {id(step): min(where[p.file, o.name] for o in step.outputs for p in placements[o.name]) for step in steps}
-    return sorted(steps, key=lambda step: first[id(step)])
+    return sorted(steps, key=lambda step: min(where[p.file, o.name] for o in step.outputs for p in placements[o.name]))
 
 
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:

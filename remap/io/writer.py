@@ -165,7 +165,7 @@ class ShardWriter:
         self.sync = sync  # fsync before naming the file: survives power loss, not only a crash
         entries = [_entry(entry) for entry in entries]
         self._dtypes = {entry.name: entry.dtype for entry in entries}
-        header, self._spans, self._size = _layout(entries, metadata)
+        header, self._spans, file_size = _layout(entries, metadata)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._lock = threading.Lock()  # guards the written ranges
         self._hash: _FollowingHash | None = None
@@ -177,9 +177,9 @@ class ShardWriter:
                 self._fd = os.open(self._incomplete, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 _pwrite_all(self._fd, memoryview(header), 0)
                 # final size from the start (sparse until written), so pieces can land at any offset
-                os.ftruncate(self._fd, self._size)
+                os.ftruncate(self._fd, file_size)
                 if checksum:
-                    self._hash = _FollowingHash(self._fd, self._size, len(header))
+                    self._hash = _FollowingHash(self.path, self._fd, file_size, len(header))
         except BaseException:
             self._abandon()
             raise
@@ -287,8 +287,8 @@ class _FollowingHash:
     prefix grows. Its own thread, so the writers never wait for it: sha256 is serial per file,
     and two files being written are hashed side by side."""
 
-    def __init__(self, fd: int, size: int, header: int):
-        self._fd, self._size = fd, size
+    def __init__(self, path: Path, fd: int, size: int, header: int):
+        self._path, self._fd, self._size = path, fd, size
         self._filled: list[tuple[int, int]] = [(0, header)]  # absolute ranges, merged
         self._changed = threading.Condition()
         self._stopped = False
@@ -299,7 +299,7 @@ class _FollowingHash:
 
     def written(self, start: int, nbytes: int) -> None:
         with self._changed:
-            _claim(self._filled, start, start + nbytes, Path(), "")
+            _claim(self._filled, start, start + nbytes, self._path, "(the file)")
             self._changed.notify()
 
     def finish(self) -> str:
