@@ -85,7 +85,9 @@ def _transformers(path: Path, dtype: str) -> Runtime:
     if absent:
         raise RemapError(f"transformers finds no weights of the right shape for {len(absent)} parameters, "
                          f"e.g. {absent[0]}", file=str(path), expected="every parameter of its model class")
-    model.eval()
+    # Without a GPU, transformers dequantizes an FP8 checkpoint into bf16 Linears whatever dtype
+    # was asked for; computing in `dtype` means casting what it loaded (exact: bf16 widens).
+    model.to(getattr(torch, dtype)).eval()
     decoder = model.get_decoder()
 
     def forward(ids: np.ndarray) -> Forward:
@@ -110,14 +112,17 @@ def _transformers(path: Path, dtype: str) -> Runtime:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a progress bar per load; a parity report has its own output."""
+    """transformers draws a progress bar and prints a load report (the MTP layer it ignores, the
+    FP8 weights it dequantizes) per load; a parity report has its own output."""
     from transformers.utils import logging
 
-    was = logging.is_progress_bar_enabled()
+    was, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if was:
             logging.enable_progress_bar()
 
