@@ -16,7 +16,7 @@ from remap import execute
 from remap.errors import RemapError
 from remap.check import check_data
 from remap.io.checkpoint import Checkpoint, open_checkpoint
-from remap.layouts import Detection, detect
+from remap.layouts import Detection, detect, get_layout
 from remap.ops import TensorType
 from remap.plan import Plan, build_plan
 from remap.report import Report, build_report
@@ -39,26 +39,13 @@ def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
     return invert_spec(spec) if inverse else spec
 
 
-# mlx-lm's named mixed recipes (`mlx_lm.convert --quant-predicate`): bits, and the high_bits that
-# lm_head and some layers' down_proj / kv_a_proj_with_mqa take (mappings/mlx-quantize.yaml).
-MIXED_RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
-
-
 def quantized(spec: Spec, quantize: int | str, group_size: int = 64) -> tuple[Spec, dict[str, int]]:
-    """`spec` followed by the mlx-quantize stage, and the params that stage takes. `quantize` is
-    the bits, or the name of one of mlx-lm's mixed recipes."""
-    if spec.target_layout != "mlx":
-        raise RemapError(f"--quantize makes MLX quantized weights, but {spec.name} writes {spec.target_layout}",
-                         expected="a spec whose target is mlx")
-    if str(quantize) in MIXED_RECIPES:
-        (bits, high_bits), label = MIXED_RECIPES[str(quantize)], str(quantize)
-    elif isinstance(quantize, int) or str(quantize).isdigit():
-        bits, high_bits, label = int(quantize), 0, f"{int(quantize)}bit"
-    else:
-        raise RemapError(f"--quantize {quantize!r}", expected="bits (2-8) or a mixed recipe: " + ", ".join(MIXED_RECIPES))
-    stage = load_spec("mlx-quantize")
+    """`spec` followed by the quantizing stage its target layout declares, and that stage's
+    params. `quantize` is the bits, or a recipe the layout names (mlx: "mixed_4_6", ...)."""
+    stage_spec, params, label = get_layout(spec.target_layout).quantization(quantize, group_size)
+    stage = load_spec(stage_spec)
     composed = dataclasses.replace(spec, name=f"{spec.name}+{label}", rules=(), parts=(*(spec.parts or (spec,)), stage))
-    return composed, {"bits": bits, "group_size": group_size, "high_bits": high_bits}
+    return composed, params
 
 
 def plan(

@@ -20,74 +20,19 @@ from pathlib import Path
 from collections import Counter, deque
 from typing import Callable, Iterator
 
-import numpy as np
-
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
-from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, TensorEntry, atomic_output,
-                             disk_errors, file_order, plan_shards, sha256_file, shard_is_complete, write_index)
-from remap.layouts import deepseek
+from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, atomic_output, disk_errors,
+                             file_order, sha256_file, shard_is_complete, write_index)
+from remap.layouts import get_layout
 from remap.plan import Plan, Step
 
 MANIFEST = "remap-manifest.json"
 REPORT = "remap-report.json"
 RESUME = "remap-resume.json"  # in DST.partial only: which conversion it holds the pieces of
-# The `format` each runtime writes in safetensors metadata (transformers: pt, mlx-lm: mlx).
-FORMAT = {"hf": "pt", "mlx": "mlx", "scratch": "pt", "deepseek": "pt"}
-
 Progress = Callable[[int], None]  # called with bytes written
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one output tensor's bytes go: a file, and for model parallelism its rank's slice."""
-
-    file: str
-    dim: int | None = None  # None: the whole tensor
-    rank: int = 0
-    ranks: int = 1
-
-    def cut(self, array):
-        return array if self.dim is None else np.split(array, self.ranks, axis=self.dim)[self.rank]
-
-
-def hf_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str, list[Placement]]]:
-    """transformers' scheme: shards filled in order (model-0000k-of-0000n.safetensors)."""
-    shards = plan_shards([(o.name, o.dtype, o.shape) for o in outputs], max_shard_size)
-    return shards, {e.name: [Placement(s.file)] for s in shards for e in s.entries}
-
-
-def model_parallel_files(outputs, max_shard_size, names) -> tuple[list[ShardPlan], dict[str, list[Placement]]]:
-    """DeepSeek's convert.py scheme: model{r}-mp{N}.safetensors, one file per rank."""
-    mp = names.get("mp", 1)  # it names the files: a whole number, never text
-    experts = names["n_routed_experts"]
-    if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1 or experts % mp:
-        raise RemapError(f"--param mp={mp!r} does not divide {experts} routed experts", expected="mp >= 1 dividing n_routed_experts")
-    files = [deepseek.shard_file(r, mp) for r in range(mp)]
-    entries: list[list[TensorEntry]] = [[] for _ in range(mp)]
-    placements: dict[str, list[Placement]] = {}
-    for o in outputs:
-        split = deepseek.split_of(o.name)
-        if split.expert is not None:
-            owner = split.expert // (experts // mp)
-            entries[owner].append(TensorEntry(o.name, o.dtype, o.shape))
-            placements[o.name] = [Placement(files[owner])]
-            continue
-        shape = o.shape
-        if split.dim is not None:
-            if shape[split.dim] % mp:
-                raise RemapError(f"dim {split.dim} of {list(shape)} does not split over {mp} ranks", tensor=o.name)
-            shape = shape[: split.dim] + (shape[split.dim] // mp,) + shape[split.dim + 1 :]
-        for r in range(mp):
-            entries[r].append(TensorEntry(o.name, o.dtype, shape))
-        placements[o.name] = [Placement(files[r], split.dim, r, mp) for r in range(mp)]
-    return [ShardPlan(f, tuple(e)) for f, e in zip(files, entries)], placements
-
-
-# How each target layout names and splits its files.
-FILE_SCHEMES = {"deepseek": model_parallel_files}
 
 
 @dataclass(frozen=True)
@@ -114,10 +59,10 @@ def convert(
     progress: Progress | None = None,
 ) -> Result:
     start = time.perf_counter()
-    target = plan.spec.target_layout
-    metadata = {"format": FORMAT.get(target, "pt")}
-    scheme = FILE_SCHEMES.get(target, hf_files)
-    shards, placements = scheme(plan.outputs, max_shard_size, plan.names)
+    target = get_layout(plan.spec.target_layout)
+    metadata = {"format": target.format}
+    files_plan = target.files(plan.outputs, max_shard_size, plan.names)
+    shards, placements = files_plan.shards, files_plan.placements
     total = sum(shard.nbytes for shard in shards)
 
     identity = _identity(plan, checkpoint, shards, metadata)
@@ -143,7 +88,7 @@ def convert(
             writers.abandon()
             hasher.shutdown(cancel_futures=True)
             raise
-        if len(shards) > 1 and scheme is hf_files:
+        if files_plan.index:
             write_index(out, shards)
         _write_json(out / "config.json", plan.target_config)
         for path in checkpoint.extra_files:

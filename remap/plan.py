@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.layouts import get_layout
+from remap.layouts import Layout, get_layout
 from remap.ops import Loss, Op, TensorType, build_op, op_class
 from remap.spec.expr import evaluate, evaluate_int, names_in
 from remap.spec.load import Rule, Spec
@@ -231,39 +231,20 @@ def build_plan(
             raise RemapError(f"layout '{layout.name}' has no variant '{variants[key]}'", expected=" | ".join(layout.variants))
     # raw keys too: a spec may stash a value in config.json for its inverse to read back
     names = namespace(spec, {**raw, **source.read_config(raw), **variants}, params)
-    target_config = translate_config(spec.config, raw, names)
-    if hasattr(target, "write_config"):  # what the target's own reader expects to find
-        target_config = target.write_config(target_config)
+    target_config = target.write_config(translate_config(spec.config, raw, names))
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
     plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name,
                 variant_pinned=bool(variant or spec.variant))
-    planner = _Planner(plan, sorted(tensors, key=natural_key), dtypes.canonical(dtype) if dtype else None)
+    planner = _Planner(plan, sorted(tensors, key=natural_key), dtypes.canonical(dtype) if dtype else None, target)
     for rule in spec.rules:
         try:
             planner.add(rule)
         except RemapError as exc:
             raise exc.within(file=spec.where(rule), rule=rule.id) from None
     planner.finish()
-    _record_quantization(plan)
+    target.record(plan.target_config, plan.steps)
     return plan
-
-
-def _record_quantization(plan: Plan) -> None:
-    """mlx-lm rebuilds quantized modules from config.json's `quantization` block. Where modules
-    differ in bits or group size (a mixed recipe), every quantized module gets an entry of its own,
-    as mlx-lm's mixed recipes write it, so the loader is told, never left to guess from shapes."""
-    block = plan.target_config.get("quantization")
-    if not isinstance(block, dict):
-        return
-    quantized = [(step, op) for step in plan.steps for op in step.ops if op.name == "quantize_mlx"]
-    if all((op.bits, op.group_size) == (block.get("bits"), block.get("group_size")) for _, op in quantized):
-        return
-    for step, op in quantized:
-        module = step.outputs[0].name.removesuffix(".weight")
-        block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
-    if isinstance(plan.target_config.get("quantization_config"), dict):  # mlx-lm writes both, alike
-        plan.target_config["quantization_config"] = dict(block)
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:
@@ -291,8 +272,8 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
 
 
 class _Planner:
-    def __init__(self, plan: Plan, names: list[str], dtype: str | None):
-        self.plan, self.names, self.dtype = plan, names, dtype
+    def __init__(self, plan: Plan, names: list[str], dtype: str | None, target: Layout):
+        self.plan, self.names, self.dtype, self.target = plan, names, dtype, target
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
@@ -373,7 +354,7 @@ class _Planner:
             other = [self.plan.source_tensors[n] for n in group]
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
-        types, ops = self._run_types(ops, types, losses)
+        types, ops = self._run_types(ops, types, losses, [p.fill(binding) for p in rule.to])
         if len(types) != len(rule.to):
             raise RemapError(f"ops leave {len(types)} tensors for {len(rule.to)} `to` patterns",
                              expected=f"{len(rule.to)} tensors after the last op")
@@ -399,7 +380,7 @@ class _Planner:
             raise RemapError(f"cannot unstack {group}: leading axes {[list(t.shape) for t in types]} differ")
         sliced = [t.with_shape(t.shape[1:]) for t in types]
         losses: list[Loss] = []
-        out_types, ops = self._run_types(ops, sliced, losses)
+        out_types, ops = self._run_types(ops, sliced, losses, [p.fill({**binding, rule.unstack: 0}) for p in rule.to])
         if len(out_types) != len(rule.to):
             raise RemapError(f"ops leave {len(out_types)} tensors for {len(rule.to)} `to` patterns")
         for index in range(counts.pop()):
@@ -408,7 +389,7 @@ class _Planner:
             self._record(rule, [group] if index == 0 else [], outputs)
             self.plan.steps.append(Step(rule.id, outputs, (tuple(group),), ops, False, index, None, tuple(losses)))
 
-    def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss]):
+    def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
         for op in ops:
             loss = op.loss(types)
             types = op.types(types)
@@ -417,7 +398,7 @@ class _Planner:
         if self.dtype:  # --dtype: a final cast of every floating output (not fp8 codes: those are data)
             extra = []
             for k, t in enumerate(types):
-                if dtypes.is_float(t.dtype) and not t.dtype.startswith("F8") and t.dtype != self.dtype:
+                if self._casts(t.dtype, outputs[k] if k < len(outputs) else None):
                     cast = build_op({"op": "cast", "dtype": self.dtype, "input": k}, {})
                     if (loss := cast.loss(types)):
                         losses.append(loss)
@@ -425,6 +406,12 @@ class _Planner:
                     extra.append(cast)
             ops = ops + tuple(extra)
         return types, ops
+
+    def _casts(self, dtype: str, output: str | None) -> bool:
+        """Whether --dtype casts an output of `dtype`: floats, not fp8 codes (data), not what the
+        target layout keeps in its own dtype (float32 scales)."""
+        keep = output is not None and self.target.keeps_dtype(output)
+        return dtypes.is_float(dtype) and not dtype.startswith("F8") and dtype != self.dtype and not keep
 
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
         for output in outputs:
@@ -462,7 +449,8 @@ class _Planner:
             like = rule.like.fill(binding) if rule.like else None
             dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
                 self.plan.source_tensors[like].dtype if like else "F32")
-            outputs = (Output(rule.to[0].fill(binding), shape, self.dtype if self.dtype and dtypes.is_float(dtype) else dtype),)
+            name = rule.to[0].fill(binding)
+            outputs = (Output(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
             self.plan.steps.append(Step(rule.id, outputs, fill=rule.fill))
 

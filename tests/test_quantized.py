@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from remap import api
+from remap.layouts.mlx import MIXED_RECIPES
 from remap.spec.load import MAPPINGS, parse_spec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -85,7 +86,7 @@ def test_a_mixed_recipe_declares_every_quantized_module(tmp_path):
 @pytest.mark.parametrize("recipe", ["mixed_4_6", "mixed_3_4"])
 def test_mixed_recipes_write_what_mlx_lm_convert_writes(tmp_path, recipe):
     _convert(FIXTURES / "hf-bf16", tmp_path / "ours", "hf-to-mlx", quantize=recipe)
-    low = api.MIXED_RECIPES[recipe][0]
+    low = MIXED_RECIPES[recipe][0]
     subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(FIXTURES / "hf-bf16"),
                     "--mlx-path", str(tmp_path / "theirs"), "-q", "--q-bits", str(low), "--quant-predicate", recipe,
                     "--q-group-size", "64"],  # without it mlx-lm writes "group_size": null per module (read as 64)

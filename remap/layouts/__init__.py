@@ -16,8 +16,23 @@ from typing import Any, Mapping, Sequence
 from remap.errors import RemapError
 from remap.layouts.base import Expected, Layout
 
-_MODULES = ("hf", "mlx", "scratch", "deepseek")
-LAYOUTS: dict[str, Layout] = {name: import_module(f"{__name__}.{name}").LAYOUT for name in _MODULES}
+# Layouts by name, in registration order: detection tries them in this order.
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Make `layout` known to every command: specs may name it in `from` / `to`, `inspect` detects
+    it, `convert` writes it, `parity` runs it by its runtime. A name is registered once."""
+    if not isinstance(layout, Layout) or not layout.name or not layout.variants:
+        raise RemapError(f"cannot register {layout!r}", expected="a remap.layouts.base.Layout with a name and variants")
+    if layout.name in LAYOUTS and LAYOUTS[layout.name] is not layout:
+        raise RemapError(f"a layout named {layout.name!r} is registered already", expected="a new name")
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+for _module in ("hf", "mlx", "scratch", "deepseek"):  # the built-in layouts
+    register_layout(import_module(f"{__name__}.{_module}").LAYOUT)
 
 Shape = tuple[int, ...]
 # What detection needs of a checkpoint: name -> (shape, dtype), as the safetensors headers say.

@@ -1,14 +1,27 @@
-"""What a layout is: for a model config, every tensor it expects.
+"""What a layout is: everything remap knows about one checkpoint format, in one place.
 
-A layout is data about a checkpoint format (hf, mlx, scratch, deepseek): given a normalised
-config it names each tensor with its shape and dtype class. Planning, reports, detection and
-the layout tests all read this one description.
+A layout (hf, mlx, scratch, deepseek, or one a user registers with `register_layout`) says, for a
+model config, every tensor it expects with shape and dtype class; how its config.json reads and
+is written; its variants; how a conversion's outputs are cut into files and tagged; which
+runtime runs it for parity (or why none does); where parity finds its embedding, layers and
+head; and what a stage writing it records in its config (quantization). Planning, reports,
+detection, execution and parity all ask the layout: nothing outside `remap/layouts/` is keyed by
+a layout's name.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from remap.errors import RemapError
+
+if TYPE_CHECKING:  # only for annotations: layouts never import the upper floors at load time
+    from remap.io.checkpoint import Checkpoint
+    from remap.io.writer import ShardPlan
 
 # dtype classes a layout may ask for. "float" means any floating dtype a runtime accepts for a
 # weight (bf16, f16, f32); the others are exact.
@@ -27,16 +40,111 @@ class Expected:
     dtype: str = FLOAT
 
 
-class Layout(Protocol):
-    name: str
+@dataclass(frozen=True)
+class Sections:
+    """Where a layout keeps what parity compares: the embedding, decoder layer i (a prefix with
+    `{i}`), and the final norm with the output head. Tensor-name prefixes."""
+
+    embedding: tuple[str, ...]
+    layer: str
+    head: tuple[str, ...]
+
+    def prefixes(self, section: str) -> tuple[str, ...]:
+        """The prefixes of "embedding", "layer 3" or "head"."""
+        if section in ("embedding", "head"):
+            return getattr(self, section)
+        match = re.fullmatch(r"layer (\d+)", section)
+        if match is None:
+            raise RemapError(f"no section {section!r}", expected="embedding, layer N or head")
+        return (self.layer.format(i=int(match.group(1))),)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one output tensor's bytes go: a file, and for model parallelism its rank's slice."""
+
+    file: str
+    dim: int | None = None  # None: the whole tensor
+    rank: int = 0
+    ranks: int = 1
+
+    def cut(self, array: np.ndarray) -> np.ndarray:
+        return array if self.dim is None else np.split(array, self.ranks, axis=self.dim)[self.rank]
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """A conversion's output files: what each holds, where each tensor goes, and whether an index
+    (model.safetensors.index.json) names them."""
+
+    shards: list["ShardPlan"]
+    placements: dict[str, list[Placement]]
+    index: bool = False
+
+
+class Layout:
+    """A checkpoint format. Subclass it, fill in `name`, `variants`, `read_config` and `expected`
+    (the rest has defaults that fit transformers-style sharded safetensors), then
+    `remap.layouts.register_layout(MyLayout())`."""
+
+    name: str = ""
     # Variants of the same layout that differ in tensor names or dtypes (e.g. mlx "kv_b_proj" vs
     # "embed_q"; hf "bf16" vs "fp8"); the first is the default.
-    variants: tuple[str, ...]
+    variants: tuple[str, ...] = ("default",)
+    # The `format` its runtime writes into safetensors metadata (transformers: pt, mlx-lm: mlx).
+    format: str = "pt"
+    # Where parity finds the embedding, each layer and the head; None: parity cannot localise.
+    sections: Sections | None = None
+    # Why no runtime runs this layout for parity, where none does (see `runtime`).
+    no_runtime: str = "no runtime is declared for it"
 
+    # -- what the layout holds -----------------------------------------------------------------
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """config.json as this layout's reader sees it: defaults filled, keys normalised."""
-        ...
+        raise NotImplementedError
 
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
         """Every tensor this layout holds for `config` (already read_config'ed), by name."""
-        ...
+        raise NotImplementedError
+
+    def variant(self, variant: str | None) -> str:
+        """`variant`, or the default, checked."""
+        variant = variant or self.variants[0]
+        if variant not in self.variants:
+            raise RemapError(f"unknown variant {variant!r}", rule=f"layout {self.name}", expected=", ".join(self.variants))
+        return variant
+
+    # -- what a conversion into it writes -------------------------------------------------------
+    def write_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The config.json to write, from a translated one: what this layout's reader expects."""
+        return dict(raw)
+
+    def record(self, config: dict[str, Any], steps: Sequence[Any]) -> None:
+        """What a stage writing this layout records in its config about how it made the tensors
+        (e.g. per-module quantization); `steps` are the stage's plan steps. Default: nothing."""
+
+    def keeps_dtype(self, name: str) -> bool:
+        """True where `--dtype` must leave a floating tensor as it is (a float32 scale)."""
+        return False
+
+    def files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> FilePlan:
+        """How outputs (name, shape, dtype) are cut into files. Default: transformers' scheme,
+        shards filled in order (model-0000k-of-0000n.safetensors) with an index when several."""
+        from remap.io import plan_shards
+
+        shards = plan_shards([(o.name, o.dtype, o.shape) for o in outputs], max_shard_size)
+        placements = {e.name: [Placement(s.file)] for s in shards for e in s.entries}
+        return FilePlan(shards, placements, index=len(shards) > 1)
+
+    def quantization(self, quantize: int | str, group_size: int) -> tuple[str, dict[str, Any], str]:
+        """`--quantize` for this target: (the spec of the stage to append, its params, a label
+        for the composed spec's name)."""
+        raise RemapError(f"--quantize: remap does not quantize the {self.name} layout",
+                         expected="a spec whose target layout quantizes (mlx)")
+
+    # -- parity ---------------------------------------------------------------------------------
+    def runtime(self, checkpoint: "Checkpoint", dtype: str) -> Any:
+        """The runtime that runs this layout with `checkpoint` loaded, computing in `dtype`
+        (a `remap.parity.runtimes.Runtime`)."""
+        raise RemapError(f"no runtime runs the '{self.name}' layout: {self.no_runtime}", file=checkpoint.source)
+

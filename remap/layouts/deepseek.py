@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from remap.errors import RemapError
-from remap.layouts.base import F32, Expected
+from remap.layouts.base import F32, Expected, FilePlan, Layout, Placement, Sections
 from remap.layouts.hf import (
     MODEL_TYPES,
     ExpectedTensors,
@@ -194,21 +194,52 @@ def shard_file(rank: int, mp: int) -> str:
     return f"model{rank}-mp{mp}.safetensors"
 
 
-class DeepseekLayout:
+def _rank_shape(name: str, shape: tuple[int, ...], dim: int, mp: int) -> tuple[int, ...]:
+    if shape[dim] % mp:
+        raise RemapError(f"dim {dim} of {list(shape)} does not split over {mp} ranks", tensor=name,
+                         rule="model parallelism", expected=f"a multiple of {mp}")
+    return shape[:dim] + (shape[dim] // mp,) + shape[dim + 1 :]
+
+
+def model_parallel(tensors: Sequence[Any], mp: Any, experts: int) -> tuple[list[list], dict[str, list[Placement]]]:
+    """convert.py's cut of the single-rank tensors (each with name, shape) over `mp` ranks: per
+    rank, (tensor, its shape on that rank) in order; and each tensor's placements."""
+    if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1 or experts % mp:
+        raise RemapError(f"--param mp={mp!r} does not divide {experts} routed experts",
+                         rule="model parallelism", expected="mp >= 1 dividing n_routed_experts")
+    ranks: list[list] = [[] for _ in range(mp)]
+    placements: dict[str, list[Placement]] = {}
+    for tensor in tensors:
+        split = split_of(tensor.name)
+        if split.expert is not None:
+            owners = [split.expert // (experts // mp)]
+        else:
+            owners = list(range(mp))
+        shape = tuple(tensor.shape) if split.dim is None else _rank_shape(tensor.name, tuple(tensor.shape), split.dim, mp)
+        for r in owners:
+            ranks[r].append((tensor, shape))
+        placements[tensor.name] = [Placement(shard_file(r, mp), split.dim, r, mp) if split.dim is not None
+                                   else Placement(shard_file(r, mp)) for r in owners]
+    return ranks, placements
+
+
+class DeepseekLayout(Layout):
     name = "deepseek"
     variants = ("bf16", "fp8")
+    format = "pt"
+    sections = Sections(("embed.",), "layers.{i}.", ("norm.", "head."))
+    no_runtime = ("DeepSeek's inference/model.py is no installable package and runs only on CUDA with its "
+                  "own kernels; check the hf checkpoint it was converted from")
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_deepseek_config(raw)
 
+    def keeps_dtype(self, name: str) -> bool:
+        return name.endswith(".scale")  # the float32 FP8 block scales
+
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
         """The tensors of the single-rank file, model0-mp1.safetensors."""
-        variant = variant or self.variants[0]
-        if variant not in self.variants:
-            raise RemapError(
-                f"unknown variant {variant!r}", rule="layout deepseek", expected=", ".join(self.variants)
-            )
-        c = config
+        c, variant = config, self.variant(variant)
         t = ExpectedTensors(BLOCK if variant == "fp8" else None, scale="scale")
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         t.add("embed.weight", (vocab, hidden))
@@ -218,41 +249,20 @@ class DeepseekLayout:
         t.linear("head", vocab, hidden, quantized=False)
         return t.out
 
-    def shards(
-        self, config: Mapping[str, Any], mp: int, variant: str | None = None
-    ) -> dict[str, dict[str, Expected]]:
+    def shards(self, config: Mapping[str, Any], mp: int, variant: str | None = None) -> dict[str, dict[str, Expected]]:
         """Every rank's file for model parallelism `mp`, as convert.py cuts the mp=1 tensors."""
-        experts = config["n_routed_experts"]
-        if mp < 1 or experts % mp:
-            raise RemapError(
-                f"{experts} routed experts do not split over {mp} ranks",
-                rule="model parallelism",
-                expected="mp >= 1 dividing n_routed_experts",
-            )
-        ranks: list[dict[str, Expected]] = [{} for _ in range(mp)]
-        for name, tensor in self.expected(config, variant).items():
-            split = split_of(name)
-            if split.expert is not None:
-                ranks[split.expert // (experts // mp)][name] = tensor
-                continue
-            if split.dim is not None:
-                tensor = _slice(tensor, split.dim, mp)
-            for rank in ranks:
-                rank[name] = tensor
-        return {shard_file(r, mp): tensors for r, tensors in enumerate(ranks)}
+        ranks, _ = model_parallel(list(self.expected(config, variant).values()), mp, config["n_routed_experts"])
+        return {shard_file(r, mp): {t.name: Expected(t.name, shape, t.dtype) for t, shape in rank}
+                for r, rank in enumerate(ranks)}
 
+    def files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> FilePlan:
+        """convert.py's files, model{r}-mp{N}.safetensors, one per rank (`--param mp=N`)."""
+        from remap.io import ShardPlan, TensorEntry
 
-def _slice(tensor: Expected, dim: int, mp: int) -> Expected:
-    size = tensor.shape[dim]
-    if size % mp:
-        raise RemapError(
-            f"dim {dim} of size {size} does not split over {mp} ranks",
-            tensor=tensor.name,
-            rule="model parallelism",
-            expected=f"a multiple of {mp}",
-        )
-    shape = tensor.shape[:dim] + (size // mp,) + tensor.shape[dim + 1 :]
-    return Expected(tensor.name, shape, tensor.dtype)
+        ranks, placements = model_parallel(outputs, names.get("mp", 1), names["n_routed_experts"])
+        shards = [ShardPlan(shard_file(r, len(ranks)), tuple(TensorEntry(o.name, o.dtype, shape) for o, shape in rank))
+                  for r, rank in enumerate(ranks)]
+        return FilePlan(shards, placements)
 
 
 LAYOUT = DeepseekLayout()

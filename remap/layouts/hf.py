@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.layouts.base import F32, FLOAT, FP8, Expected
+from remap.layouts.base import F32, FLOAT, FP8, Expected, Layout, Sections
 
 # The keys spec expressions see, whichever layout read the config.
 CONFIG_KEYS = (
@@ -346,17 +346,29 @@ def _mtp_extras(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
     t.add(f"{p}.shared_head.head.weight", (vocab, hidden))
 
 
-class HfLayout:
+# transformers' (and mlx-lm's) names for what parity compares.
+TRANSFORMERS_SECTIONS = Sections(("model.embed_tokens.",), "model.layers.{i}.", ("model.norm.", "lm_head."))
+
+
+class HfLayout(Layout):
     name = "hf"
     variants = ("bf16", "bf16-mtp", "fp8", "fp8-mtp")
+    format = "pt"
+    sections = TRANSFORMERS_SECTIONS
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_transformers_config(raw)
 
+    def keeps_dtype(self, name: str) -> bool:
+        return name.endswith(".weight_scale_inv")  # FP8 block scales are float32 by definition
+
+    def runtime(self, checkpoint, dtype: str):
+        from remap.parity.runtimes import transformers_runtime
+
+        return transformers_runtime(checkpoint, dtype)
+
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
-        variant = variant or self.variants[0]
-        if variant not in self.variants:
-            raise RemapError(f"unknown variant {variant!r}", rule="layout hf", expected=", ".join(self.variants))
+        variant = self.variant(variant)
         c = config
         t = ExpectedTensors(fp8_block(c) if variant.startswith("fp8") else None)
         hidden, vocab = c["hidden_size"], c["vocab_size"]

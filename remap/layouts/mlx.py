@@ -33,8 +33,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.layouts.base import FLOAT, U32, Expected
-from remap.layouts.hf import INDEXER_KEYS, config_error, normalised_config
+from remap.layouts.base import FLOAT, U32, Expected, Layout
+from remap.layouts.hf import INDEXER_KEYS, TRANSFORMERS_SECTIONS, config_error, normalised_config
 
 # mlx-lm loads these model types with deepseek_v3 (the first is its own; the next two through
 # mlx_lm.utils.MODEL_REMAPPING), and deepseek_v32 with its own module.
@@ -226,9 +226,16 @@ def _layer(t: _Tensors, i: int, c: Mapping[str, Any], variant: str) -> None:
         _mlp(t, f"{p}.mlp.shared_experts", hidden, width * c["n_shared_experts"])
 
 
-class MlxLayout:
+# mlx-lm's named mixed recipes (`mlx_lm.convert --quant-predicate`): bits, and the high_bits that
+# lm_head and some layers' down_proj / kv_a_proj_with_mqa take (mappings/mlx-quantize.yaml).
+MIXED_RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+
+
+class MlxLayout(Layout):
     name = "mlx"
     variants = ("embed_q", "kv_b_proj")
+    format = "mlx"
+    sections = TRANSFORMERS_SECTIONS  # mlx-lm keeps transformers' module names
 
     def write_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return write_config(raw)
@@ -236,10 +243,26 @@ class MlxLayout:
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_mlx_config(raw)
 
+    def record(self, config: dict[str, Any], steps) -> None:
+        record_quantization(config, steps)
+
+    def quantization(self, quantize: int | str, group_size: int) -> tuple[str, dict[str, Any], str]:
+        """mlx-lm's affine quantization: bits, or one of its mixed recipes by name."""
+        if str(quantize) in MIXED_RECIPES:
+            (bits, high_bits), label = MIXED_RECIPES[str(quantize)], str(quantize)
+        elif isinstance(quantize, int) or str(quantize).isdigit():
+            bits, high_bits, label = int(quantize), 0, f"{int(quantize)}bit"
+        else:
+            raise RemapError(f"--quantize {quantize!r}", expected="bits (2-8) or a mixed recipe: " + ", ".join(MIXED_RECIPES))
+        return "mlx-quantize", {"bits": bits, "group_size": group_size, "high_bits": high_bits}, label
+
+    def runtime(self, checkpoint, dtype: str):
+        from remap.parity.runtimes import mlx_runtime
+
+        return mlx_runtime(checkpoint, dtype)
+
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
-        variant = variant or self.variants[0]
-        if variant not in self.variants:
-            raise RemapError(f"unknown variant {variant!r}", rule="layout mlx", expected=", ".join(self.variants))
+        variant = self.variant(variant)
         c = config
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         t = _Tensors(c["quantization_config"])
@@ -249,6 +272,23 @@ class MlxLayout:
         t.add("model.norm.weight", (hidden,))
         t.linear("lm_head", vocab, hidden)
         return t.out
+
+
+def record_quantization(config: dict[str, Any], steps) -> None:
+    """mlx-lm rebuilds quantized modules from config.json's `quantization` block. Where modules
+    differ in bits or group size (a mixed recipe), every quantized module gets an entry of its own,
+    as mlx-lm's mixed recipes write it, so the loader is told, never left to guess from shapes."""
+    block = config.get("quantization")
+    if not isinstance(block, dict):
+        return
+    quantized = [(step, op) for step in steps for op in step.ops if op.name == "quantize_mlx"]
+    if all((op.bits, op.group_size) == (block.get("bits"), block.get("group_size")) for _, op in quantized):
+        return
+    for step, op in quantized:
+        module = step.outputs[0].name.removesuffix(".weight")
+        block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
+    if isinstance(config.get("quantization_config"), dict):  # mlx-lm writes both, alike
+        config["quantization_config"] = dict(block)
 
 
 def write_config(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.layouts.base import Expected
+from remap.layouts.base import Expected, Layout, Sections
 from remap.layouts.hf import MAX_LAYER_EXPERTS
 
 MODEL_TYPE = "deepseek_v3_scratch"
@@ -182,16 +182,22 @@ def _block(prefix: str, c: Mapping[str, Any], moe: bool) -> list[tuple[str, tupl
     return tensors + _mlp(f"{prefix}mlp.shared_expert.", hidden, c["shared_intermediate_size"])
 
 
-class ScratchLayout:
+class ScratchLayout(Layout):
     name = "scratch"
     variants = ("default",)
+    format = "pt"
+    sections = Sections(("wte.", "wpe."), "h.{i}.", ("ln_f.", "lm_head."))
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_config(raw)
 
+    def runtime(self, checkpoint, dtype: str):
+        from remap.parity.runtimes import scratch_runtime
+
+        return scratch_runtime(checkpoint, dtype)
+
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
-        if variant not in (None, *self.variants):
-            raise RemapError(f"unknown variant {variant!r}", rule="layout scratch", expected="default")
+        self.variant(variant)
         c = config
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         tensors = [

@@ -18,13 +18,14 @@ The logits also get `mean_abs`, `scale` (max |s|), and
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
 import numpy as np
 
 from remap import dtypes
+from remap.errors import RemapError
+from remap.layouts import get_layout
 from remap.names import collapse
 from remap.plan import Plan, Step
 
@@ -192,24 +193,12 @@ def first_divergence(results: list[Check], hidden: list[str]) -> str | None:
 # -- from a diverging section back to the spec rules that made it ---------------------------------
 
 
-# Where each layout keeps the embedding, decoder layer i, and the final norm + output projection.
-SECTIONS = {
-    "hf": (("model.embed_tokens.",), "model.layers.{i}.", ("model.norm.", "lm_head.")),
-    "mlx": (("model.embed_tokens.",), "model.layers.{i}.", ("model.norm.", "lm_head.")),
-    "scratch": (("wte.", "wpe."), "h.{i}.", ("ln_f.", "lm_head.")),
-    "deepseek": (("embed.",), "layers.{i}.", ("norm.", "head.")),
-}
-
-
 def section_prefixes(layout: str, section: str) -> tuple[str, ...]:
     """Tensor-name prefixes of `section` ("embedding", "layer 3", "head") in `layout`."""
-    embedding, layer, head = SECTIONS[layout]
-    if section == "embedding":
-        return embedding
-    if section == "head":
-        return head
-    index = int(re.fullmatch(r"layer (\d+)", section).group(1))
-    return (layer.format(i=index),)
+    found = get_layout(layout)
+    if found.sections is None:
+        raise RemapError(f"the {layout} layout does not say where its layers are", expected="a layout with `sections`")
+    return found.sections.prefixes(section)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""The two sides of a parity check: every checkpoint runs in its own runtime's code.
+"""The runtimes a parity check runs checkpoints in, each its own code; a layout's `runtime`
+names the one that runs it (hf: transformers, mlx: mlx-lm, scratch: the reference ScratchModel):
 
-| layout    | runtime                                                                    |
-|-----------|----------------------------------------------------------------------------|
-| `hf`      | transformers: `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...) |
-| `scratch` | remap's reference `ScratchModel` (remap/parity/scratch_model.py)            |
-| `mlx`     | mlx-lm: `mlx_lm.utils.load_model`, the class mlx-lm itself picks            |
+| runtime                | what loads and runs the checkpoint                                        |
+|------------------------|---------------------------------------------------------------------------|
+| `transformers_runtime` | `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...)         |
+| `scratch_runtime`      | remap's reference `ScratchModel` (remap/parity/scratch_model.py)            |
+| `mlx_runtime`          | `mlx_lm.utils.load_model`, the class mlx-lm itself picks                    |
 
 `Runtime.forward(ids)` returns the logits and the hidden states that layer localisation
 compares: the embedding output, then the output of every decoder layer, all *before* the final
@@ -48,19 +49,20 @@ class Runtime:
 
 
 def load(layout: str, checkpoint: Checkpoint, dtype: str = "float32") -> Runtime:
-    """The runtime of `layout` with `checkpoint` loaded, computing in `dtype`."""
+    """The runtime of `layout` (the layout declares it) with `checkpoint` loaded, computing in `dtype`."""
+    from remap.layouts import get_layout
+
     if dtype not in DTYPES:
         raise RemapError(f"unknown compute dtype '{dtype}'", expected=" | ".join(DTYPES))
-    if layout == "scratch":
-        return _scratch(checkpoint, dtype)
-    loaders = {"hf": _transformers, "mlx": _mlx}
-    if layout not in loaders:
-        raise RemapError(f"no runtime runs the '{layout}' layout", file=checkpoint.source,
-                         expected=" | ".join(["scratch", *loaders]))
+    return get_layout(layout).runtime(checkpoint, dtype)
+
+
+def _directory(checkpoint: Checkpoint, runtime: str) -> Path:
+    """transformers and mlx-lm load a directory with its config.json, not a file."""
     if Path(checkpoint.source).is_file():
-        raise RemapError(f"the {layout} runtime loads a directory, not one file", file=checkpoint.source,
+        raise RemapError(f"{runtime} loads a directory, not one file", file=checkpoint.source,
                          expected="the checkpoint's directory, with its config.json")
-    return loaders[layout](checkpoint.root, dtype)
+    return checkpoint.root
 
 
 # -- torch ----------------------------------------------------------------------------------------
@@ -70,11 +72,13 @@ def _numpy(tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-def _transformers(path: Path, dtype: str) -> Runtime:
+def transformers_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
+    """transformers' own class for the checkpoint (AutoModelForCausalLM)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
+    path = _directory(checkpoint, "transformers")
     with _no_progress_bars():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
@@ -127,7 +131,8 @@ def _no_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _scratch(checkpoint: Checkpoint, dtype: str) -> Runtime:
+def scratch_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
+    """remap's reference ScratchModel."""
     import torch
 
     from remap.parity.scratch_model import ScratchModel
@@ -153,12 +158,14 @@ def _scratch(checkpoint: Checkpoint, dtype: str) -> Runtime:
 # -- mlx ------------------------------------------------------------------------------------------
 
 
-def _mlx(path: Path, dtype: str) -> Runtime:
+def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
+    """mlx-lm's own class for the checkpoint (mlx_lm.utils.load_model picks it)."""
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.models.base import create_attention_mask
     from mlx_lm.utils import load_model
 
+    path = _directory(checkpoint, "mlx-lm")
     try:
         model, config = load_model(path)
     except ValueError as exc:  # mlx-lm loads strictly: a missing or extra weight
