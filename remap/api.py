@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from remap import execute
 from remap.errors import RemapError
 from remap.check import check_data
+from remap.conversion import Conversion
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, detect, get_layout
 from remap.ops import TensorType
@@ -59,24 +60,43 @@ def plan(
     revision: str | None = None,
     quantize: int | str | None = None,
     group_size: int = 64,
+    max_shard_size: int | str = "5GB",
     allow_pickle: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
-    `quantize` (bits, or a mixed recipe such as "mixed_4_6") appends the mlx-quantize stage."""
+    `quantize` (bits, or a recipe such as "mixed_4_6") appends the target layout's quantizing
+    stage. The plan carries its recipe (`plan.recipe`, a Conversion) for the manifest."""
     checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision, allow_pickle=allow_pickle)
+    recipe = Conversion.of(checkpoint.source if isinstance(src, Checkpoint) else src, spec, inverse=inverse,
+                           params=params, dtype=dtype, variant=variant, revision=revision, quantize=quantize,
+                           group_size=group_size, max_shard_size=max_shard_size)
+    return plan_recipe(recipe, checkpoint, spec), checkpoint
+
+
+def replay(recipe: Conversion, source: str | Path | Checkpoint | None = None) -> tuple[Plan, Checkpoint]:
+    """Plan a recorded conversion again (from a manifest's recipe), on `source` or its own."""
+    checkpoint = source if isinstance(source, Checkpoint) else open_source(source or recipe.source,
+                                                                          revision=recipe.revision)
+    return plan_recipe(recipe, checkpoint), checkpoint
+
+
+def plan_recipe(recipe: Conversion, checkpoint: Checkpoint, spec: str | Path | Spec | None = None) -> Plan:
+    """The plan of `recipe` on `checkpoint` (`spec`: the Spec object the recipe names, if held)."""
     if checkpoint.config is None:  # every layout reads the model's sizes from it
         raise RemapError("no config.json beside the weights", file=str(checkpoint.root / "config.json"),
                          expected="the model's config.json")
-    spec = load(spec, inverse=inverse)
-    if quantize is not None:
-        spec, quant_params = quantized(spec, quantize, group_size)
-        params = {**quant_params, **(params or {})}
+    loaded = load(spec if spec is not None else recipe.spec, inverse=recipe.inverse)
+    params = recipe.param_map
+    if recipe.quantize is not None:
+        loaded, quant_params = quantized(loaded, recipe.quantize, recipe.group_size)
+        params = {**quant_params, **params}
     detected = identify(checkpoint)
-    source_variant = detected.variant if detected.layout == spec.source_layout else None
+    source_variant = detected.variant if detected.layout == loaded.source_layout else None
     tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
-    built = build_plan(spec, tensors, checkpoint.config, params=params, dtype=dtype,
-                       variant=variant, source_variant=source_variant)
-    return built, checkpoint
+    built = build_plan(loaded, tensors, checkpoint.config, params=params, dtype=recipe.dtype,
+                       variant=recipe.variant, source_variant=source_variant)
+    built.recipe = recipe
+    return built
 
 
 def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = False) -> Report:

@@ -175,7 +175,8 @@ def convert(
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
-                          revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
+                          revision=revision, quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
+                          allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
@@ -187,8 +188,7 @@ def convert(
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       TimeRemainingColumn(), console=err, transient=True) as bar:
             task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
-            done = api.convert(plan, ckpt, dst, report=result.to_dict(), max_shard_size=max_shard_size,
-                               workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
+            done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
                                progress=lambda n: bar.advance(task, n))
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
@@ -223,7 +223,8 @@ def verify(dst: Path = typer.Argument(..., help="A directory written by `remap c
     for problem in result.problems:
         console.print(f"[red]problem:[/] {escape(problem)}")
     status = "[green]OK[/]" if result.ok else "[red]NOT OK[/]"
-    console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked")
+    evidence = f" ({'; '.join(result.evidence)})" if result.evidence else ""
+    console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked{escape(evidence)}")
     raise typer.Exit(0 if result.ok else 1)
 
 

@@ -8,6 +8,7 @@ bytes, never decoded. Everything lands in `DST.partial/` and becomes `DST` only 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ def convert(
     dst: str | Path,
     *,
     report: dict | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str | None = None,
     workers: int = 1,
     force: bool = False,
     resume: bool = False,
@@ -59,6 +60,11 @@ def convert(
     progress: Progress | None = None,
 ) -> Result:
     start = time.perf_counter()
+    recipe = plan.recipe
+    if max_shard_size is None:
+        max_shard_size = recipe.max_shard_size if recipe is not None else "5GB"
+    elif recipe is not None:
+        recipe = dataclasses.replace(recipe, max_shard_size=max_shard_size)
     target = get_layout(plan.spec.target_layout)
     metadata = {"format": target.format}
     files_plan = target.files(plan.outputs, max_shard_size, plan.names)
@@ -100,7 +106,7 @@ def convert(
                  for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
         hasher.shutdown()
         # The manifest carries the identity on, so a kill between these two lines still resumes.
-        _write_json(out / MANIFEST, {**_manifest(plan, checkpoint, files), "conversion": identity})
+        _write_json(out / MANIFEST, {**_manifest(plan, checkpoint, files, recipe), "conversion": identity})
         (out / RESUME).unlink()
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
@@ -231,9 +237,11 @@ def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:
     return infos
 
 
-def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str]) -> dict:
+def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str], recipe) -> dict:
     return {
         "remap_version": __version__,
+        # the whole conversion, replayable: `remap parity SRC DST` and `remap verify DST` plan it again
+        "recipe": recipe.to_dict() if recipe is not None else None,
         "spec": plan.name,
         "spec_files": [str(stage.spec.path) for stage in plan.stages],
         "source": checkpoint.source,

@@ -84,6 +84,7 @@ class Plan:
     upstream: "Plan | None" = None
     name: str = ""
     variant_pinned: bool = True  # False: the target variant is whichever the outputs turn out to be
+    recipe: Any = None  # the Conversion this plan carries out, where a caller planned one (api.plan)
 
     @property
     def stages(self) -> list["Plan"]:

@@ -1,8 +1,11 @@
 """`remap verify DST`: re-check a converted checkpoint against what the conversion recorded.
 
-The manifest names every file with its sha256; the report names every tensor with its shape
-and dtype. Verifying re-hashes the files and re-reads the headers, so a checkpoint copied,
-synced or half-overwritten since is caught before a runtime loads garbage.
+The manifest names every file with its sha256 and records the conversion's recipe. Verifying
+re-hashes the files, then checks every file's tensors (names, dtypes, shapes: per rank for
+model-parallel files) against the conversion replayed from the recipe on its source's headers,
+or, where the source cannot be opened here, against the report's rows. A checkpoint copied,
+synced or half-overwritten since is caught before a runtime loads garbage; `evidence` says
+which checks ran.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Verification:
     checked_files: int = 0
     checked_tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # what the tensors were checked against
 
     @property
     def ok(self) -> bool:
@@ -46,18 +50,56 @@ def verify(dst: str | Path) -> Verification:
         result.checked_files += 1
     extra = sorted(p.name for p in dst.iterdir() if p.is_file() and p.name not in listed and p.name != MANIFEST)
     result.problems += [f"{name}: not in the manifest" for name in extra]
-    if (dst / REPORT).exists() and not result.problems:
-        rows = _json(dst / REPORT).get("rows", [])
-        checkpoint = open_checkpoint(dst)
-        headers = {n: (list(t.shape), t.dtype) for files in checkpoint.files.values() for n, t in files.items()}
-        for row in rows:
-            found = headers.get(row["name"])
-            if found is None:
-                result.problems.append(f"tensor {row['name']}: in the report, not in the files")
-            elif found != (row["shape"], row["dtype"]):
-                result.problems.append(f"tensor {row['name']}: {found[1]} {found[0]}, the report says {row['dtype']} {row['shape']}")
+    if result.problems:
+        return result
+    headers = {file: {n: (list(t.shape), t.dtype) for n, t in tensors.items()}
+               for file, tensors in open_checkpoint(dst).files.items()}
+    expected = _replayed(manifest, dst, result) or _reported(dst, headers, result)
+    for file, tensors in expected.items():
+        found = headers.get(file, {})
+        for name, want in tensors.items():
+            got = found.get(name)
+            if got is None:
+                result.problems.append(f"tensor {name}: not in {file}")
+            elif got != want:
+                result.problems.append(f"tensor {name}: {got[1]} {got[0]} in {file}, expected {want[1]} {want[0]}")
             result.checked_tensors += 1
+        result.problems += [f"tensor {name}: in {file}, not in the conversion" for name in found if name not in tensors]
     return result
+
+
+def _replayed(manifest: dict, dst: Path, result: Verification) -> dict[str, dict] | None:
+    """file -> tensor -> (shape, dtype), from the recipe planned again on its source's headers."""
+    from remap import api
+    from remap.conversion import Conversion
+    from remap.layouts import get_layout
+
+    if not isinstance(manifest.get("recipe"), dict):
+        result.evidence.append("no recipe in the manifest (an older remap wrote it)")
+        return None
+    recipe = Conversion.from_dict(manifest["recipe"], str(dst / MANIFEST))
+    try:
+        plan, _ = api.replay(recipe)
+    except RemapError as exc:
+        result.evidence.append(f"the recipe could not be replayed ({exc})")
+        return None
+    files = get_layout(plan.spec.target_layout).files(plan.outputs, recipe.max_shard_size, plan.names)
+    result.evidence.append(f"tensors against {recipe.spec} replayed on {recipe.source}")
+    return {shard.file: {e.name: (list(e.shape), e.dtype) for e in shard.entries} for shard in files.shards}
+
+
+def _reported(dst: Path, headers: dict[str, dict], result: Verification) -> dict[str, dict]:
+    """file -> tensor -> (shape, dtype), from the report's rows (one shape per tensor)."""
+    if not (dst / REPORT).exists():
+        result.evidence.append("tensors not checked: no report either")
+        return {}
+    rows = {row["name"]: (row["shape"], row["dtype"]) for row in _json(dst / REPORT).get("rows", [])}
+    where = {name: file for file, tensors in headers.items() for name in tensors}
+    result.evidence.append("tensors against the report")
+    expected: dict[str, dict] = {}
+    for name, want in rows.items():
+        expected.setdefault(where.get(name, "the files"), {})[name] = want
+    return expected
 
 
 def _json(path: Path) -> dict:

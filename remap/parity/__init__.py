@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from remap import __version__, api
+from remap.conversion import Conversion
 from remap.errors import RemapError
 from remap.io.checkpoint import Checkpoint
 from remap.parity import runtimes
@@ -115,14 +116,14 @@ def run_parity(
     """
     start = time.perf_counter()
     source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-    if spec is None and dst is not None:
-        spec, inverse, variant = _spec_in_manifest(Path(dst), str(src)) or (None, inverse, variant)
     if spec is None and dst is None:
         raise RemapError("nothing to compare the source with", expected="a converted DST, or --spec to convert SRC")
     plan = None
     if spec is not None:
         plan, _ = api.plan(source, spec, inverse=inverse, params=params, variant=variant, quantize=quantize,
                            group_size=group_size)
+    elif (recipe := _recorded_recipe(Path(dst), str(src))) is not None:
+        plan = api.plan_recipe(recipe, source)  # the conversion that made DST, replayed on SRC
     options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {})
     if dst is not None:
         result = _compare(source, api.open_source(dst), plan, **options)
@@ -186,27 +187,18 @@ def _weights(checkpoint: Checkpoint) -> str:
     return weight_precision({name: t.dtype for name, t in checkpoint.tensors.items() if len(t.shape) >= 2})
 
 
-def _spec_in_manifest(dst: Path, src: str) -> tuple[str, bool, str | None] | None:
-    """(spec, inverse, variant) from the manifest `remap convert` wrote into DST, when DST was
-    converted from SRC and its spec is bundled or still where it was."""
+def _recorded_recipe(dst: Path, src: str) -> Conversion | None:
+    """The recipe `remap convert` recorded in DST's manifest, when DST was converted from SRC."""
     from remap.execute import MANIFEST
-    from remap.spec.load import MAPPINGS
 
     try:
         manifest = json.loads((dst / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not _same_source(manifest.get("source") or "", src):
-        return None
-    name, files = manifest.get("spec") or "", manifest.get("spec_files") or []
-    inverse = name.endswith(".inverse")
-    base = name.removesuffix(".inverse")
-    variant = (manifest.get("target") or {}).get("variant")
-    if (MAPPINGS / f"{base}.yaml").is_file():
-        return base, inverse, variant
-    if len(files) == 1 and Path(files[0].removesuffix(" (inverted)")).is_file():
-        return files[0].removesuffix(" (inverted)"), inverse, variant
-    return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("recipe"), dict):
+        return None  # written before manifests held the recipe: compared, with no rules to name
+    recipe = Conversion.from_dict(manifest["recipe"], str(dst / MANIFEST))
+    return recipe if _same_source(recipe.source, src) else None
 
 
 def _same_source(recorded: str, src: str) -> bool:
