@@ -22,7 +22,7 @@ from remap import __version__, api
 from remap.errors import RemapError
 from remap.names import collapse
 from remap.report import render_json, render_markdown, render_rich
-from remap.spec.expr import evaluate
+from remap.expr import evaluate
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 

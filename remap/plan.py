@@ -20,7 +20,7 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.layouts import Layout, get_layout
 from remap.ops import Loss, Op, TensorType, build_op, op_class
-from remap.spec.expr import evaluate, evaluate_int, names_in
+from remap.expr import evaluate, evaluate_int, names_in
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern
 

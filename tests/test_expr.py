@@ -11,7 +11,7 @@ import math
 import pytest
 
 from remap.errors import RemapError
-from remap.spec.expr import evaluate, evaluate_int
+from remap.expr import evaluate, evaluate_int
 
 CONFIG = {
     "hidden_size": 7168,

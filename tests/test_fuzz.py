@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from remap.errors import RemapError
 from remap.ops import OPS, TensorType, build_op
-from remap.spec.expr import evaluate, evaluate_int
+from remap.expr import evaluate, evaluate_int
 from remap.spec.invert import invert_spec
 from remap.spec.load import parse_spec, spec_from_document
 from remap.spec.pattern import Pattern

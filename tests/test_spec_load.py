@@ -10,8 +10,9 @@ import pytest
 
 from remap.errors import RemapError
 from remap.ops import OPS, build_op
+from remap.ops.schema import REGENERATE, updated
 from remap.spec.invert import invert_document, invert_spec
-from remap.spec.load import bundled_specs, load_spec, parse_spec, spec_from_document, spec_schema
+from remap.spec.load import SCHEMAS, bundled_specs, load_spec, parse_spec, spec_from_document, spec_schema
 
 HEAD = "remap: 1\nname: test\nfrom: hf\nto: mlx\n"
 
@@ -136,6 +137,13 @@ def test_deep_nesting_is_a_remap_error():
 
 
 # -- schema and code cannot drift ----------------------------------------------------------------
+
+
+def test_committed_schema_is_the_generated_one():
+    text = (SCHEMAS / "spec.schema.json").read_text()
+    if updated(text) != text:
+        pytest.fail(f"schemas/spec.schema.json's $defs/op is not what the op classes generate: run `{REGENERATE}`",
+                    pytrace=False)
 
 
 def _schema_ops() -> dict[str, set[str]]:

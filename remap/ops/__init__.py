@@ -1,24 +1,23 @@
-"""The op set specs are written in. Each op is small and pure; see base.py for the contract."""
+"""The op set specs are written in. Each op is small and pure; see base.py for the contract.
+
+An op is one class: defining it registers it (base.REGISTRY), which is all `op_class`,
+`build_op` and `invert_ops` read. After adding or changing one, regenerate the schema:
+`python -m remap.ops.schema --write`.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.ops.base import CLAIMS, Finding, Loss, NotInvertible, Op, TensorType
-from remap.ops.combine import Concat, Split
-from remap.ops.numeric import Cast, DequantFP8
-from remap.ops.quant import DequantizeMLX, QuantFP8, QuantizeMLX
-from remap.ops.reshape import MergeHeads, SplitHeads, Transpose
-from remap.ops.select import Pad, Repeat, Slice
+from remap.ops.base import CLAIMS, REGISTRY, Finding, Loss, NotInvertible, Op, TensorType
 
-OPS: dict[str, type[Op]] = {
-    cls.name: cls
-    for cls in (
-        Concat, Split, SplitHeads, MergeHeads, Transpose, Slice, Pad, Repeat, Cast, DequantFP8, QuantFP8, QuantizeMLX,
-        DequantizeMLX,
-    )
-}
+# Importing the op modules defines, so registers, their ops, in this order: the order the schema and
+# "unknown op" messages list ops in. Keep it (unsorted).
+from remap.ops import combine, reshape, select, numeric, quant  # noqa: F401  # isort: skip
+
+# name -> op class, every registered op (a read-only view of the registry).
+OPS: Mapping[str, type[Op]] = REGISTRY
 
 
 def op_class(name: str) -> type[Op]:

@@ -9,19 +9,23 @@ returns a new one (most act on one element, picked by `input`). An op knows four
 
 Ops are built from a YAML mapping whose values may be expressions over the config; `build`
 evaluates them once at plan time, so a planned op holds plain integers.
+
+Defining an Op subclass with a `name` registers it (REGISTRY): specs can use it, and the op part
+of schemas/spec.schema.json is generated from the classes (remap/ops/schema.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from remap.dtypes import byte_size
 from remap.errors import RemapError
-from remap.spec.expr import evaluate, evaluate_int, names_in
+from remap.expr import evaluate, evaluate_int, names_in
 
 Shape = tuple[int, ...]
 
@@ -66,6 +70,12 @@ class NotInvertible(RemapError):
     pass
 
 
+# Every op class by name, in definition order: the schema's op enum lists them in this order, so
+# "unknown op" messages do too (remap/ops/__init__.py imports the op modules in a fixed order).
+_REGISTRY: dict[str, type["Op"]] = {}
+REGISTRY: Mapping[str, type["Op"]] = MappingProxyType(_REGISTRY)  # read-only: classes register themselves
+
+
 @dataclass(frozen=True)
 class Op:
     name: ClassVar[str]
@@ -78,7 +88,22 @@ class Op:
     # tensor one slab at a time (compute.step_pieces).
     per_slab: ClassVar[bool] = False
 
+    # JSON Schema of a parameter where the default does not fit (an enum, a list of literal
+    # integers); see remap/ops/schema.py for the defaults.
+    param_schema: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
     input: int = 0  # which element of the list the op acts on, for single-input ops
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:  # a shared base for ops, not an op
+            return
+        known = _REGISTRY.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"op '{name}' is defined twice: {known.__module__}.{known.__qualname__} and "
+                            f"{cls.__module__}.{cls.__qualname__}")
+        _REGISTRY[name] = cls  # the same class again is a module reload: the new one replaces it
 
     @classmethod
     def build(cls, raw: Mapping[str, Any], names: Mapping[str, Any]) -> "Op":

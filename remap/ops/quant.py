@@ -34,6 +34,65 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _CHUNK_BYTES = 8 << 20  # rows quantized per mlx call: small enough to stay in cache
 
 
+# -- FP8 block quantization ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantFP8(Op):
+    """float weight [out, in] -> [e4m3 weight, f32 weight_scale_inv] as DeepSeek-V3's checkpoints hold it.
+
+    Per `block` tile (edge tiles partial): scale = amax / 448 in float32, weight = weight / scale
+    rounded to nearest-even e4m3, saturating at +-448; `weight_scale_inv` stores the scale, so
+    `dequant_fp8` multiplies. An all-zero tile gets scale 1.0 (as transformers' FP8 quantizer
+    does): its codes are zeros, and zeros times any scale dequantize exactly.
+    """
+
+    name = "quant_fp8"
+    list_params = ("block",)
+    block: tuple[int, ...] = (128, 128)
+
+    def __post_init__(self) -> None:
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise RemapError(f"quant_fp8: block {list(self.block)}", expected="two positive sizes, e.g. [128, 128]")
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        t = self._pick(inputs)
+        if t.dtype not in ("BF16", "F16", "F32") or len(t.shape) != 2:
+            raise RemapError(f"quant_fp8: weight is {t.dtype} {list(t.shape)}",
+                             expected="a 2-D BF16 | F16 | F32 tensor")
+        blocks = tuple(-(-n // b) for n, b in zip(t.shape, self.block))
+        codes, scales = TensorType(t.shape, "F8_E4M3"), TensorType(blocks, "F32")
+        return [*inputs[: self.input], codes, scales, *inputs[self.input + 1 :]]
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        x = self._pick(arrays).astype(np.float32)
+        rows, cols = x.shape
+        starts = [range(0, n, b) for n, b in zip(x.shape, self.block)]
+        amax = np.maximum.reduceat(np.maximum.reduceat(np.abs(x), starts[0], axis=0), starts[1], axis=1)
+        scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+        per_weight = np.repeat(np.repeat(scale, self.block[0], 0)[:rows], self.block[1], 1)[:, :cols]
+        # float32 division can land a hair past 448 for the tile's largest value: saturate, as
+        # torch's e4m3 cast does (ml_dtypes would give NaN past 464)
+        codes = np.clip(x / per_weight, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+        return [*arrays[: self.input], codes, scale, *arrays[self.input + 1 :]]
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        t = self._pick(inputs)
+        block = "x".join(map(str, self.block))
+        return Loss("quantization", f"input {self.input}: {t.dtype} -> F8_E4M3 with a float32 scale per {block} block",
+                    "e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 + scale / 1024 per weight")
+
+    def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        x = self._pick(arrays)
+        restored = DequantFP8(self.input, self.block, "F32").apply(self.apply(arrays))[self.input]
+        error = max_abs(x.astype(np.float32) - restored)
+        return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        return [{"op": "dequant_fp8", "block": raw.get("block", [128, 128]), "input": raw.get("input", 0)}]
+
+
 # -- numpy <-> mlx ------------------------------------------------------------------------------
 
 
@@ -122,6 +181,7 @@ class QuantizeMLX(Op):
     name = "quantize_mlx"
     per_slab = True
     int_params = ("bits", "group_size")
+    param_schema = {"mode": {"enum": list(MLX_MODES)}}
     bits: int = 4  # mlx-lm's defaults
     group_size: int = 64
     mode: str = "affine"
@@ -185,6 +245,7 @@ class DequantizeMLX(Op):
     name = "dequantize_mlx"
     per_slab = True
     int_params = ("bits", "group_size")
+    param_schema = {"mode": {"enum": list(MLX_MODES)}}
     bits: int = 4
     group_size: int = 64
     mode: str = "affine"
@@ -250,62 +311,3 @@ class DequantizeMLX(Op):
 def _mlx_raw_params(raw: Mapping[str, Any]) -> dict[str, Any]:
     params = {key: raw[key] for key in ("bits", "group_size", "mode") if key in raw}
     return {**params, "input": raw.get("input", 0)}
-
-
-# -- FP8 block quantization ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantFP8(Op):
-    """float weight [out, in] -> [e4m3 weight, f32 weight_scale_inv] as DeepSeek-V3's checkpoints hold it.
-
-    Per `block` tile (edge tiles partial): scale = amax / 448 in float32, weight = weight / scale
-    rounded to nearest-even e4m3, saturating at +-448; `weight_scale_inv` stores the scale, so
-    `dequant_fp8` multiplies. An all-zero tile gets scale 1.0 (as transformers' FP8 quantizer
-    does): its codes are zeros, and zeros times any scale dequantize exactly.
-    """
-
-    name = "quant_fp8"
-    list_params = ("block",)
-    block: tuple[int, ...] = (128, 128)
-
-    def __post_init__(self) -> None:
-        if len(self.block) != 2 or min(self.block) < 1:
-            raise RemapError(f"quant_fp8: block {list(self.block)}", expected="two positive sizes, e.g. [128, 128]")
-
-    def types(self, inputs: list[TensorType]) -> list[TensorType]:
-        t = self._pick(inputs)
-        if t.dtype not in ("BF16", "F16", "F32") or len(t.shape) != 2:
-            raise RemapError(f"quant_fp8: weight is {t.dtype} {list(t.shape)}",
-                             expected="a 2-D BF16 | F16 | F32 tensor")
-        blocks = tuple(-(-n // b) for n, b in zip(t.shape, self.block))
-        codes, scales = TensorType(t.shape, "F8_E4M3"), TensorType(blocks, "F32")
-        return [*inputs[: self.input], codes, scales, *inputs[self.input + 1 :]]
-
-    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        x = self._pick(arrays).astype(np.float32)
-        rows, cols = x.shape
-        starts = [range(0, n, b) for n, b in zip(x.shape, self.block)]
-        amax = np.maximum.reduceat(np.maximum.reduceat(np.abs(x), starts[0], axis=0), starts[1], axis=1)
-        scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
-        per_weight = np.repeat(np.repeat(scale, self.block[0], 0)[:rows], self.block[1], 1)[:, :cols]
-        # float32 division can land a hair past 448 for the tile's largest value: saturate, as
-        # torch's e4m3 cast does (ml_dtypes would give NaN past 464)
-        codes = np.clip(x / per_weight, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-        return [*arrays[: self.input], codes, scale, *arrays[self.input + 1 :]]
-
-    def loss(self, inputs: list[TensorType]) -> Loss | None:
-        t = self._pick(inputs)
-        block = "x".join(map(str, self.block))
-        return Loss("quantization", f"input {self.input}: {t.dtype} -> F8_E4M3 with a float32 scale per {block} block",
-                    "e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 + scale / 1024 per weight")
-
-    def check(self, arrays: list[np.ndarray]) -> list[Finding]:
-        x = self._pick(arrays)
-        restored = DequantFP8(self.input, self.block, "F32").apply(self.apply(arrays))[self.input]
-        error = max_abs(x.astype(np.float32) - restored)
-        return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]
-
-    @classmethod
-    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
-        return [{"op": "dequant_fp8", "block": raw.get("block", [128, 128]), "input": raw.get("input", 0)}]

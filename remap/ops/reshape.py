@@ -82,6 +82,8 @@ class Transpose(Op):
 
     name = "transpose"
     list_params = ("axes",)
+    # literal integers, not expressions: `invert` computes the inverse permutation from them
+    param_schema = {"axes": {"type": "array", "items": {"type": "integer"}}}
     axes: tuple[int, ...] = (1, 0)
 
     def types(self, inputs: list[TensorType]) -> list[TensorType]:

@@ -24,6 +24,7 @@ class Slice(Op):
 
     name = "slice"
     int_params = ("axis", "start", "stop", "size")
+    param_schema = {"claim": {"enum": list(CLAIMS)}, "reason": {"type": "string"}}
     axis: int = 0
     start: int = 0
     stop: int | None = None

@@ -1,1 +1,2 @@
-"""The spec language: YAML mapping files, their schema, name patterns and size expressions."""
+"""The spec language: YAML mapping files, their schema and name patterns (size expressions are
+remap.expr, shared with the ops)."""

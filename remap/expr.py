@@ -4,6 +4,9 @@ Specs write sizes as `num_attention_heads * v_head_dim`, or read a nested config
 constant subscript (`quantization_config['weight_block_size']`). We parse with `ast` and walk a small
 whitelist of node types: integer arithmetic, comparisons, boolean logic, a few functions. No
 attribute access, no calls but the whitelist, no `eval` — a spec file is untrusted input.
+
+A module of its own, outside remap.spec: ops evaluate their parameters with it, and the spec
+loader builds on the ops, so neither package may own it.
 """
 
 from __future__ import annotations
