@@ -21,8 +21,8 @@ from rich.table import Table
 from remap import __version__, api
 from remap.errors import RemapError
 from remap.names import collapse
-from remap.report import render_json, render_markdown, render_rich
 from remap.expr import evaluate
+from remap.render.report import render_json, render_markdown, render_rich
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 
@@ -198,7 +198,7 @@ def convert(
 
 
 def _coverage(result) -> str:
-    from remap.report import coverage_line
+    from remap.render.report import coverage_line
     return coverage_line(result).split(" -> ")[0]
 
 
@@ -257,7 +257,7 @@ def parity(
 ) -> None:
     """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
     from remap.parity import run_parity
-    from remap.parity.render import render_json, render_junit, render_markdown, render_rich
+    from remap.render.parity import render_json, render_junit, render_markdown, render_rich
 
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)

@@ -1,27 +1,22 @@
-"""The shape-verification report: the plan printed, and checked against the target layout.
+"""The shape-verification report: the plan checked against the target layout, as plain data.
 
-`build_report` turns a plan (and, with --check-data, measured findings) into plain data;
-`render_*` print it as rich tables, JSON (schemas/report.schema.json) or Markdown. The exit code
-rule lives here too: 0 when the target layout is met and every source tensor is accounted for,
-1 otherwise.
+`build_report` turns a plan (and, with --check-data, measured findings) into a `Report`;
+remap.render.report prints it as rich tables, JSON (schemas/report.schema.json) or Markdown. The
+exit code rule lives here too: 0 when the target layout is met and every source tensor is
+accounted for, 1 otherwise. No rich here: the Python API builds reports without it.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import Any, Mapping
 
 from remap import __version__
 from remap.check import RuleFinding
 from remap.layouts import get_layout
-from remap.layouts.base import FLOAT
-from remap.names import collapse
-from remap.plan import Plan
+from remap.layouts.base import FLOAT, Expected, Layout
+from remap.plan import Output, Plan
 from remap import dtypes
 
 
@@ -79,41 +74,67 @@ def _dtype_fits(dtype: str, want: str) -> bool:
 
 
 def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Report:
-    first, spec = plan.first, plan.spec
-    target_layout = get_layout(spec.target_layout)
+    target_layout = get_layout(plan.spec.target_layout)
     target_config = target_layout.read_config(plan.target_config)
-    variant = plan.names["target_variant"]
-    if not plan.variant_pinned:  # e.g. an MTP layer passed through: whichever variant the outputs are
-        produced_names = {o.name for o in plan.outputs}
-        variant = next((v for v in target_layout.variants
-                        if set(target_layout.expected(target_config, v)) == produced_names), variant)
+    variant = _target_variant(plan, target_layout, target_config)
     expected = target_layout.expected(target_config, variant)
+    rows = _rows(plan, expected)
+    produced = {r.name for r in rows}
+    missing = [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype} for e in expected.values() if e.name not in produced]
+    unmatched = [n for s in plan.stages for n in s.unmatched]
+    report = Report(
+        spec=plan.name,
+        source={"layout": plan.first.spec.source_layout, "variant": plan.first.names["source_variant"]},
+        target={"layout": plan.spec.target_layout, "variant": variant},
+        rows=rows, missing=missing, coverage=_coverage(plan, rows, unmatched),
+        dropped=[{"stage": s.name, **asdict(d)} for s in plan.stages for d in s.dropped], unmatched=unmatched,
+        losses=_losses(plan, findings), checked_data=findings is not None,
+    )
+    report.problems.extend(_problems(report))
+    return report
 
+
+def _target_variant(plan: Plan, target_layout: Layout, target_config: Mapping[str, Any]) -> str:
+    """The variant the plan targets; when the spec does not pin one (e.g. an MTP layer passed
+    through), whichever variant the outputs turn out to be."""
+    variant = plan.names["target_variant"]
+    if plan.variant_pinned:
+        return variant
+    produced_names = {o.name for o in plan.outputs}
+    return next((v for v in target_layout.variants
+                 if set(target_layout.expected(target_config, v)) == produced_names), variant)
+
+
+def _rows(plan: Plan, expected: Mapping[str, Expected]) -> list[Row]:
     rows = []
     for step in plan.steps:
         for output in step.outputs:
-            want = expected.get(output.name)
-            if want is None:
-                status = "unexpected"
-            elif tuple(want.shape) != tuple(output.shape):
-                status = f"shape: expected {list(want.shape)}"
-            elif not _dtype_fits(output.dtype, want.dtype):
-                status = f"dtype: expected {want.dtype}"
-            else:
-                status = "ok"
             sources, ops = plan.lineage(step)
+            status = _status(output, expected.get(output.name))
             rows.append(Row(output.name, list(output.shape), output.dtype, sources, ops, step.rule, status))
-    produced = {r.name for r in rows}
-    missing = [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype} for e in expected.values() if e.name not in produced]
+    return rows
 
-    dropped = [{"stage": s.name, **asdict(d)} for s in plan.stages for d in s.dropped]
-    unmatched = [n for s in plan.stages for n in s.unmatched]
+
+def _status(output: Output, want: Expected | None) -> str:
+    """How one produced tensor fits the layout's expectation of it."""
+    if want is None:
+        return "unexpected"
+    if tuple(want.shape) != tuple(output.shape):
+        return f"shape: expected {list(want.shape)}"
+    if not _dtype_fits(output.dtype, want.dtype):
+        return f"dtype: expected {want.dtype}"
+    return "ok"
+
+
+def _coverage(plan: Plan, rows: list[Row], unmatched: list[str]) -> dict:
+    """Where every source tensor went (used, dropped by which claim, unmatched), and the sizes."""
+    first = plan.first
     fates = Counter(plan.fates().values())
     by_claim = Counter()
     for (fate, claim), n in fates.items():
         if fate == "dropped":
             by_claim[claim] += n
-    coverage = {
+    return {
         "source_tensors": len(first.source_tensors),
         "used": fates[("used", None)],
         "dropped": sum(by_claim.values()),
@@ -125,24 +146,21 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
         "target_bytes": sum(o.nbytes for o in plan.outputs),
     }
 
-    report = Report(
-        spec=plan.name,
-        source={"layout": first.spec.source_layout, "variant": first.names["source_variant"]},
-        target={"layout": spec.target_layout, "variant": variant},
-        rows=rows, missing=missing, coverage=coverage, dropped=dropped, unmatched=unmatched,
-        losses=_losses(plan, findings), checked_data=findings is not None,
-    )
-    bad_rows = [r for r in rows if r.status != "ok"]
+
+def _problems(report: Report) -> list[str]:
+    """What makes the report NOT OK (and the exit code 1), each with its first example."""
+    problems, layout = [], report.target["layout"]
+    bad_rows = [r for r in report.rows if r.status != "ok"]
     if bad_rows:
-        report.problems.append(f"{len(bad_rows)} target tensors do not fit the {spec.target_layout} layout, e.g. {bad_rows[0].name}: {bad_rows[0].status}")
-    if missing:
-        report.problems.append(f"{len(missing)} tensors the {spec.target_layout} layout needs are not produced, e.g. {missing[0]['name']}")
-    if unmatched:
-        report.problems.append(f"{len(unmatched)} source tensors match no rule, e.g. {unmatched[0]}")
+        problems.append(f"{len(bad_rows)} target tensors do not fit the {layout} layout, e.g. {bad_rows[0].name}: {bad_rows[0].status}")
+    if report.missing:
+        problems.append(f"{len(report.missing)} tensors the {layout} layout needs are not produced, e.g. {report.missing[0]['name']}")
+    if report.unmatched:
+        problems.append(f"{len(report.unmatched)} source tensors match no rule, e.g. {report.unmatched[0]}")
     broken = [l for l in report.losses if l.holds is False]
     if broken:
-        report.problems.append(f"{len(broken)} claims do not hold on the data, e.g. {broken[0].rule}: {broken[0].what} (max |x| {broken[0].magnitude:.3g})")
-    return report
+        problems.append(f"{len(broken)} claims do not hold on the data, e.g. {broken[0].rule}: {broken[0].what} (max |x| {broken[0].magnitude:.3g})")
+    return problems
 
 
 def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
@@ -170,90 +188,3 @@ def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
                     loss.holds = f.finding.holds if loss.holds is None else (loss.holds and f.finding.holds)
                 break
     return list(losses.values())
-
-
-# -- rendering ---------------------------------------------------------------------------------
-def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], Row]]:
-    """(name, collapsed source names, first row) per group of rows alike but for indices."""
-    if full:
-        return [(r.name, _collapse_names(r.sources), r) for r in rows]
-    key = lambda r: (tuple(r.shape), r.dtype, tuple(r.ops), r.status, r.rule)
-    return [(name, _collapse_names([s for m in members for s in m.sources]), members[0])
-            for name, members in collapse(rows, lambda r: r.name, key)]
-
-
-def _from_column(name: str, sources: list[str]) -> list[str]:
-    """A tensor that keeps its name shows `=` instead of repeating it."""
-    return ["="] if sources == [name] else sources
-
-
-def _collapse_names(names: list[str]) -> list[str]:
-    return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
-
-
-def coverage_line(report: Report) -> str:
-    c = report.coverage
-    total = c["source_tensors"] or 1
-    claims = ", ".join(f"{n} {claim}" for claim, n in sorted(c["dropped_by_claim"].items()))
-    line = (f"{c['source_tensors']} source tensors: {c['used']} used ({100 * c['used'] / total:.1f}%), "
-            f"{c['dropped']} dropped ({100 * c['dropped'] / total:.1f}%{': ' + claims if claims else ''}), "
-            f"{c['unmatched']} unmatched -> {c['target_tensors']} target tensors")
-    return line
-
-
-def render_rich(report: Report, console: Console, *, full: bool = False) -> None:
-    src, tgt = report.source, report.target
-    console.print(f"[bold]{escape(report.spec)}[/]: {src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']})")
-    table = Table(show_lines=False, header_style="bold")
-    for column in ("target tensor", "shape", "dtype", "from", "ops", "status"):
-        table.add_column(column, overflow="fold")
-    for name, sources, row in _collapsed_rows(report.rows, full):
-        status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(_from_column(name, sources))),
-                      " > ".join(row.ops), status)
-    console.print(table)
-    for m in report.missing:
-        console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
-    console.print(coverage_line(report))
-    if report.unmatched:
-        console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
-    if report.losses:
-        stages = {loss.stage for loss in report.losses} | {report.spec}
-        losses = Table(title="what the conversion discards or rounds", header_style="bold")
-        for column in ("rule", "claim", "what", "x", "measured", "exact when"):
-            losses.add_column(column, overflow="fold")
-        for loss in report.losses:
-            measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
-            if loss.holds is False:
-                measured = f"[red]{measured} LOSSY[/]"
-            elif loss.holds:
-                measured = f"[green]{measured} holds[/]"
-            rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
-            losses.add_row(escape(rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
-        console.print(losses)
-    for problem in report.problems:
-        console.print(f"[red]problem:[/] {escape(problem)}")
-    console.print("[green]OK[/]: target layout met, every source tensor accounted for" if report.ok else "[red]NOT OK[/]")
-
-
-def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2)
-
-
-def render_markdown(report: Report, *, full: bool = False) -> str:
-    src, tgt = report.source, report.target
-    lines = [f"## remap report: {report.spec}", "",
-             f"{src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']}): **{'OK' if report.ok else 'NOT OK'}**", "",
-             coverage_line(report), "",
-             "| target tensor | shape | dtype | from | ops | status |", "|---|---|---|---|---|---|"]
-    for name, sources, row in _collapsed_rows(report.rows, full):
-        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in _from_column(name, sources))} | {' > '.join(row.ops)} | {row.status} |")
-    if report.missing:
-        lines += ["", "Missing: " + ", ".join(f"`{m['name']}`" for m in report.missing)]
-    if report.losses:
-        lines += ["", "| rule | claim | what | x | measured | why |", "|---|---|---|---|---|---|"]
-        for l in report.losses:
-            measured = "" if l.magnitude is None else f"{l.magnitude:.3g}" + (" (breaks claim)" if l.holds is False else "")
-            lines.append(f"| {l.rule} | {l.claim} | {l.what} | {l.count} | {measured} | {l.reason} |")
-    lines += [f"- {p}" for p in report.problems]
-    return "\n".join(lines) + "\n"

@@ -10,8 +10,9 @@ reference ScratchModel for `scratch`, mlx-lm for `mlx`), both on the same seeded
 default in float32. compare.py turns the
 two forward passes into metrics and checks; when one fails, the first hidden state that drifts
 (the embedding, a decoder layer, or the head) names the spec rules that made its tensors, and the
-spec's claims are measured on the source bytes to say which of them do not hold. render.py
-prints the result as rich text, JSON (schemas/parity.schema.json), JUnit XML or Markdown.
+spec's claims are measured on the source bytes to say which of them do not hold.
+remap.render.parity prints the result as rich text, JSON (schemas/parity.schema.json), JUnit XML
+or Markdown (apart, so that this package imports without rich).
 """
 
 from __future__ import annotations

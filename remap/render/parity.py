@@ -1,5 +1,6 @@
-"""A parity result printed: rich text for a terminal, JSON (schemas/parity.schema.json), JUnit
-XML (one testcase per check, for CI test reporters) and Markdown (for a CI job summary)."""
+"""A parity result (remap.parity.ParityResult) printed: rich text for a terminal, JSON
+(schemas/parity.schema.json), JUnit XML (one testcase per check, for CI test reporters) and
+Markdown (for a CI job summary)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""A shape-verification report (remap.report.Report) printed: rich tables for a terminal, JSON
+(schemas/report.schema.json) or Markdown (for a CI job summary)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from remap.names import collapse
+from remap.report import Report, Row
+
+
+def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], Row]]:
+    """(name, collapsed source names, first row) per group of rows alike but for indices."""
+    if full:
+        return [(r.name, _collapse_names(r.sources), r) for r in rows]
+    key = lambda r: (tuple(r.shape), r.dtype, tuple(r.ops), r.status, r.rule)
+    return [(name, _collapse_names([s for m in members for s in m.sources]), members[0])
+            for name, members in collapse(rows, lambda r: r.name, key)]
+
+
+def _from_column(name: str, sources: list[str]) -> list[str]:
+    """A tensor that keeps its name shows `=` instead of repeating it."""
+    return ["="] if sources == [name] else sources
+
+
+def _collapse_names(names: list[str]) -> list[str]:
+    return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
+
+
+def coverage_line(report: Report) -> str:
+    c = report.coverage
+    total = c["source_tensors"] or 1
+    claims = ", ".join(f"{n} {claim}" for claim, n in sorted(c["dropped_by_claim"].items()))
+    line = (f"{c['source_tensors']} source tensors: {c['used']} used ({100 * c['used'] / total:.1f}%), "
+            f"{c['dropped']} dropped ({100 * c['dropped'] / total:.1f}%{': ' + claims if claims else ''}), "
+            f"{c['unmatched']} unmatched -> {c['target_tensors']} target tensors")
+    return line
+
+
+def render_rich(report: Report, console: Console, *, full: bool = False) -> None:
+    src, tgt = report.source, report.target
+    console.print(f"[bold]{escape(report.spec)}[/]: {src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']})")
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("target tensor", "shape", "dtype", "from", "ops", "status"):
+        table.add_column(column, overflow="fold")
+    for name, sources, row in _collapsed_rows(report.rows, full):
+        status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
+        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(_from_column(name, sources))),
+                      " > ".join(row.ops), status)
+    console.print(table)
+    for m in report.missing:
+        console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
+    console.print(coverage_line(report))
+    if report.unmatched:
+        console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
+    if report.losses:
+        stages = {loss.stage for loss in report.losses} | {report.spec}
+        losses = Table(title="what the conversion discards or rounds", header_style="bold")
+        for column in ("rule", "claim", "what", "x", "measured", "exact when"):
+            losses.add_column(column, overflow="fold")
+        for loss in report.losses:
+            measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
+            if loss.holds is False:
+                measured = f"[red]{measured} LOSSY[/]"
+            elif loss.holds:
+                measured = f"[green]{measured} holds[/]"
+            rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
+            losses.add_row(escape(rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
+        console.print(losses)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/] {escape(problem)}")
+    console.print("[green]OK[/]: target layout met, every source tensor accounted for" if report.ok else "[red]NOT OK[/]")
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+def render_markdown(report: Report, *, full: bool = False) -> str:
+    src, tgt = report.source, report.target
+    lines = [f"## remap report: {report.spec}", "",
+             f"{src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']}): **{'OK' if report.ok else 'NOT OK'}**", "",
+             coverage_line(report), "",
+             "| target tensor | shape | dtype | from | ops | status |", "|---|---|---|---|---|---|"]
+    for name, sources, row in _collapsed_rows(report.rows, full):
+        lines.append(f"| `{name}` | {row.shape} | {row.dtype} | {'<br>'.join(f'`{s}`' for s in _from_column(name, sources))} | {' > '.join(row.ops)} | {row.status} |")
+    if report.missing:
+        lines += ["", "Missing: " + ", ".join(f"`{m['name']}`" for m in report.missing)]
+    if report.losses:
+        lines += ["", "| rule | claim | what | x | measured | why |", "|---|---|---|---|---|---|"]
+        for l in report.losses:
+            measured = "" if l.magnitude is None else f"{l.magnitude:.3g}" + (" (breaks claim)" if l.holds is False else "")
+            lines.append(f"| {l.rule} | {l.claim} | {l.what} | {l.count} | {measured} | {l.reason} |")
+    lines += [f"- {p}" for p in report.problems]
+    return "\n".join(lines) + "\n"
