@@ -25,9 +25,11 @@ import numpy as np
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
+from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors
 from remap.io.checkpoint import Checkpoint
-from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, TensorEntry, atomic_output,
-                             disk_errors, file_order, plan_shards, sha256_file, shard_is_complete, write_index)
+from remap.io.hashing import sha256_file
+from remap.io.shards import ShardPlan, TensorEntry, file_order, plan_shards, write_index
+from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import deepseek
 from remap.plan import Plan, Step
 
