@@ -14,7 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from remap.io.writer import _layout, plan_shards, write_index  # header bytes exactly as ShardWriter writes them
+from remap.io.shards import plan_shards, write_index
+from remap.io.writer import _layout  # header bytes exactly as ShardWriter writes them
 from remap.layouts import get_layout
 
 # DeepSeek-V3's config.json (the values that shape tensors), as published.

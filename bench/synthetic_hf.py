@@ -20,7 +20,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from remap.io.writer import ShardWriter, plan_shards, write_index
+from remap.io.shards import plan_shards, write_index
+from remap.io.writer import ShardWriter
 from remap.layouts import get_layout
 
 

@@ -24,9 +24,11 @@ from typing import Callable, Iterator
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
+from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors
 from remap.io.checkpoint import Checkpoint
-from remap.io.writer import (INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, ShardPlan, ShardWriter, atomic_output, disk_errors,
-                             file_order, sha256_file, shard_is_complete, write_index)
+from remap.io.hashing import sha256_file
+from remap.io.shards import ShardPlan, file_order, write_index
+from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
 from remap.plan import Plan, Step
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from remap.errors import RemapError
 from remap.execute import MANIFEST, REPORT
 from remap.io.checkpoint import open_checkpoint
-from remap.io.writer import sha256_file
+from remap.io.hashing import sha256_file
 
 
 @dataclass

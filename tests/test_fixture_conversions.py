@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from remap import api
-from remap.io.writer import sha256_file
+from remap.io.hashing import sha256_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MATRIX = [

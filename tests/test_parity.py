@@ -22,7 +22,7 @@ import yaml
 
 from remap import api
 from remap.errors import RemapError
-from remap.io.writer import sha256_file
+from remap.io.hashing import sha256_file
 from remap.parity import run_parity, token_ids
 from remap.parity.compare import PROFILES, checks, logit_metrics, profile_for, weight_precision
 
