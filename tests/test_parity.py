@@ -360,3 +360,43 @@ def test_token_ids_are_seeded_and_in_the_vocabulary():
     ids = token_ids(320, 32, 2, seed=3)
     assert ids.shape == (2, 32) and ids.min() >= 0 and ids.max() < 320
     assert np.array_equal(ids, token_ids(320, 32, 2, seed=3)) and not np.array_equal(ids, token_ids(320, 32, 2, seed=4))
+
+
+# -- a recorded recipe, replayed ------------------------------------------------------------------
+
+
+SHARED_SWAPPED = [
+    {"to": "model.layers.{i}.mlp.shared_experts.{proj}.weight",
+     "from": "model.layers.{i}.mlp.shared_experts.{proj:gate_proj|up_proj|down_proj}.weight",
+     "when": "i != 1 and i < num_hidden_layers"},
+    {"to": "model.layers.1.mlp.shared_experts.down_proj.weight", "from": "model.layers.1.mlp.shared_experts.down_proj.weight"},
+    {"name": "layer 1 shared gate read from up", "to": "model.layers.1.mlp.shared_experts.gate_proj.weight",
+     "from": "model.layers.1.mlp.shared_experts.up_proj.weight"},
+    {"name": "layer 1 shared up read from gate", "to": "model.layers.1.mlp.shared_experts.up_proj.weight",
+     "from": "model.layers.1.mlp.shared_experts.gate_proj.weight"},
+]
+
+
+def test_parity_of_a_finished_quantized_conversion_replays_its_recipe(tmp_path):
+    """`remap convert --quantize 4` records the whole recipe in the manifest; `remap parity SRC DST`
+    plans it again from there (the spec file, the quantization, the variant) and names the rules
+    behind a planted drift, in both stages."""
+    spec = _broken_hf_to_mlx(tmp_path, "model.layers.{i}.mlp.shared_experts.{proj}.weight", SHARED_SWAPPED,
+                             "hf-to-mlx-shared-swapped")
+    out = tmp_path / "out"
+    done = _remap("convert", FIXTURES / "hf-bf16", out, "--spec", spec, "--quantize", "4", "--q-group-size", "32",
+                  "--variant", "embed_q", "--quiet")
+    assert done.returncode == 0, done.stderr
+    recipe = json.loads((out / "remap-manifest.json").read_text())["recipe"]
+    assert recipe == {"source": str((FIXTURES / "hf-bf16").resolve()), "spec": str(spec.resolve()), "inverse": False,
+                      "variant": "embed_q", "params": {}, "quantize": "4", "group_size": 32, "dtype": None,
+                      "max_shard_size": "5GB", "revision": None}
+    result = run_parity(FIXTURES / "hf-bf16", out)
+    assert result.spec == "hf-to-mlx-shared-swapped+4bit" and result.profile == "quantized"
+    assert not result.ok and result.divergence == "layer 1", [c.describe() for c in result.failures]
+    rules = {(ref.stage, ref.rule.split("] ", 1)[1]) for ref in result.rules}
+    assert {("hf-to-mlx-shared-swapped", "layer 1 shared gate read from up"),
+            ("hf-to-mlx-shared-swapped", "layer 1 shared up read from gate")} <= rules
+    assert any(stage == "mlx-quantize" for stage, _ in rules)
+    shown = _remap("parity", FIXTURES / "hf-bf16", out)
+    assert shown.returncode == 1 and "layer 1 shared gate read from up" in shown.stdout

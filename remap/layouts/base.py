@@ -21,7 +21,7 @@ from remap.errors import RemapError
 
 if TYPE_CHECKING:  # only for annotations: layouts never import the upper floors at load time
     from remap.io.checkpoint import Checkpoint
-    from remap.io.writer import ShardPlan
+    from remap.io.shards import ShardPlan
 
 # dtype classes a layout may ask for. "float" means any floating dtype a runtime accepts for a
 # weight (bf16, f16, f32); the others are exact.
