@@ -19,7 +19,8 @@ from remap.conversion import Conversion
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, detect, get_layout
 from remap.ops import TensorType
-from remap.plan import Plan, build_plan
+from remap.plan import Plan
+from remap.planner import build_plan
 from remap.report import Report, build_report
 from remap.spec.invert import invert_spec
 from remap.spec.load import Spec, load_spec

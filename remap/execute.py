@@ -30,6 +30,7 @@ from remap.io.hashing import sha256_file
 from remap.io.shards import ShardPlan, file_order, write_index
 from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
+from remap.layouts.base import FilePlan
 from remap.plan import Plan, Step
 
 MANIFEST = "remap-manifest.json"
@@ -96,21 +97,30 @@ def convert(
             writers.abandon()
             hasher.shutdown(cancel_futures=True)
             raise
-        if files_plan.index:
-            write_index(out, shards)
-        _write_json(out / "config.json", plan.target_config)
-        for path in checkpoint.extra_files:
-            shutil.copy2(path, out / path.name)
-        if report is not None:
-            _write_json(out / REPORT, report)
         hashes.update((file, future.result()) for file, future in kept.items())
-        files = {p.name: hashes[p.name] if p.name in hashes else digest(p)
-                 for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
         hasher.shutdown()
-        # The manifest carries the identity on, so a kill between these two lines still resumes.
-        _write_json(out / MANIFEST, {**_manifest(plan, checkpoint, files, recipe), "conversion": identity})
-        (out / RESUME).unlink()
+        files = _finish(out, plan, checkpoint, files_plan, report, hashes, digest,
+                        {**_manifest(plan, checkpoint, recipe), "conversion": identity})
     return Result(Path(dst), files, total, time.perf_counter() - start)
+
+
+def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan, report: dict | None,
+            hashes: dict[str, str | None], digest: Callable, manifest: dict) -> dict[str, str | None]:
+    """Everything but the shards: index, config.json, tokenizer files, report, then the manifest
+    with every file's sha256 (last: its presence means the rest is complete)."""
+    if files_plan.index:
+        write_index(out, files_plan.shards)
+    _write_json(out / "config.json", plan.target_config)
+    for path in checkpoint.extra_files:
+        shutil.copy2(path, out / path.name)
+    if report is not None:
+        _write_json(out / REPORT, report)
+    files = {p.name: hashes[p.name] if p.name in hashes else digest(p)
+             for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
+    # The manifest carries the identity on, so a kill between these two lines still resumes.
+    _write_json(out / MANIFEST, {**manifest, "files": files})
+    (out / RESUME).unlink()
+    return files
 
 
 class _Writers:
@@ -194,26 +204,35 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
             run(step)
             yield from done(step)
         return
-    # Threads: pread, copy_file_range, numpy copies and pwrite all release the GIL. Results are
-    # taken in order, so files close in order. Steps run side by side only while their working
-    # sets fit `memory` together: two embeddings decoded at once must not double the peak.
+    need = lambda step: 0 if _byte_moves(plan, checkpoint, step) else 3 * read.piece_nbytes(step)
+    for step in _in_threads(steps, run, need, workers, memory):
+        yield from done(step)
+
+
+def _in_threads(steps: list[Step], run: Callable[[Step], None], need: Callable[[Step], int], workers: int,
+                memory: int) -> Iterator[Step]:
+    """Run steps on `workers` threads; yields each step, in order, once it has run.
+
+    Threads: pread, copy_file_range, numpy copies and pwrite all release the GIL. Results are
+    taken in order, so files close in order. Steps run side by side only while their working
+    sets fit `memory` together: two embeddings decoded at once must not double the peak (a
+    decoded piece is held about 3 times: the private copy, what ops make of it, what is written)."""
     with ThreadPoolExecutor(workers) as pool:
         window: deque = deque()
         in_flight = 0
         for step in steps:
-            # a decoded piece is held about 3 times: the private copy, what ops make of it, what is written
-            need = 0 if _byte_moves(plan, checkpoint, step) else 3 * read.piece_nbytes(step)
-            while window and (len(window) >= 2 * workers or in_flight + need > memory):
+            size = need(step)
+            while window and (len(window) >= 2 * workers or in_flight + size > memory):
                 finished, future, used = window.popleft()
                 future.result()
                 in_flight -= used
-                yield from done(finished)
-            window.append((step, pool.submit(run, step), need))
-            in_flight += need
+                yield finished
+            window.append((step, pool.submit(run, step), size))
+            in_flight += size
         while window:
             finished, future, _ = window.popleft()
             future.result()
-            yield from done(finished)
+            yield finished
 
 
 def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements) -> list[Step]:
@@ -239,7 +258,7 @@ def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:
     return infos
 
 
-def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str], recipe) -> dict:
+def _manifest(plan: Plan, checkpoint: Checkpoint, recipe) -> dict:
     return {
         "remap_version": __version__,
         # the whole conversion, replayable: `remap parity SRC DST` and `remap verify DST` plan it again
@@ -249,7 +268,6 @@ def _manifest(plan: Plan, checkpoint: Checkpoint, files: dict[str, str], recipe)
         "source": checkpoint.source,
         "source_revision": checkpoint.revision,
         "target": {"layout": plan.spec.target_layout, "variant": plan.names["target_variant"]},
-        "files": files,
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from remap.errors import RemapError
 from remap.ops import TensorType
-from remap.plan import build_plan
+from remap.planner import build_plan
 from remap.report import build_report
 from remap.spec.invert import invert_spec
 from remap.spec.load import bundled_specs, load_spec, parse_spec

@@ -109,7 +109,7 @@ def test_mixed_recipe_bits_are_mlx_lms_predicate_at_any_depth(layers):
 
     from helpers import HF_BASE
     from remap.ops import TensorType
-    from remap.plan import build_plan
+    from remap.planner import build_plan
 
     raw = {**HF_BASE, "num_hidden_layers": layers, "tie_word_embeddings": False}
     model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(raw))

@@ -12,7 +12,7 @@ import pytest
 
 from remap import api
 from remap.names import collapse, format_indices, template
-from remap.plan import build_plan
+from remap.planner import build_plan
 from remap.report import build_report
 from remap.spec.load import SCHEMAS, load_spec
 from tests.helpers import SCRATCH_BASE, layout_tensors, random_tensors
