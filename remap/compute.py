@@ -84,11 +84,7 @@ class StagedReader:
         self.plan = plan
         self.read_source = read_source
         self.upstream = StagedReader(plan.upstream, read_source, cache_steps) if plan.upstream else None
-        self.producer: dict[str, tuple[Step, int]] = {}
-        if plan.upstream is not None:
-            for step in plan.upstream.steps:
-                for j, output in enumerate(step.outputs):
-                    self.producer[output.name] = (step, j)
+        self.producers = plan.upstream.producers if plan.upstream is not None else {}
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._cache_steps = cache_steps
         self._lock = threading.Lock()
@@ -98,7 +94,7 @@ class StagedReader:
         of `step` acts on each slab alone (so the two can run slab by slab); None otherwise."""
         if self.upstream is None or step.stacked or step.take is not None or len(step.sources) != 1:
             return None
-        producer, _ = self.producer.get(step.sources[0], (None, 0))
+        producer = self.producers.get(step.sources[0])
         if producer is None or not producer.stacked or len(producer.outputs) != 1:
             return None
         return producer if all(op.per_slab for op in step.ops) else None
@@ -123,9 +119,9 @@ class StagedReader:
     def __call__(self, name: str) -> np.ndarray:
         if self.upstream is None:
             return self.read_source(name)
-        if name not in self.producer:
+        step = self.producers.get(name)
+        if step is None:
             raise RemapError(f"no earlier stage produces '{name}'", tensor=name)
-        step, j = self.producer[name]
         if len(step.outputs) == 1:
             return step_outputs(step, self.upstream)[0]
         key = id(step)
@@ -137,4 +133,4 @@ class StagedReader:
                 self._cache[key] = outputs
                 if len(self._cache) > self._cache_steps:
                     self._cache.popitem(last=False)
-        return outputs[j]
+        return outputs[next(j for j, o in enumerate(step.outputs) if o.name == name)]

@@ -32,7 +32,7 @@ class Output:
         return dtypes.byte_size(self.dtype, self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Step:
     """One rule applied to one binding of its variables: sources -> ops -> outputs.
 

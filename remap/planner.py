@@ -213,7 +213,8 @@ class _Planner:
             types = [t.with_shape((len(groups),) + t.shape) for t in types]
         outputs = tuple(Output(p.fill(binding), t.shape, t.dtype) for p, t in zip(rule.to, types))
         self._record(rule, groups, outputs)
-        self.plan.steps.append(Step(rule.id, outputs, tuple(map(tuple, groups)), ops, bool(rule.stack), None, None, tuple(losses)))
+        self.plan.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops,
+                                    stacked=bool(rule.stack), losses=tuple(losses)))
 
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
         """The rule's ops, built once per distinct value of the variables they read (usually
@@ -238,7 +239,8 @@ class _Planner:
             names = {**binding, rule.unstack: index}
             outputs = tuple(Output(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
             self._record(rule, [group] if index == 0 else [], outputs)
-            self.plan.steps.append(Step(rule.id, outputs, (tuple(group),), ops, False, index, None, tuple(losses)))
+            self.plan.steps.append(Step(rule=rule.id, outputs=outputs, groups=(tuple(group),), ops=ops, take=index,
+                                        losses=tuple(losses)))
 
     def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
         for op in ops:
@@ -303,7 +305,7 @@ class _Planner:
             name = rule.to[0].fill(binding)
             outputs = (Output(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
-            self.plan.steps.append(Step(rule.id, outputs, fill=rule.fill))
+            self.plan.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
         used = set(self.used) | set(self.plan.reused)

@@ -216,7 +216,7 @@ def test_staged_reader_is_safe_for_the_executors_threads():
     fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf-bf16")
     plan, ckpt = api.plan(fixture, "hf-to-mlx", quantize=4)
     read = StagedReader(plan, ckpt.load, cache_steps=1)
-    split = [name for name, (step, _) in read.producer.items() if len(step.outputs) > 1]
+    split = [name for name, step in read.producers.items() if len(step.outputs) > 1]
     assert split  # kv_b_proj -> embed_q, unembed_out
     names = random.Random(0).choices(split, k=12000)
     interval = sys.getswitchinterval()
