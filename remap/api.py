@@ -96,8 +96,7 @@ def plan_recipe(recipe: Conversion, checkpoint: Checkpoint, spec: str | Path | S
     tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
     built = build_plan(loaded, tensors, checkpoint.config, params=params, dtype=recipe.dtype,
                        variant=recipe.variant, source_variant=source_variant)
-    built.recipe = recipe
-    return built
+    return dataclasses.replace(built, recipe=recipe)
 
 
 def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = False) -> Report:

@@ -39,8 +39,8 @@ def drop_finding(drop: Dropped, read: Reader) -> Finding:
 def check_data(plan: Plan, read_source: Reader) -> list[RuleFinding]:
     """Every claim of every stage, measured. Steps without claims read nothing."""
     findings: list[RuleFinding] = []
-    for stage in plan.stages:
-        read = StagedReader(stage, read_source)
+    for k, stage in enumerate(plan.stages):
+        read = StagedReader(plan.stages[: k + 1], read_source)
         for drop in stage.dropped:
             findings.append(RuleFinding(stage.name, drop.rule, drop.name, drop_finding(drop, read)))
         for step in stage.steps:

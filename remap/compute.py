@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from remap import dtypes
 from remap.errors import RemapError
 from remap.ops import Finding
-from remap.plan import Plan, Step
+from remap.plan import Stage, Step
 
 Reader = Callable[[str], np.ndarray]
 
@@ -75,16 +75,16 @@ def step_findings(step: Step, read: Reader) -> list[Finding]:
 
 
 class StagedReader:
-    """Reads a plan stage's sources: from the checkpoint for the first stage, otherwise by
-    computing the earlier stage's step that produces the tensor. Only steps with several outputs
-    are cached (a split feeds several later steps in a row), and only the last one or two: a
-    cached embedding is hundreds of MB that nothing will read again."""
+    """Reads the sources of the last of `stages`: from the checkpoint for the first stage,
+    otherwise by computing the earlier stage's step that produces the tensor. Only steps with
+    several outputs are cached (a split feeds several later steps in a row), and only the last one
+    or two: a cached embedding is hundreds of MB that nothing will read again."""
 
-    def __init__(self, plan: Plan, read_source: Reader, cache_steps: int = 2):
-        self.plan = plan
+    def __init__(self, stages: Sequence[Stage], read_source: Reader, cache_steps: int = 2):
+        *earlier, self.stage = stages
         self.read_source = read_source
-        self.upstream = StagedReader(plan.upstream, read_source, cache_steps) if plan.upstream else None
-        self.producers = plan.upstream.producers if plan.upstream is not None else {}
+        self.upstream = StagedReader(earlier, read_source, cache_steps) if earlier else None
+        self.producers = earlier[-1].producers if earlier else {}
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._cache_steps = cache_steps
         self._lock = threading.Lock()
@@ -113,8 +113,8 @@ class StagedReader:
         if (producer := self._slab_producer(step)) is not None:
             (output,) = producer.outputs
             return output.nbytes // max(1, output.shape[0])
-        size = max(sum(self.plan.source_tensors[n].nbytes for n in group) for group in step.groups)
-        return size // max(1, self.plan.source_tensors[step.sources[0]].shape[0]) if step.take is not None else size
+        size = max(sum(self.stage.source_tensors[n].nbytes for n in group) for group in step.groups)
+        return size // max(1, self.stage.source_tensors[step.sources[0]].shape[0]) if step.take is not None else size
 
     def __call__(self, name: str) -> np.ndarray:
         if self.upstream is None:

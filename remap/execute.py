@@ -68,7 +68,7 @@ def convert(
         max_shard_size = recipe.max_shard_size if recipe is not None else "5GB"
     elif recipe is not None:
         recipe = dataclasses.replace(recipe, max_shard_size=max_shard_size)
-    target = get_layout(plan.spec.target_layout)
+    target = get_layout(plan.target_layout)
     metadata = {"format": target.format}
     files_plan = target.files(plan.outputs, max_shard_size, plan.names)
     shards, placements = files_plan.shards, files_plan.placements
@@ -166,7 +166,7 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
                progress) -> Iterator[tuple[str, str | None]]:
     """Run the steps; yields each file, with its sha256, as soon as its last tensor is written and
     it is closed."""
-    read = StagedReader(plan, checkpoint.load)
+    read = StagedReader(plan.stages, checkpoint.load)
     remaining = Counter(p.file for s in steps for o in s.outputs for p in placements[o.name] if p.file in writers)
 
     def run(step: Step) -> None:
@@ -248,7 +248,7 @@ def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements) -> li
 def _byte_moves(plan: Plan, checkpoint: Checkpoint, step: Step) -> list | None:
     """The source spans of a step that only moves bytes (no ops, one source per piece, same
     dtype, a file on disk): those are copied file to file, never decoded. None otherwise."""
-    if plan.upstream is not None or step.ops or step.fill or step.take is not None or len(step.outputs) != 1:
+    if len(plan.stages) > 1 or step.ops or step.fill or step.take is not None or len(step.outputs) != 1:
         return None
     if any(len(group) != 1 for group in step.groups):
         return None
@@ -267,7 +267,7 @@ def _manifest(plan: Plan, checkpoint: Checkpoint, recipe) -> dict:
         "spec_files": [str(stage.spec.path) for stage in plan.stages],
         "source": checkpoint.source,
         "source_revision": checkpoint.revision,
-        "target": {"layout": plan.spec.target_layout, "variant": plan.names["target_variant"]},
+        "target": {"layout": plan.target_layout, "variant": plan.names["target_variant"]},
     }
 
 

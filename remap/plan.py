@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from remap import dtypes
 from remap.ops import Loss, Op, TensorType
@@ -64,50 +64,110 @@ class Dropped:
     same_as: str | None = None
 
 
-@dataclass
-class Plan:
+@dataclass(frozen=True)
+class Stage:
+    """One spec applied to one set of source tensors: what makes each output, what is dropped and
+    why, what no rule took. Immutable once planned."""
+
     spec: Spec
-    source_tensors: dict[str, TensorType]
-    source_config: dict  # config.json of the source, as given
-    target_config: dict  # config.json to write for the target
-    names: dict  # the namespace expressions were evaluated in
-    steps: list[Step] = field(default_factory=list)
-    dropped: list[Dropped] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)
-    reused: dict[str, list[str]] = field(default_factory=dict)  # tensor -> rules re-reading it
-    # A composed spec plans stage by stage; a later stage's sources are the earlier stage's
-    # outputs, computed on demand when the plan runs (nothing intermediate is written).
-    upstream: "Plan | None" = None
-    name: str = ""
+    source_tensors: Mapping[str, TensorType]
+    source_config: Mapping[str, Any]  # config.json of the source, as given
+    target_config: Mapping[str, Any]  # config.json to write for the target
+    names: Mapping[str, Any]  # the namespace expressions were evaluated in
+    steps: tuple[Step, ...] = ()
+    dropped: tuple[Dropped, ...] = ()
+    unmatched: tuple[str, ...] = ()
+    reused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tensor -> rules re-reading it
     variant_pinned: bool = True  # False: the target variant is whichever the outputs turn out to be
-    recipe: Any = None  # the Conversion this plan carries out, where a caller planned one (api.plan)
 
     @property
-    def stages(self) -> list["Plan"]:
-        chain, plan = [], self
-        while plan is not None:
-            chain.append(plan)
-            plan = plan.upstream
-        return chain[::-1]
-
-    @property
-    def first(self) -> "Plan":
-        return self.stages[0]
+    def name(self) -> str:
+        return self.spec.name
 
     @functools.cached_property
     def producers(self) -> dict[str, Step]:
         """Output name -> the step that makes it."""
         return {o.name: step for step in self.steps for o in step.outputs}
 
+    @property
+    def outputs(self) -> list[Output]:
+        return [o for step in self.steps for o in step.outputs]
+
+    @property
+    def losses(self) -> list[tuple[str, Loss]]:
+        return [(step.rule, loss) for step in self.steps for loss in step.losses]
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec.name,
+            "from": self.spec.source_layout,
+            "to": self.spec.target_layout,
+            "source_variant": self.names["source_variant"],
+            "target_variant": self.names["target_variant"],
+            "source_config": self.source_config,
+            "target_config": self.target_config,
+            "steps": [_step_dict(s) for s in self.steps],
+            "dropped": [dataclasses.asdict(d) for d in self.dropped],
+            "unmatched": list(self.unmatched),
+            "reused": {name: list(rules) for name, rules in self.reused.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A conversion's pipeline: its stages in order (one for a plain spec; a composed spec's later
+    stage reads the earlier stage's outputs, computed on demand, never written). What the
+    conversion writes is the last stage's outputs; what it reads, the first stage's sources."""
+
+    stages: tuple[Stage, ...]
+    name: str  # the spec's name (a composed or quantized spec's own)
+    recipe: Any = None  # the Conversion it carries out, where a caller planned one (api.plan)
+
+    @property
+    def first(self) -> Stage:
+        return self.stages[0]
+
+    @property
+    def last(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def source_layout(self) -> str:
+        return self.first.spec.source_layout
+
+    @property
+    def target_layout(self) -> str:
+        return self.last.spec.target_layout
+
+    # What the conversion writes: the last stage's.
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.last.steps
+
+    @property
+    def outputs(self) -> list[Output]:
+        return self.last.outputs
+
+    @property
+    def names(self) -> Mapping[str, Any]:
+        return self.last.names
+
+    @property
+    def target_config(self) -> Mapping[str, Any]:
+        return self.last.target_config
+
+    @property
+    def variant_pinned(self) -> bool:
+        return self.last.variant_pinned
+
     def lineage(self, step: Step) -> tuple[list[str], list[str]]:
-        """The first stage's source tensors a step reads, and the names of the ops applied on
-        the way, through any earlier stages."""
-        names, ops, plan = step.sources, _op_names(step), self.upstream
-        while plan is not None:
-            before = [plan.producers[n] for n in names if n in plan.producers]
+        """The first stage's source tensors a last-stage step reads, and the names of the ops
+        applied on the way, through any earlier stages."""
+        names, ops = step.sources, _op_names(step)
+        for stage in reversed(self.stages[:-1]):
+            before = [stage.producers[n] for n in names if n in stage.producers]
             ops = list(dict.fromkeys(name for s in before for name in _op_names(s))) + ops
-            names = [n for name in names for n in (plan.producers[name].sources if name in plan.producers else [name])]
-            plan = plan.upstream
+            names = [n for name in names for n in (stage.producers[name].sources if name in stage.producers else [name])]
         return names, ops
 
     def fates(self) -> dict[str, tuple[str, str | None]]:
@@ -134,33 +194,10 @@ class Plan:
             for name in stages[0].source_tensors
         }
 
-    @property
-    def outputs(self) -> list[Output]:
-        return [o for step in self.steps for o in step.outputs]
-
-    @property
-    def losses(self) -> list[tuple[str, Loss]]:
-        return [(step.rule, loss) for step in self.steps for loss in step.losses]
-
     def to_dict(self) -> dict:
-        if self.upstream is not None:
-            return {"spec": self.name, "stages": [stage._stage_dict() for stage in self.stages]}
-        return self._stage_dict()
-
-    def _stage_dict(self) -> dict:
-        return {
-            "spec": self.spec.name,
-            "from": self.spec.source_layout,
-            "to": self.spec.target_layout,
-            "source_variant": self.names["source_variant"],
-            "target_variant": self.names["target_variant"],
-            "source_config": self.source_config,
-            "target_config": self.target_config,
-            "steps": [_step_dict(s) for s in self.steps],
-            "dropped": [dataclasses.asdict(d) for d in self.dropped],
-            "unmatched": self.unmatched,
-            "reused": self.reused,
-        }
+        if len(self.stages) > 1:
+            return {"spec": self.name, "stages": [stage.to_dict() for stage in self.stages]}
+        return self.last.to_dict()
 
 
 def natural_key(name: str) -> tuple:

@@ -8,6 +8,7 @@ stage's outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import ChainMap
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
 from remap.ops import Loss, Op, TensorType, build_op, op_class
-from remap.plan import Dropped, Output, Plan, Step, natural_key
+from remap.plan import Dropped, Output, Plan, Stage, Step, natural_key
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern
 
@@ -69,8 +70,25 @@ def build_plan(
     variant: str | None = None,
     source_variant: str | None = None,
 ) -> Plan:
+    """The plan of `spec` (a composed spec: one stage per part) on tensors (name -> shape, dtype)
+    and the source's config.json."""
     if spec.parts:
         return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant)
+    stage = build_stage(spec, tensors, raw_config, params=params, dtype=dtype, variant=variant,
+                        source_variant=source_variant)
+    return Plan((stage,), spec.name)
+
+
+def build_stage(
+    spec: Spec,
+    tensors: Mapping[str, TensorType],
+    raw_config: Mapping[str, Any] | None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    source_variant: str | None = None,
+) -> Stage:
     raw = dict(raw_config or {})
     source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
     variants = {
@@ -85,17 +103,18 @@ def build_plan(
     target_config = target.write_config(translate_config(spec.config, raw, names))
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
-    plan = Plan(spec, dict(tensors), raw, target_config, names, name=spec.name,
-                variant_pinned=bool(variant or spec.variant))
-    planner = _Planner(plan, sorted(tensors, key=natural_key), dtypes.canonical(dtype) if dtype else None, target)
+    planner = _Planner(dict(tensors), names, dtypes.canonical(dtype) if dtype else None, target)
     for rule in spec.rules:
         try:
             planner.add(rule)
         except RemapError as exc:
             raise exc.within(file=spec.where(rule), rule=rule.id) from None
     planner.finish()
-    target.record(plan.target_config, plan.steps)
-    return plan
+    target.record(target_config, planner.steps)
+    return Stage(spec, dict(tensors), raw, target_config, names, steps=tuple(planner.steps),
+                 dropped=tuple(planner.dropped), unmatched=tuple(planner.unmatched),
+                 reused={name: tuple(rules) for name, rules in planner.reused.items()},
+                 variant_pinned=bool(variant or spec.variant))
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:
@@ -103,10 +122,10 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
     if set(params) - declared:
         raise RemapError(f"unknown parameter '{sorted(set(params) - declared)[0]}'", file=spec.path,
                          expected=", ".join(sorted(declared)) or "no parameters")
-    plan: Plan | None = None
+    stages: list[Stage] = []
     last = len(spec.parts) - 1
     for k, part in enumerate(spec.parts):
-        stage = build_plan(
+        stage = build_stage(
             part, tensors, raw_config,
             params={key: v for key, v in params.items() if key in part.params},
             dtype=dtype if k == last else None,
@@ -114,23 +133,31 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
             variant=(variant or spec.variant) if part.target_layout == spec.target_layout else None,
             source_variant=(source_variant or spec.source_variant) if k == 0 else None,
         )
-        stage.upstream, plan = plan, stage
+        stages.append(stage)
         tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
         raw_config = stage.target_config
-    plan.name = spec.name
-    plan.variant_pinned = plan.variant_pinned or bool(spec.variant)
-    return plan
+    stages[-1] = dataclasses.replace(stages[-1], variant_pinned=stages[-1].variant_pinned or bool(spec.variant))
+    return Plan(tuple(stages), spec.name)
 
 
 class _Planner:
-    def __init__(self, plan: Plan, names: list[str], dtype: str | None, target: Layout):
-        self.plan, self.names, self.dtype, self.target = plan, names, dtype, target
+    """Applies a spec's rules, one at a time, to the source tensors: collects the stage's steps,
+    drops and re-reads, and checks that no source is used twice and no output written twice."""
+
+    def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
+                 target: Layout):
+        self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
+        self.names = sorted(tensors, key=natural_key)
+        self.steps: list[Step] = []
+        self.dropped: list[Dropped] = []
+        self.reused: dict[str, list[str]] = {}  # tensor -> rules re-reading it
+        self.unmatched: list[str] = []
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
         self.shapes: dict[str, list[str]] = {}  # name shape (numbers as #) -> names, in order
-        for name in names:
+        for name in self.names:
             self.shapes.setdefault(_INDEX.sub("#", name), []).append(name)
 
     # -- rules ---------------------------------------------------------------------------
@@ -156,7 +183,7 @@ class _Planner:
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
         # experts ask the same `i < num_hidden_layers` 61 times, not 15,616).
         read = names_in(rule.when)
-        tensors, decided = self.plan.source_tensors, {}
+        tensors, decided = self.tensors, {}
         kept = []
         for name, binding in found:
             scope = {k: v for k, v in binding.items() if k in read}
@@ -166,7 +193,7 @@ class _Planner:
                 scope["shape"] = tensors[name].shape
             key = tuple(sorted(scope.items()))
             if key not in decided:
-                decided[key] = evaluate(rule.when, ChainMap(scope, self.plan.names))
+                decided[key] = evaluate(rule.when, ChainMap(scope, self.namespace))
             if decided[key]:
                 kept.append((name, binding))
         return kept
@@ -193,16 +220,16 @@ class _Planner:
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
         for group in groups:
             for name in group:
-                if name not in self.plan.source_tensors:
+                if name not in self.tensors:
                     raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
                                      expected="every `from` pattern to exist for each match of the first")
         ops = self._ops(rule, binding)
-        types = [self.plan.source_tensors[n] for n in groups[0]]
+        types = [self.tensors[n] for n in groups[0]]
         if rule.unstack:
             return self._unstack(rule, binding, groups[0], ops, types)
         losses: list[Loss] = []
         for group in groups[1:]:  # every stacked element must look like the first
-            other = [self.plan.source_tensors[n] for n in group]
+            other = [self.tensors[n] for n in group]
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
         types, ops = self._run_types(ops, types, losses, [p.fill(binding) for p in rule.to])
@@ -213,7 +240,7 @@ class _Planner:
             types = [t.with_shape((len(groups),) + t.shape) for t in types]
         outputs = tuple(Output(p.fill(binding), t.shape, t.dtype) for p, t in zip(rule.to, types))
         self._record(rule, groups, outputs)
-        self.plan.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops,
+        self.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops,
                                     stacked=bool(rule.stack), losses=tuple(losses)))
 
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
@@ -223,7 +250,7 @@ class _Planner:
             self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
         key = (rule.index, tuple((k, binding[k]) for k in self.op_reads[rule.index] if k in binding))
         if key not in self.op_cache:
-            self.op_cache[key] = tuple(build_op(raw, {**self.plan.names, **binding}) for raw in rule.ops)
+            self.op_cache[key] = tuple(build_op(raw, {**self.namespace, **binding}) for raw in rule.ops)
         return self.op_cache[key]
 
     def _unstack(self, rule: Rule, binding: dict, group: list[str], ops: tuple, types: list[TensorType]) -> None:
@@ -239,7 +266,7 @@ class _Planner:
             names = {**binding, rule.unstack: index}
             outputs = tuple(Output(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
             self._record(rule, [group] if index == 0 else [], outputs)
-            self.plan.steps.append(Step(rule=rule.id, outputs=outputs, groups=(tuple(group),), ops=ops, take=index,
+            self.steps.append(Step(rule=rule.id, outputs=outputs, groups=(tuple(group),), ops=ops, take=index,
                                         losses=tuple(losses)))
 
     def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
@@ -274,7 +301,7 @@ class _Planner:
             self.written[output.name] = rule.id
         for name in (n for g in groups for n in g):
             if rule.reuse:
-                self.plan.reused.setdefault(name, []).append(rule.id)
+                self.reused.setdefault(name, []).append(rule.id)
             elif name in self.used and self.used[name] != rule.id:
                 raise RemapError(f"source tensor '{name}' is matched by two rules: {self.used[name]} and this one",
                                  tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
@@ -287,29 +314,29 @@ class _Planner:
                 if name in self.used:
                     raise RemapError(f"source tensor '{name}' is both dropped and used by {self.used[name]}", tensor=name)
                 same_as = rule.same_as.fill(binding) if rule.same_as else None
-                if same_as is not None and same_as not in self.plan.source_tensors:
+                if same_as is not None and same_as not in self.tensors:
                     raise RemapError(f"`same_as` names '{same_as}', which the source does not have", tensor=name)
                 self.used[name] = rule.id
-                self.plan.dropped.append(Dropped(name, rule.id, rule.claim, rule.reason, same_as))
+                self.dropped.append(Dropped(name, rule.id, rule.claim, rule.reason, same_as))
 
     def _fill(self, rule: Rule) -> None:
         if rule.like:
             bindings = [b for _, b in self._bindings(rule.like, rule)]
         else:
-            bindings = [{}] if rule.when is None or evaluate(rule.when, self.plan.names) else []
+            bindings = [{}] if rule.when is None or evaluate(rule.when, self.namespace) else []
         for binding in bindings:
-            shape = tuple(evaluate_int(s, {**self.plan.names, **binding}) for s in rule.shape)
+            shape = tuple(evaluate_int(s, {**self.namespace, **binding}) for s in rule.shape)
             like = rule.like.fill(binding) if rule.like else None
             dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
-                self.plan.source_tensors[like].dtype if like else "F32")
+                self.tensors[like].dtype if like else "F32")
             name = rule.to[0].fill(binding)
             outputs = (Output(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
-            self.plan.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
+            self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
-        used = set(self.used) | set(self.plan.reused)
-        self.plan.unmatched = [n for n in self.names if n not in used]
+        used = set(self.used) | set(self.reused)
+        self.unmatched = [n for n in self.names if n not in used]
 
 
 # A dot-separated decimal index, written as a pattern's `{i}` matches it (no leading zeros).

@@ -74,7 +74,7 @@ def _dtype_fits(dtype: str, want: str) -> bool:
 
 
 def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Report:
-    target_layout = get_layout(plan.spec.target_layout)
+    target_layout = get_layout(plan.target_layout)
     target_config = target_layout.read_config(plan.target_config)
     variant = _target_variant(plan, target_layout, target_config)
     expected = target_layout.expected(target_config, variant)
@@ -85,7 +85,7 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
     report = Report(
         spec=plan.name,
         source={"layout": plan.first.spec.source_layout, "variant": plan.first.names["source_variant"]},
-        target={"layout": plan.spec.target_layout, "variant": variant},
+        target={"layout": plan.target_layout, "variant": variant},
         rows=rows, missing=missing, coverage=_coverage(plan, rows, unmatched),
         dropped=[{"stage": s.name, **asdict(d)} for s in plan.stages for d in s.dropped], unmatched=unmatched,
         losses=_losses(plan, findings), checked_data=findings is not None,

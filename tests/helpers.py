@@ -49,7 +49,7 @@ def random_tensors(types: Mapping[str, TensorType], seed: int = 0) -> dict[str, 
 
 def run_plan(plan: Plan, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Execute a plan in memory (same step code as the streaming executor)."""
-    read = StagedReader(plan, data.__getitem__)
+    read = StagedReader(plan.stages, data.__getitem__)
     result = {}
     for step in plan.steps:
         for output, array in zip(step.outputs, step_outputs(step, read)):

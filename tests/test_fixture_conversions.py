@@ -72,7 +72,7 @@ def test_fixture_converts_and_loads(tmp_path, fixture, spec, variant):
     assert report.ok, report.problems
     api.convert(plan, ckpt, tmp_path / "out", report=report.to_dict())
     assert (tmp_path / "out/tokenizer.json").exists()
-    target = plan.spec.target_layout
+    target = plan.target_layout
     if target == "mlx" or "quantization_config" in plan.target_config:
         _mlx_generates(tmp_path / "out")
     elif target == "hf":

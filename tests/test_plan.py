@@ -228,4 +228,4 @@ def test_dtype_option_casts_float_outputs_and_names_the_rounding():
     tensors = {n: TensorType(t.shape, "F32") for n, t in tensors.items()}
     plan = build_plan(load_spec("hf-to-mlx"), tensors, config, dtype="bf16")
     assert {o.dtype for o in plan.outputs} == {"BF16"}
-    assert {loss.claim for _, loss in plan.losses} == {"rounding"}
+    assert {loss.claim for _, loss in plan.last.losses} == {"rounding"}

@@ -158,12 +158,12 @@ def test_stacked_experts_quantize_one_expert_at_a_time():
     from remap.ops.quant import QuantizeMLX
 
     plan, ckpt = api.plan(FIXTURES / "hf-bf16", "hf-to-mlx", quantize=4)
-    read = StagedReader(plan, ckpt.load)
+    read = StagedReader(plan.stages, ckpt.load)
     step = next(s for s in plan.steps if s.outputs[0].name.endswith("switch_mlp.up_proj.weight"))
     experts = step.outputs[0].shape[0]
     pieces = list(step_pieces(step, read))
     assert [index for index, _ in pieces] == list(range(experts))
-    assert read.piece_nbytes(step) * experts == plan.source_tensors[step.sources[0]].nbytes
+    assert read.piece_nbytes(step) * experts == plan.last.source_tensors[step.sources[0]].nbytes
 
     whole = QuantizeMLX(bits=4, group_size=64).apply([read(step.sources[0])])
     assert all(np.array_equal(a, b) for a, b in zip(step_outputs(step, read), whole))

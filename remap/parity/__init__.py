@@ -145,7 +145,7 @@ def run_parity(
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
              dtype: str, tolerances: Mapping[str, float | None]) -> ParityResult:
     checkpoints = (source, target)
-    found = [_layout(source, plan and plan.first.spec.source_layout), _layout(target, plan and plan.spec.target_layout)]
+    found = [_layout(source, plan and plan.source_layout), _layout(target, plan and plan.target_layout)]
     models = [runtimes.load(layout, checkpoint, dtype) for (layout, _), checkpoint in zip(found, checkpoints)]
     sides = [Side(checkpoint.source, layout, variant, model.name, _weights(checkpoint))
              for checkpoint, (layout, variant), model in zip(checkpoints, found, models)]

@@ -214,7 +214,7 @@ def rules_behind(plan: Plan, section: str) -> list[RuleRef]:
     earlier stage of a composed plan to the source, plus each stage's drops in that section.
     Source-side stages first."""
     stages = plan.stages
-    wanted = [o.name for o in plan.outputs if o.name.startswith(section_prefixes(plan.spec.target_layout, section))]
+    wanted = [o.name for o in plan.outputs if o.name.startswith(section_prefixes(plan.target_layout, section))]
     refs: list[RuleRef] = []
     for stage in reversed(stages):
         made: dict[str, list[str]] = {}
