@@ -74,21 +74,12 @@ def build_plan(
     and the source's config.json."""
     if spec.parts:
         return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant)
-    stage = build_stage(spec, tensors, raw_config, params=params, dtype=dtype, variant=variant,
-                        source_variant=source_variant)
-    return Plan((stage,), spec.name)
+    return Plan((_stage(spec, tensors, raw_config, params, dtype, variant, source_variant),), spec.name)
 
 
-def build_stage(
-    spec: Spec,
-    tensors: Mapping[str, TensorType],
-    raw_config: Mapping[str, Any] | None,
-    *,
-    params: Mapping[str, Any] | None = None,
-    dtype: str | None = None,
-    variant: str | None = None,
-    source_variant: str | None = None,
-) -> Stage:
+def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[str, Any] | None,
+           params: Mapping[str, Any] | None, dtype: str | None, variant: str | None, source_variant: str | None) -> Stage:
+    """One plain spec (no parts) applied to the tensors: a Stage."""
     raw = dict(raw_config or {})
     source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
     variants = {
@@ -125,13 +116,13 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
     stages: list[Stage] = []
     last = len(spec.parts) - 1
     for k, part in enumerate(spec.parts):
-        stage = build_stage(
+        stage = _stage(
             part, tensors, raw_config,
-            params={key: v for key, v in params.items() if key in part.params},
-            dtype=dtype if k == last else None,
+            {key: v for key, v in params.items() if key in part.params},
+            dtype if k == last else None,
             # the chosen target variant applies to every stage that writes the final layout
-            variant=(variant or spec.variant) if part.target_layout == spec.target_layout else None,
-            source_variant=(source_variant or spec.source_variant) if k == 0 else None,
+            (variant or spec.variant) if part.target_layout == spec.target_layout else None,
+            (source_variant or spec.source_variant) if k == 0 else None,
         )
         stages.append(stage)
         tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
