@@ -18,9 +18,10 @@ from remap.ops.schema import op_schema, param_schemas, render, updated
 from remap.spec.load import SCHEMAS, parse_spec
 
 PACKAGE = Path(__file__).resolve().parents[1] / "remap"
-# The order ops had when they were listed by hand: the schema's enum and "unknown op" messages keep it.
-ORDER = ["concat", "split", "split_heads", "merge_heads", "transpose", "slice", "pad", "repeat", "cast",
-         "dequant_fp8", "quant_fp8", "quantize_mlx", "dequantize_mlx"]
+# The order ops register in (module import order, then definition order): the schema's enum and
+# "unknown op" messages keep it.
+ORDER = ["concat", "split", "split_heads", "merge_heads", "transpose", "rope_permute", "slice", "pad", "repeat",
+         "cast", "dequant_fp8", "quant_fp8", "quantize_mlx", "dequantize_mlx", "low_rank_fuse", "low_rank_split"]
 
 
 @pytest.fixture

@@ -62,6 +62,12 @@ SHAPE_CASES = [
     ({"op": "pad", "before": 1, "after": 2}, [(3, 4)]),
     ({"op": "pad", "axis": 1, "to": 8, "size": 4}, [(3, 4)]),
     ({"op": "repeat", "axis": 1, "times": 3}, [(2, 3)]),
+    ({"op": "rope_permute", "dim": "rope * 2", "order": "interleave"}, [(8, 3)]),
+    ({"op": "rope_permute", "axis": -1, "dim": 2, "order": "deinterleave", "input": 1}, [(1,), (3, 6)]),
+    ({"op": "low_rank_fuse", "rank": "rank"}, [(5, 6), (6, 3)]),
+    ({"op": "low_rank_fuse", "input": 1}, [(2,), (4, 2), (2, 3), (1,)]),
+    ({"op": "low_rank_split", "rank": "rank"}, [(7, 9)]),
+    ({"op": "low_rank_split", "rank": 1, "input": 1}, [(2,), (3, 2)]),
 ]
 
 
@@ -124,6 +130,10 @@ ROUND_TRIPS = {
     "pad-to": ([{"op": "pad", "to": 7, "size": 4}], lambda d: [random((4, 2), d)]),
     "repeat": ([{"op": "repeat", "axis": 0, "times": 3, "size": 2, "input": 1}],
                lambda d: [random((1,), d), random((2, 5), d)]),
+    "rope_permute": ([{"op": "rope_permute", "dim": "rope * 4", "order": "interleave"}], lambda d: [random((24, 3), d)]),
+    "rope_permute-per-head": ([{"op": "split_heads", "heads": "heads"},
+                               {"op": "rope_permute", "axis": 1, "dim": 6, "order": "deinterleave"}],
+                              lambda d: [random((4 * 6, 5), d)]),
     "kv_b_proj to embed_q/unembed_out": (
         [{"op": "split_heads", "heads": "heads"},
          {"op": "split", "axis": 1, "sizes": ["nope", "v"]},
@@ -179,6 +189,8 @@ def test_lossy_steps_are_named():
         {"op": "cast", "dtype": "BF16"},
         {"op": "dequant_fp8"},
         {"op": "split"},
+        {"op": "low_rank_fuse"},  # no rank: the inverse split would not know the factors' inner size
+        {"op": "rope_permute", "dim": 4},
     ],
 )
 def test_not_invertible(raw):
@@ -301,6 +313,16 @@ def test_check_of_a_full_slice_finds_nothing():
         ({"op": "split", "axis": 2, "sizes": [1]}, [(1, 1)], "axis 2 out of range"),
         ({"op": "transpose", "input": 1}, [(2, 3)], "input 1 out of range"),
         ({"op": "cast", "dtype": "BF16", "source": "F16"}, [(2,)], "input dtype is F32"),
+        ({"op": "rope_permute", "dim": 4, "order": "interleave"}, [(6, 3)], "rope_permute: extent 6 .* multiple of 4"),
+        ({"op": "rope_permute", "axis": 2, "dim": 4, "order": "interleave"}, [(8, 3)], "axis 2 out of range"),
+        ({"op": "low_rank_fuse"}, [(2, 3), (4, 5)], r"low_rank_fuse: F32 \[2, 3\] @ F32 \[4, 5\].*\[m, k\] @ \[k, n\]"),
+        ({"op": "low_rank_fuse", "rank": 2}, [(2, 3), (3, 5)], "low_rank_fuse: the factors' inner size is 3.*rank 2"),
+        ({"op": "low_rank_fuse"}, [(2, 3)], "low_rank_fuse: inputs 0 and 1 out of range.*consecutive"),
+        ({"op": "low_rank_fuse"}, [(2, 3, 1), (3, 1, 1)], "low_rank_fuse: left is F32 .*2-D"),
+        ({"op": "low_rank_split", "rank": 4}, [(3, 5)], r"low_rank_split: rank 4 .*1\.\.3"),
+        ({"op": "low_rank_split", "rank": 0}, [(3, 5)], "low_rank_split: rank 0"),
+        ({"op": "low_rank_split"}, [(3, 5)], "low_rank_split: rank None"),
+        ({"op": "low_rank_split", "rank": 1}, [(3,)], "low_rank_split: the matrix is F32 .*2-D"),
     ],
 )
 def test_shape_errors(raw, shapes, fragment):
@@ -325,6 +347,11 @@ def test_concat_refuses_mixed_dtypes():
         ({"op": "dequant_fp8", "block": [0, 128]}, "block"),
         ({"op": "dequant_fp8", "block": 128}, "block"),
         ({"op": "reshape"}, "unknown op 'reshape'"),
+        ({"op": "rope_permute", "dim": 3, "order": "interleave"}, r"rope_permute: dim 3 .*positive even"),
+        ({"op": "rope_permute", "order": "interleave"}, "rope_permute: dim None"),
+        ({"op": "rope_permute", "dim": 4}, r"rope_permute: order None .*interleave \| deinterleave"),
+        ({"op": "rope_permute", "dim": 4, "order": "half"}, "rope_permute: order 'half'"),
+        ({"op": "low_rank_split", "rank": "rank / 4"}, "an integer"),
     ],
 )
 def test_build_errors(raw, fragment):

@@ -14,7 +14,7 @@ from remap.ops.base import CLAIMS, REGISTRY, Finding, Loss, NotInvertible, Op, T
 
 # Importing the op modules defines, so registers, their ops, in this order: the order the schema and
 # "unknown op" messages list ops in. Keep it (unsorted).
-from remap.ops import combine, reshape, select, numeric, quant  # noqa: F401  # isort: skip
+from remap.ops import combine, reshape, select, numeric, quant, lowrank  # noqa: F401  # isort: skip
 
 # name -> op class, every registered op (a read-only view of the registry).
 OPS: Mapping[str, type[Op]] = REGISTRY

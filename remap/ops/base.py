@@ -51,7 +51,8 @@ class TensorType:
 class Loss:
     """Data a step discards or changes, and why that is (or is not) safe."""
 
-    claim: str  # one of CLAIMS; "rounding" for a narrowing cast; "quantization" for a quantizer
+    claim: str  # one of CLAIMS; "rounding" for a narrowing cast; "quantization" for a quantizer;
+    # "low_rank" for a factorization (exact while the matrix has at most that rank)
     what: str  # human description: "rows 32:64 of each head of input 0"
     reason: str = ""
 

@@ -1,4 +1,5 @@
-"""Ops that only change how a tensor's elements are grouped: per-head views and transposes."""
+"""Ops that only change how a tensor's elements are grouped: per-head views, transposes, and the
+row permutation between the two RoPE pairings."""
 
 from __future__ import annotations
 
@@ -100,6 +101,63 @@ class Transpose(Op):
     def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
         axes = [int(a) for a in raw.get("axes", (1, 0))]
         return [_with(raw, axes=[axes.index(k) for k in range(len(axes))])]
+
+
+ROPE_ORDERS = ("interleave", "deinterleave")
+
+
+@dataclass(frozen=True)
+class RopePermute(Op):
+    """Reorder the rope rows of a q or k projection between RoPE's two pairings.
+
+    Half-split RoPE (`rotate_half`) turns dims j and j + dim/2 together; interleaved RoPE
+    (DeepSeek-V3, transformers' `rope_interleave=True`, mlx's `traditional=True`) turns 2j and 2j+1.
+    `interleave` moves row j to 2j and row j + dim/2 to 2j+1, so that interleaved RoPE on the new
+    rows gives the rotated vector half-split RoPE gave, permuted alike in q and k: q.k is
+    unchanged. `deinterleave` is the inverse. `axis` is cut into consecutive blocks of `dim` rows,
+    each permuted alone, so a flat [heads * dim, in] weight and a per-head axis both work.
+
+    Not `per_slab`: a slab of a stacked tensor has one axis fewer, so a non-negative `axis` would
+    name another axis in the slab than in the whole (only a negative one names the same).
+    """
+
+    name = "rope_permute"
+    int_params = ("axis", "dim")
+    param_schema = {"order": {"enum": list(ROPE_ORDERS)}}
+    axis: int = 0
+    dim: int | None = None  # the rope head dim (qk_rope_head_dim)
+    order: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.order not in ROPE_ORDERS:
+            raise RemapError(f"rope_permute: order {self.order!r}", expected=" | ".join(ROPE_ORDERS))
+        if self.dim is None or self.dim <= 0 or self.dim % 2:
+            raise RemapError(f"rope_permute: dim {self.dim}", expected="the rope dim, a positive even size")
+
+    def _rows(self, extent: int) -> np.ndarray:
+        """Which input row each output row takes, along an axis of `extent` rows."""
+        if extent % self.dim:
+            raise RemapError(f"rope_permute: extent {extent} does not cut into blocks of dim {self.dim}",
+                             expected=f"a multiple of {self.dim}")
+        pairs = (2, self.dim // 2) if self.order == "interleave" else (self.dim // 2, 2)
+        block = np.arange(self.dim).reshape(pairs).T.ravel()  # interleave: [0, d/2, 1, d/2+1, ...]
+        return (np.arange(0, extent, self.dim)[:, None] + block).ravel()
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        t = self._pick(inputs)
+        self._rows(t.shape[self._axis(t.shape, self.axis)])
+        return inputs
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        x = self._pick(arrays)
+        return self._replace(arrays, np.take(x, self._rows(x.shape[self.axis]), axis=self.axis))
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        order = raw.get("order")
+        if order not in ROPE_ORDERS:
+            raise NotInvertible(f"rope_permute: order {order!r}", expected=" | ".join(ROPE_ORDERS))
+        return [_with(raw, order=ROPE_ORDERS[1 - ROPE_ORDERS.index(order)])]
 
 
 def _with(raw: Mapping[str, Any], **changes: Any) -> dict:
