@@ -32,8 +32,9 @@ def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: b
     return open_checkpoint(str(src), revision=revision, allow_pickle=allow_pickle)
 
 
-def identify(checkpoint: Checkpoint) -> Detection:
-    return detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, checkpoint.config)
+def identify(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = None) -> Detection:
+    """Which layout the checkpoint is; `settings` (--set) override keys of its config."""
+    return detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, checkpoint.config, settings)
 
 
 def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
@@ -62,6 +63,7 @@ def plan(
     quantize: int | str | None = None,
     group_size: int = 64,
     max_shard_size: int | str = "5GB",
+    settings: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
@@ -70,33 +72,48 @@ def plan(
     checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision, allow_pickle=allow_pickle)
     recipe = Conversion.of(checkpoint.source if isinstance(src, Checkpoint) else src, spec, inverse=inverse,
                            params=params, dtype=dtype, variant=variant, revision=revision, quantize=quantize,
-                           group_size=group_size, max_shard_size=max_shard_size)
-    return plan_recipe(recipe, checkpoint, spec), checkpoint
+                           group_size=group_size, max_shard_size=max_shard_size, settings=settings)
+    return plan_recipe(recipe, checkpoint, spec)
 
 
 def replay(recipe: Conversion, source: str | Path | Checkpoint | None = None) -> tuple[Plan, Checkpoint]:
     """Plan a recorded conversion again (from a manifest's recipe), on `source` or its own."""
     checkpoint = source if isinstance(source, Checkpoint) else open_source(source or recipe.source,
                                                                           revision=recipe.revision)
-    return plan_recipe(recipe, checkpoint), checkpoint
+    return plan_recipe(recipe, checkpoint)
 
 
-def plan_recipe(recipe: Conversion, checkpoint: Checkpoint, spec: str | Path | Spec | None = None) -> Plan:
-    """The plan of `recipe` on `checkpoint` (`spec`: the Spec object the recipe names, if held)."""
-    if checkpoint.config is None:  # every layout reads the model's sizes from it
-        raise RemapError("no config.json beside the weights", file=str(checkpoint.root / "config.json"),
-                         expected="the model's config.json")
+def plan_recipe(recipe: Conversion, checkpoint: Checkpoint,
+                spec: str | Path | Spec | None = None) -> tuple[Plan, Checkpoint]:
+    """The plan of `recipe` on `checkpoint` (`spec`: the Spec object the recipe names, if held),
+    and the checkpoint under the config the plan read (inferred from shapes, or --set)."""
+    raw = source_config(checkpoint, dict(recipe.settings))
+    if raw != checkpoint.config:
+        checkpoint = checkpoint.with_config(raw)
     loaded = load(spec if spec is not None else recipe.spec, inverse=recipe.inverse)
     params = recipe.param_map
     if recipe.quantize is not None:
         loaded, quant_params = quantized(loaded, recipe.quantize, recipe.group_size)
         params = {**quant_params, **params}
-    detected = identify(checkpoint)
+    detected = detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, raw)
     source_variant = detected.variant if detected.layout == loaded.source_layout else None
     tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
-    built = build_plan(loaded, tensors, checkpoint.config, params=params, dtype=recipe.dtype,
+    built = build_plan(loaded, tensors, raw, params=params, dtype=recipe.dtype,
                        variant=recipe.variant, source_variant=source_variant)
-    return dataclasses.replace(built, recipe=recipe)
+    return dataclasses.replace(built, recipe=recipe), checkpoint
+
+
+def source_config(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The source's config.json, or, where it has none, the one its layout reads off the tensors'
+    shapes; `settings` (--set KEY=VALUE) override keys of either."""
+    raw = checkpoint.config
+    if raw is None:
+        detected = identify(checkpoint, settings)
+        if not detected.inferred:
+            raise RemapError("no config.json beside the weights, and no layout reads the model's sizes off its tensors",
+                             file=str(checkpoint.root / "config.json"), expected="the model's config.json")
+        raw = detected.raw_config
+    return {**raw, **(settings or {})}
 
 
 def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = False) -> Report:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from remap.compute import Reader, StagedReader, step_findings
+from remap.fills import difference
 from remap.ops import Finding
 from remap.ops.base import max_abs
 from remap.plan import Dropped, Plan
@@ -28,6 +29,9 @@ class RuleFinding:
 def drop_finding(drop: Dropped, read: Reader) -> Finding:
     data = read(drop.name)
     what = f"dropped {drop.name}"
+    if drop.equals:
+        magnitude, holds = difference(drop.equals, data)
+        return Finding("redundant", f"{what} (what the target computes: {drop.equals})", magnitude, holds)
     if drop.claim == "redundant" and drop.same_as:
         magnitude = max_abs(data.astype(np.float32) - read(drop.same_as).astype(np.float32))
         return Finding("redundant", f"{what} (same as {drop.same_as})", magnitude, magnitude == 0.0)

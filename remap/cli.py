@@ -44,12 +44,13 @@ def main(
         raise typer.Exit(0)
 
 
-def _params(values: List[str]) -> dict[str, Any]:
+def _params(values: List[str], flag: str = "--param") -> dict[str, Any]:
+    """KEY=VALUE pairs: numbers, true / false / null as such, anything else as text."""
     params = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise RemapError(f"--param {item!r}", expected="KEY=VALUE")
+            raise RemapError(f"{flag} {item!r}", expected="KEY=VALUE")
         params[key] = evaluate(value, {}) if value[:1].isdigit() or value in ("true", "false", "null") else value
     return params
 
@@ -63,6 +64,7 @@ RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, ta
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin file hold Python objects: runs their pickle code, so only for a file you trust.")
 QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize as mlx-lm does, to this many bits (2-8) or by a mixed recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).")
 GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
+SetOption = typer.Option([], "--set", help="Override a key of the source's config.json (or of the one read off the shapes) KEY=VALUE (repeatable).")
 
 
 def _emit_report(report, *, full: bool, json_file: Optional[Path], markdown_file: Optional[Path]) -> None:
@@ -94,6 +96,8 @@ def inspect(
         "variant": detection.variant,
         "detail": detection.describe(),
         "config": {k: v for k, v in (detection.config or ckpt.config or {}).items() if not isinstance(v, (dict, list))},
+        "config_source": "tensor shapes" if detection.inferred else "config.json" if ckpt.config is not None else None,
+        "assumed": list(_assumed(detection)),
     }
     if as_json:
         summary["tensor_list"] = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
@@ -109,10 +113,21 @@ def inspect(
             table.add_row(name, str(list(t.shape)), t.dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
         console.print(table)
         shown = ", ".join(f"{k}={v}" for k, v in summary["config"].items() if k in _CONFIG_SUMMARY)
-        console.print(f"config: {shown or '(no config.json)'}")
+        console.print(f"config: {escape(shown) or '(no config.json)'}")
+        if detection.inferred:
+            assumed = ", ".join(f"{k}={detection.raw_config[k]}" for k in summary["assumed"])
+            console.print("config read off the tensors' shapes (no config.json)"
+                          + (f"; assumed {assumed}: override with --set KEY=VALUE" if assumed else ""), soft_wrap=True)
         console.print(f"layout: [bold]{detection.describe()}[/]" if detection.layout else f"[red]layout: {detection.describe()}[/]")
     if detection.layout is None:
         raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
+
+
+def _assumed(detection) -> tuple[str, ...]:
+    """The config keys the detected layout could not read off the shapes, where it had to."""
+    from remap.layouts import get_layout
+
+    return get_layout(detection.layout).assumed if detection.inferred else ()
 
 
 _CONFIG_SUMMARY = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
@@ -132,6 +147,7 @@ def report(
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
+    settings: List[str] = SetOption,
     check_data: bool = typer.Option(False, "--check-data", help="Read the bytes behind every claim and measure it."),
     quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
@@ -142,8 +158,8 @@ def report(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
-                          revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"), dtype=dtype,
+                          variant=variant, revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
     raise typer.Exit(0 if result.ok else 1)
@@ -158,6 +174,7 @@ def convert(
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
+    settings: List[str] = SetOption,
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB."),
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
@@ -174,8 +191,8 @@ def convert(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), dtype=dtype, variant=variant,
-                          revision=revision, quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"), dtype=dtype,
+                          variant=variant, revision=revision, quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
                           allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
@@ -236,6 +253,8 @@ def parity(
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     param: List[str] = ParamOption,
+    settings: List[str] = SetOption,
+    torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Run SRC with your own PyTorch model code: a .py file defining build(config, state_dict) and forward(model, input_ids), optionally layers(model)."),
     quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per sequence."),
@@ -261,7 +280,8 @@ def parity(
 
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
-    result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param), revision=revision,
+    result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
+                        settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
                         quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle,
                         tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
     render_rich(result, console)

@@ -15,6 +15,7 @@ import numpy as np
 
 from remap import dtypes
 from remap.errors import RemapError
+from remap.fills import fill_values
 from remap.ops import Finding
 from remap.plan import Stage, Step
 
@@ -27,8 +28,7 @@ def step_pieces(step: Step, read: Reader) -> Iterator[tuple[int | None, list[np.
     later stage whose ops act slab by slab on a tensor an earlier stage stacks (quantizing the
     stacked experts quantizes one expert at a time)."""
     if step.fill is not None:
-        make = np.zeros if step.fill == "zeros" else np.ones
-        yield None, [make(o.shape, dtype=dtypes.numpy_dtype(o.dtype)) for o in step.outputs]
+        yield None, [fill_values(step.fill, o.shape, dtypes.numpy_dtype(o.dtype)) for o in step.outputs]
         return
     if isinstance(read, StagedReader) and (slabs := read.slabs(step)) is not None:
         for index, slab in slabs:

@@ -22,6 +22,7 @@ class Conversion:
     inverse: bool = False
     variant: str | None = None
     params: tuple[tuple[str, Any], ...] = ()  # --param KEY=VALUE, sorted by key
+    settings: tuple[tuple[str, Any], ...] = ()  # --set KEY=VALUE: the source's config.json, overridden
     quantize: int | str | None = None  # bits, or a recipe the target layout names
     group_size: int = 64
     dtype: str | None = None  # --dtype: a final cast of floating outputs
@@ -29,11 +30,13 @@ class Conversion:
     revision: str | None = None  # of a hub repo id
 
     @classmethod
-    def of(cls, source: Any, spec: Any, *, params: Mapping[str, Any] | None = None, **options: Any) -> "Conversion":
+    def of(cls, source: Any, spec: Any, *, params: Mapping[str, Any] | None = None,
+           settings: Mapping[str, Any] | None = None, **options: Any) -> "Conversion":
         """From what a caller holds: paths, a Spec, a params mapping."""
         local = Path(str(source)).expanduser()
         source = str(local.resolve()) if local.exists() else str(source)  # replayable from any directory
-        return cls(source, spec_reference(spec), params=tuple(sorted((params or {}).items())), **options)
+        return cls(source, spec_reference(spec), params=tuple(sorted((params or {}).items())),
+                   settings=tuple(sorted((settings or {}).items())), **options)
 
     @property
     def param_map(self) -> dict[str, Any]:
@@ -41,7 +44,7 @@ class Conversion:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["params"] = self.param_map
+        data["params"], data["settings"] = self.param_map, dict(self.settings)
         return data
 
     @classmethod
@@ -51,8 +54,8 @@ class Conversion:
         if not isinstance(data, dict) or not {"source", "spec"} <= set(data) or set(data) - fields:
             raise RemapError("the recorded recipe is not one remap wrote", file=where,
                              expected=f"an object with {', '.join(sorted(fields))}")
-        if not isinstance(data.get("params", {}), dict):
-            raise RemapError("the recorded recipe's params are not an object", file=where)
+        if not isinstance(data.get("params", {}), dict) or not isinstance(data.get("settings", {}), dict):
+            raise RemapError("the recorded recipe's params or settings are not an object", file=where)
         return cls.of(**data)
 
 

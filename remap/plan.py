@@ -62,6 +62,7 @@ class Dropped:
     claim: str
     reason: str
     same_as: str | None = None
+    equals: str | None = None  # what the tensor holds by construction (remap.fills.EQUALS)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class Plan:
     def fates(self) -> dict[str, tuple[str, str | None]]:
         """Each source tensor of the first stage: ("used", None) when it reaches a final output,
         ("dropped", claim) when it is dropped (here or, through what it became, in a later
-        stage), ("unmatched", None) when no rule took it."""
+        stage), ("unmatched", None) when no rule took it (or what it became)."""
         stages = self.stages
         needed = {n for step in stages[-1].steps for n in step.sources}
         dropped = {d.name: d.claim for d in stages[-1].dropped}
@@ -187,10 +188,11 @@ class Plan:
                     claim = next((dropped[o] for o in outputs if o in dropped), None)
                     claims.update((n, claim) for n in step.sources if n not in claims)
             needed, dropped = reached, claims
-        unmatched = set(stages[0].unmatched)
+        # a tensor whose later form no rule of a later stage took is unmatched, as if never taken
+        unmatched = set(stages[0].unmatched) | {name for name, claim in dropped.items() if claim is None}
         return {
             name: ("used", None) if name in needed else ("unmatched", None) if name in unmatched
-            else ("dropped", dropped.get(name))
+            else ("dropped", dropped[name])
             for name in stages[0].source_tensors
         }
 

@@ -24,8 +24,9 @@ from remap.spec.pattern import Pattern
 
 
 def translate_config(change: Mapping[str, Any], raw: Mapping[str, Any], names: Mapping[str, Any]) -> dict:
-    """The target config.json: the source's, with the spec's `set`, `derive` and `remove` applied."""
-    out = dict(raw)
+    """The target config.json: the source's (or, with `keep: false`, nothing), with the spec's
+    `set`, `derive` and `remove` applied."""
+    out = dict(raw) if change.get("keep", True) else {}
     out.update(change.get("set", {}))
     for key, expression in change.get("derive", {}).items():
         try:
@@ -308,7 +309,7 @@ class _Planner:
                 if same_as is not None and same_as not in self.tensors:
                     raise RemapError(f"`same_as` names '{same_as}', which the source does not have", tensor=name)
                 self.used[name] = rule.id
-                self.dropped.append(Dropped(name, rule.id, rule.claim, rule.reason, same_as))
+                self.dropped.append(Dropped(name, rule.id, rule.claim, rule.reason, same_as, rule.equals))
 
     def _fill(self, rule: Rule) -> None:
         if rule.like:

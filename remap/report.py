@@ -62,8 +62,32 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def caveats(self) -> list[str]:
+        """Why an OK is not a bare OK: what the conversion changes by design (lossy claims,
+        rounding, quantization) and which claims no data was read for."""
+        out = []
+        changed = sorted({loss.rule for loss in self.losses if loss.claim not in CHECKABLE})
+        if changed:
+            out.append(f"changes the function by design in {len(changed)} rules, e.g. {changed[0]}")
+        unmeasured = [loss for loss in self.losses if loss.claim in ("zero", "redundant") and loss.holds is None]
+        if unmeasured:
+            out.append(f"{len(unmeasured)} claims not measured (--check-data), e.g. {unmeasured[0].rule}")
+        return out
+
+    @property
+    def verdict(self) -> str:
+        """One line: NOT OK, a bare OK only when nothing is lost or unmeasured, else OK with caveats."""
+        if not self.ok:
+            return "NOT OK"
+        return "; ".join(["OK: target layout met, every source tensor accounted for", *self.caveats])
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "caveats": self.caveats}
+
+
+# Claims the bytes can confirm: zero, redundant (an "unused" tensor is exact whatever it holds).
+CHECKABLE = ("zero", "redundant", "unused")
 
 
 def _dtype_fits(dtype: str, want: str) -> bool:

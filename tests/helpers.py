@@ -19,12 +19,27 @@ HF_BASE = dict(
     kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
     first_k_dense_replace=1, n_group=2, topk_group=1,
 )
+# The from-scratch model's DeepSeekConfig fields (remap/layouts/scratch.py).
 SCRATCH_BASE = dict(
-    model_type="deepseek_v3_scratch", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-    shared_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=4,
-    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
-    first_k_dense_replace=1, max_position_embeddings=32,
+    vocab_size=64, block_size=32, n_layer=3, n_embd=32, n_head=4, kv_lora_rank=16, q_lora_rank=24, rope_dim=8,
+    n_experts=4, n_experts_per_token=2, expert_intermediate_size=16, shared_expert_intermediate_size=24, mtp_num_heads=0,
 )
+
+
+def scratch_compatible(data: dict, config: Mapping) -> None:
+    """Make random scratch tensors a compatible checkpoint, in place: zero wpe and MLP biases,
+    every head's rope key equal to head 0's, buffers holding what the model computes."""
+    from remap.fills import fill_values
+
+    heads = config["n_head"]
+    for name, array in data.items():
+        if name == "wpe.weight" or (".mlp." in name and name.endswith(".bias")):
+            array[...] = 0
+        elif name.endswith("k_rope_proj.weight"):
+            per_head = array.reshape(heads, -1, array.shape[-1])
+            per_head[...] = per_head[0]
+        elif name.endswith((".inv_freq", ".causal_mask")):
+            array[...] = fill_values("rope_inv_freq" if name.endswith(".inv_freq") else "tril", array.shape, array.dtype)
 _DTYPE = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32", "uint32": "U32"}
 
 

@@ -166,9 +166,10 @@ def test_scratch_to_hf_to_mlx_equals_scratch_to_mlx(tmp_path, variant):
 
 
 @pytest.mark.parametrize("fixture, lossy", [("scratch-compatible", set()),
-                                            ("scratch-trained", {"learned positions", "dense MLP biases",
-                                                                 "shared expert biases", "routed expert biases",
-                                                                 "kv_a_proj_with_mqa = kv_proj + the first head's rope key"})])
+                                            ("scratch-trained", {"learned positions", "shared expert biases",
+                                                                 "routed expert biases",
+                                                                 "kv_a_proj_with_mqa = kv_proj + the first head's rope key "
+                                                                 "(pairs interleaved)"})])
 def test_check_data_on_the_scratch_fixtures(fixture, lossy):
     """The trained fixture's report names every lossy step with its magnitude; the compatible one none."""
     plan, ckpt = api.plan(FIXTURES / fixture, "scratch-to-mlx")

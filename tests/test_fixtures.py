@@ -200,11 +200,13 @@ def test_v32_is_the_bf16_model_plus_an_indexer_that_sparsifies_attention():
 def _scratch_conditions(weights: dict[str, np.ndarray]) -> dict[str, list[bool]]:
     """Per condition of docs/layouts/scratch.md, whether each tensor it covers satisfies it."""
     config = json.loads((HERE / "scratch-compatible" / "config.json").read_text())
-    heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
+    heads, rope = config["n_head"], config["rope_dim"]
     rope_heads = [w.reshape(heads, rope, -1) for n, w in weights.items() if n.endswith("k_rope_proj.weight")]
     return {
         "wpe is zero": [not weights["wpe.weight"].any()],
-        "biases are zero": [not w.any() for n, w in weights.items() if n.endswith(".bias")],
+        "MLP biases are zero": [not w.any() for n, w in weights.items() if ".mlp." in n and n.endswith(".bias")],
+        "every expert's router bias is the same": [bool((w == w[0]).all()) for n, w in weights.items()
+                                                   if n.endswith(".expert_bias")],
         "rope heads are identical": [bool((h == h[:1]).all()) for h in rope_heads],
     }
 
@@ -215,21 +217,23 @@ def test_scratch_compatible_meets_every_condition_and_trained_breaks_each():
         assert holds and all(holds), condition
     for condition, holds in _scratch_conditions(trained).items():
         assert holds and not any(holds), condition
-    # the unused k_decompress rows are there and random: a converter must not depend on them
+    # what any saved state dict holds: the tied head, buffers of the model's own values
+    for weights in (compatible, trained):
+        assert np.array_equal(weights["lm_head.weight"], weights["wte.weight"])
+        assert all(np.array_equal(w, np.tril(np.ones(w.shape[-2:]))[None, None]) for n, w in weights.items()
+                   if n.endswith(".causal_mask"))
+    # routed experts narrower than the shared one, o_proj's bias non-zero (DeepSeek carries it), an MTP head
     config = json.loads((HERE / "scratch-compatible" / "config.json").read_text())
-    heads, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
-    for name, w in compatible.items():
-        if name.endswith("k_decompress.weight"):
-            assert w.reshape(heads, nope + config["qk_rope_head_dim"], -1)[:, nope:].all(), name
-    # routed experts narrower than the shared one, and an MTP head
-    assert config["moe_intermediate_size"] < config["shared_intermediate_size"]
+    assert config["expert_intermediate_size"] < config["shared_expert_intermediate_size"]
+    assert compatible["h.0.attn.o_proj.bias"].any()
     assert any(name.startswith("mtp_heads.0.") for name in compatible)
 
 
 def test_scratch_trained_differs_only_where_the_conditions_look():
     compatible, trained = tensors("scratch-compatible"), tensors("scratch-trained")
     differ = {n for n in compatible if not np.array_equal(compatible[n], trained[n])}
-    assert differ == {n for n in compatible if n == "wpe.weight" or n.endswith((".bias", "k_rope_proj.weight"))}
+    assert differ == {n for n in compatible if n == "wpe.weight" or n.endswith(("k_rope_proj.weight", ".expert_bias"))
+                      or (".mlp." in n and n.endswith(".bias"))}
 
 
 @pytest.mark.parametrize("name", ["scratch-compatible", "scratch-trained"])

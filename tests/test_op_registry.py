@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "remap"
 # The order ops register in (module import order, then definition order): the schema's enum and
 # "unknown op" messages keep it.
 ORDER = ["concat", "split", "split_heads", "merge_heads", "transpose", "rope_permute", "slice", "pad", "repeat",
-         "cast", "dequant_fp8", "quant_fp8", "quantize_mlx", "dequantize_mlx", "low_rank_fuse", "low_rank_split"]
+         "cast", "dequant_fp8", "lossy", "quant_fp8", "quantize_mlx", "dequantize_mlx", "low_rank_fuse", "low_rank_split"]
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def bits(array):
 
 # (op, input shapes): one element of the rule's list per shape
 SHAPE_CASES = [
+    ({"op": "lossy", "input": 1, "reason": "routed differently"}, [(3,), (2, 5)]),
     ({"op": "concat", "sizes": [3, 5]}, [(3, 4), (5, 4)]),
     ({"op": "concat", "axis": 1, "count": 2}, [(2, 3), (2, 1), (7,)]),
     ({"op": "concat", "input": 1, "axis": -1}, [(9,), (2, 3), (2, 5)]),
@@ -199,7 +200,7 @@ def test_not_invertible(raw):
     assert issubclass(NotInvertible, RemapError)
 
 
-# -- the kv_b_proj build of scratch -> hf, against a plain per-head loop ----------------------
+# -- a per-head interleave (how kv_b_proj is built), against a plain per-head loop -------------
 
 
 def test_kv_b_proj_build_matches_a_per_head_loop():
@@ -415,3 +416,13 @@ def test_dequant_fp8_shape_errors(shapes, dtypes_, fragment):
     with pytest.raises(RemapError, match=fragment):
         build_op({"op": "dequant_fp8"}, {}).types([TensorType(s, d) for s, d in zip(shapes, dtypes_)])
 
+
+
+def test_lossy_passes_bytes_and_names_what_it_changes():
+    x = random((4, 3))
+    op = build_op({"op": "lossy", "reason": "the router scores by sigmoid there"}, {})
+    [y] = op.apply([x])
+    assert y is x
+    loss = op.loss([TensorType((4, 3), "F32")])
+    assert (loss.claim, loss.reason) == ("lossy", "the router scores by sigmoid there")
+    assert invert_ops([{"op": "lossy", "reason": "r"}]) == [{"op": "lossy", "reason": "r"}]

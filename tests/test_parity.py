@@ -389,7 +389,7 @@ def test_parity_of_a_finished_quantized_conversion_replays_its_recipe(tmp_path):
     assert done.returncode == 0, done.stderr
     recipe = json.loads((out / "remap-manifest.json").read_text())["recipe"]
     assert recipe == {"source": str((FIXTURES / "hf-bf16").resolve()), "spec": str(spec.resolve()), "inverse": False,
-                      "variant": "embed_q", "params": {}, "quantize": "4", "group_size": 32, "dtype": None,
+                      "variant": "embed_q", "params": {}, "settings": {}, "quantize": "4", "group_size": 32, "dtype": None,
                       "max_shard_size": "5GB", "revision": None}
     result = run_parity(FIXTURES / "hf-bf16", out)
     assert result.spec == "hf-to-mlx-shared-swapped+4bit" and result.profile == "quantized"

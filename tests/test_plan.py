@@ -23,8 +23,8 @@ HF_CONFIGS = {
     "V3.2 indexer": dict(model_type="deepseek_v32", index_n_heads=2, index_head_dim=16, index_topk=4),
 }
 SCRATCH_CONFIGS = {
-    "q-lora + MTP": dict(num_nextn_predict_layers=1),
-    "no-q-lora, no dense": dict(q_lora_rank=None, first_k_dense_replace=0),
+    "MTP head": dict(mtp_num_heads=1),
+    "no biases, wider experts": dict(bias=False, expert_intermediate_size=32),
 }
 # (spec, source layout, source variant, target variant, configs)
 CASES = [
@@ -63,6 +63,14 @@ def _cases():
     ]
 
 
+def _low_rank_tensors(spec, source: dict, target: dict) -> set[str]:
+    """Names, on either side, of the tensors a low_rank_fuse rule of `spec` reads or writes."""
+    parts = spec.parts or (spec,)
+    rules = [r for part in parts for r in part.rules if any(op["op"] == "low_rank_fuse" for op in r.ops)]
+    return {name for rule in rules for pattern in (*rule.sources, *rule.to)
+            for name in (*source, *target) if pattern.match(name) is not None}
+
+
 def test_every_bundled_spec_is_exercised():
     assert {s for s, *_ in CASES} == {p.stem for p in bundled_specs()}
 
@@ -98,8 +106,15 @@ def test_forward_then_inverse_is_the_identity(spec, layout, source_variant, vari
 
     y0, x1, back = round_trip(x0)
     y1, x2, _ = round_trip(x1)
-    assert y1.keys() == y0.keys() and all(np.array_equal(y1[k], y0[k]) for k in y0)
-    assert x2.keys() == x1.keys() and all(np.array_equal(x2[k], x1[k]) for k in x1)
+    # A low-rank factorization goes back through an SVD: its factors are one of many exact ones,
+    # and its product is exact to float rounding; everything else, to the bit.
+    factored = _low_rank_tensors(forward_spec, x1, y0)
+    assert y1.keys() == y0.keys() and all(np.array_equal(y1[k], y0[k]) for k in y0 if k not in factored)
+    for k in factored & set(y0):  # within a few roundings of the dtype (bf16 keeps 8 bits)
+        a, b = y0[k].astype(np.float32), y1[k].astype(np.float32)
+        eps = 2.0**-8 if y0[k].dtype != np.float32 else 2.0**-23
+        assert np.abs(a - b).max() <= 16 * eps * np.abs(a).max(), k
+    assert x2.keys() == x1.keys() and all(np.array_equal(x2[k], x1[k]) for k in x1 if k not in factored)
     lossless = not any(loss.claim in ("zero", "unused", "redundant") for stage in back.stages for _, loss in stage.losses)
     if spec.startswith("hf-to"):  # pure rearrangements: the identity on any data (but the MTP layer)
         kept = {k for k in x0 if k in x1}

@@ -15,7 +15,7 @@ from remap.names import collapse, format_indices, template
 from remap.planner import build_plan
 from remap.report import build_report
 from remap.spec.load import SCHEMAS, load_spec
-from tests.helpers import SCRATCH_BASE, layout_tensors, random_tensors
+from tests.helpers import SCRATCH_BASE, layout_tensors, random_tensors, scratch_compatible
 
 SCHEMA = json.loads((SCHEMAS / "report.schema.json").read_text())
 
@@ -55,15 +55,10 @@ def test_collapsed_names_are_exact_and_readable():
 
 
 def _scratch_plan(data_overrides):
-    config = {**SCRATCH_BASE, "num_nextn_predict_layers": 1}
+    config = {**SCRATCH_BASE, "mtp_num_heads": 1}
     types = layout_tensors("scratch", config, float_dtype="F32")
     data = random_tensors(types, seed=1)
-    for name in data:  # make the checkpoint "compatible" first
-        if name.endswith(".bias") or name == "wpe.weight":
-            data[name][...] = 0
-        if name.endswith("k_rope_proj.weight"):
-            heads = data[name].reshape(config["num_attention_heads"], -1, config["hidden_size"])
-            heads[...] = heads[0]
+    scratch_compatible(data, config)
     data_overrides(data)
     plan = build_plan(load_spec("scratch-to-mlx"), types, config)
     return build_report(plan, api.check_data(plan, data.__getitem__))
@@ -85,7 +80,7 @@ def test_check_data_names_every_broken_claim_with_its_magnitude():
     report = _scratch_plan(train)
     assert not report.ok
     broken = {loss.rule.split(" ", 1)[1]: loss.magnitude for loss in report.losses if loss.holds is False}
-    rope = "kv_a_proj_with_mqa = kv_proj + the first head's rope key"
+    rope = "kv_a_proj_with_mqa = kv_proj + the first head's rope key (pairs interleaved)"
     assert set(broken) == {"learned positions", "routed expert biases", rope}
     assert broken["learned positions"] == pytest.approx(0.5)
     assert broken["routed expert biases"] == pytest.approx(0.25)

@@ -9,6 +9,7 @@ one tensor costs its own size and never the file's.
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import os
@@ -130,6 +131,13 @@ class Checkpoint:
             array = _torch_to_numpy(self._torch_tensors[info.name], DTYPES[info.dtype].numpy)
             return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         return memoryview(self._map(info.file))[info.start : info.end]
+
+    def with_config(self, config: dict[str, Any]) -> Checkpoint:
+        """The same tensors (and open files) under another config.json: the one a layout inferred
+        from the shapes, or the given one with --set overrides."""
+        other = copy.copy(self)
+        other.config = config
+        return other
 
     def close(self) -> None:
         for mapped in self._maps.values():

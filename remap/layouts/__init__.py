@@ -90,6 +90,8 @@ class Detection:
     config: dict[str, Any] | None  # the config as the matching layout read it
     unmatched: tuple[str, ...]  # checkpoint tensors no layout's closest variant holds as they are
     total: int  # tensors in the checkpoint
+    raw_config: dict[str, Any] | None = None  # config.json as given, or as the matching layout inferred it
+    inferred: bool = False  # no config.json: the matching layout read the sizes off the shapes
 
     @property
     def layout(self) -> str | None:
@@ -128,32 +130,40 @@ def _compare(layout: str, variant: str, tensors: Tensors, expected: Mapping[str,
 
 
 def _fits(
-    name: str, layout: Layout, tensors: Tensors, raw_config: Mapping[str, Any] | None
-) -> tuple[dict[str, Any] | None, list[Fit]]:
-    """(config, one Fit per variant) for one layout; a layout that cannot read the config gives one error Fit."""
+    name: str, layout: Layout, tensors: Tensors, raw_config: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> tuple[Mapping[str, Any] | None, dict[str, Any] | None, list[Fit]]:
+    """(raw config, config, one Fit per variant) for one layout; a layout that cannot read the
+    config gives one error Fit. Without a config.json, the layout may read one off the shapes;
+    `overrides` (--set) apply to either."""
     if raw_config is None:
-        return None, [Fit(name, None, error="no config.json: a layout needs the model's sizes")]
+        raw_config = layout.infer_config(tensors)
+    if raw_config is not None and overrides:
+        raw_config = {**raw_config, **overrides}
+    if raw_config is None:
+        return None, None, [Fit(name, None, error="no config.json, and the shapes do not tell the model's sizes")]
     try:
         config = layout.read_config(raw_config)
     except RemapError as error:
-        return None, [Fit(name, None, error=str(error))]
+        return None, None, [Fit(name, None, error=str(error))]
     fits = []
     for variant in layout.variants:
         try:
             fits.append(_compare(name, variant, tensors, layout.expected(config, variant)))
         except RemapError as error:
             fits.append(Fit(name, variant, error=str(error)))
-    return config, fits
+    return raw_config, config, fits
 
 
-def detect(tensors: Tensors, raw_config: Mapping[str, Any] | None) -> Detection:
-    """Which layout and variant `tensors` (name -> (shape, dtype)) are, for this config.json."""
-    match, match_config, closest = None, None, []
+def detect(tensors: Tensors, raw_config: Mapping[str, Any] | None,
+           overrides: Mapping[str, Any] | None = None) -> Detection:
+    """Which layout and variant `tensors` (name -> (shape, dtype)) are, for this config.json (or,
+    without one, the config a layout reads off the shapes), with `overrides` applied."""
+    match, match_config, match_raw, closest = None, None, None, []
     for name, layout in LAYOUTS.items():
-        config, fits = _fits(name, layout, tensors, raw_config)
+        raw, config, fits = _fits(name, layout, tensors, raw_config, overrides or {})
         exact = [fit for fit in fits if fit.exact]
         if exact and match is None:
-            match, match_config = exact[0], config
+            match, match_config, match_raw = exact[0], config, raw
         comparable = [fit for fit in fits if fit.error is None]
         if exact:
             closest.append(exact[0])
@@ -171,6 +181,8 @@ def detect(tensors: Tensors, raw_config: Mapping[str, Any] | None) -> Detection:
         match=match,
         closest=tuple(closest),
         config=match_config,
+        raw_config=dict(match_raw) if match_raw is not None else None,
+        inferred=match is not None and raw_config is None,
         unmatched=tuple(name for name in tensors if name not in held),
         total=len(tensors),
     )

@@ -107,6 +107,14 @@ class Layout:
         """Every tensor this layout holds for `config` (already read_config'ed), by name."""
         raise NotImplementedError
 
+    # Config keys `infer_config` cannot read off shapes and fills with a default (say so to users).
+    assumed: tuple[str, ...] = ()
+
+    def infer_config(self, tensors: Mapping[str, tuple[Sequence[int], str]]) -> dict[str, Any] | None:
+        """A raw config read off the tensors' names and shapes, for a checkpoint saved without
+        config.json; None where this layout cannot (the default) or the tensors are not its."""
+        return None
+
     def variant(self, variant: str | None) -> str:
         """`variant`, or the default, checked."""
         variant = variant or self.variants[0]

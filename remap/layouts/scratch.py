@@ -1,185 +1,171 @@
-"""The `scratch` layout: a from-scratch PyTorch DeepSeek-V3 with GPT-2 style names.
+"""The `scratch` layout: the state dict of the from-scratch PyTorch DeepSeek-V3 that seed 003 converted.
 
-Names follow nanoGPT (`wte`, `wpe`, `h.{i}`, `ln_f`) plus `mtp_heads.{d}`. The attention keeps
-the separate projections a from-scratch MLA is usually written with (`kv_proj`, `k_rope_proj`
-with one rope key per head, `k_decompress`, `v_decompress`), every MLP linear has a bias, and
-the shared expert may be wider than the routed ones. docs/layouts/scratch.md defines the
-forward and when it equals DeepSeek-V3's; remap/parity/scratch_model.py implements it.
+Provenance: github.com/Mayankpratapsingh022/DeepSeek-from-Scratch at cd9a8d8 (models/*.py); its
+trainer saves `torch.save(model.state_dict(), "best_deepseek_v3.pt")`, a bare `.pt` with no
+config.json. Facts, not code, carried over here (docs/layouts/scratch.md has the forward):
+
+    wte.weight [V, D]   wpe.weight [block, D]   ln_f.weight [D]   lm_head.weight [V, D] (tied to wte)
+    h.{i}.ln_1.weight, h.{i}.ln_2.weight [D]
+    h.{i}.attn.kv_proj [c, D]  kv_norm [c]  k_decompress, v_decompress [H*hd, c]
+               q_proj [q, D]  q_decompress [H*hd, q]  k_rope_proj [H*r, D]  q_rope_proj [H*r, q]
+               o_proj.weight [D, H*hd] (+ .bias [D] with config.bias)
+               buffers rope.inv_freq [r/2], causal_mask [1, 1, block, block]
+    h.{i}.mlp.router.weight [E, D]   buffer h.{i}.mlp.expert_bias [E]
+               experts.{e}.{gate,up}_proj [w, D], down_proj [D, w] (+ biases with config.bias)
+               shared_expert.* the same at width sw (with config.use_shared_expert)
+    mtp_heads.{d}.combine_proj [D, 2D] (+ bias), norm1, norm2, attn_norm, mlp_norm [D], attn.*, mlp.*
+
+with hd = n_embd / n_head. Every layer is MoE. Its config.json, where one exists, is the
+`DeepSeekConfig` dataclass's fields (n_embd, n_head, rope_dim, ...); without one, the sizes are read
+off the tensors' shapes (`infer_config`), all but `n_experts_per_token`, which no shape shows.
+Spec expressions see the config under HF DeepSeek-V3 names (hidden_size, qk_nope_head_dim = hd, ...).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from remap.errors import RemapError
 from remap.layouts.base import Expected, Layout, Sections
-from remap.layouts.hf import MAX_LAYER_EXPERTS
+from remap.layouts.hf import MAX_LAYER_EXPERTS, normalised_config
 
-MODEL_TYPE = "deepseek_v3_scratch"
-
-# The RMSNorms on the q and kv latents use a fixed eps, whatever rms_norm_eps says:
-# transformers, mlx-lm and DeepSeek's own inference code all hardcode 1e-6 there, so a fixed
-# value is what lets a scratch model equal DeepSeek-V3 for any rms_norm_eps.
-LATENT_NORM_EPS = 1e-6
-
-# Sizes with no sensible default: a config must state them. q_lora_rank may be null.
-REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "shared_intermediate_size",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "max_position_embeddings",
-)
-
-# Where a config is silent: what the seed-003 model did (no dense layers, unscaled normalised
-# top-k weights, eps 1e-6, theta 10000, tied lm_head), and no MTP heads.
-DEFAULTS: dict[str, Any] = {
-    "first_k_dense_replace": 0,
-    "routed_scaling_factor": 1.0,
-    "norm_topk_prob": True,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "num_nextn_predict_layers": 0,
-    "tie_word_embeddings": True,
+# DeepSeekConfig's fields and defaults (models/config.py). Training-only fields (dropout,
+# aux_loss_weight, mtp_loss_weight) shape no tensor and are passed through untouched.
+UPSTREAM_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257, "block_size": 128, "n_layer": 6, "n_embd": 384, "n_head": 6,
+    "kv_lora_rank": 128, "q_lora_rank": 192, "rope_dim": 32,
+    "n_experts": 4, "n_experts_per_token": 2, "expert_intermediate_size": 512,
+    "shared_expert_intermediate_size": 768, "use_shared_expert": True,
+    "mtp_num_heads": 2, "bias": True,
 }
+# What the model fixes, whatever a config says: RMSNorm eps 1e-6 (outside the root), rope theta
+# 10000 (RotaryEmbedding), and a tied head.
+RMS_NORM_EPS = 1e-6
+ROPE_THETA = 10000.0
+# No shape tells how many experts a token takes: read from a config, else the dataclass default.
+ASSUMED = ("n_experts_per_token",)
 
-# What the format fixes, in the HF DeepSeek-V3 names every layout's config shares: one shared
-# expert, DeepSeek-V3's sigmoid top-k with a single group and no stored correction bias (zero),
-# MLP biases, no attention biases, no quantization, no rope scaling, no sparse-attention indexer
-# (DeepSeek-V3.2's). A config.json may state them, but only with these values.
-FIXED: dict[str, Any] = {
-    "n_shared_experts": 1,
-    "moe_layer_freq": 1,
-    "n_group": 1,
-    "topk_group": 1,
-    "topk_method": "noaux_tc",
-    "scoring_func": "sigmoid",
-    "attention_bias": False,
-    "mlp_bias": True,
-    "quantization_config": None,
-    "rope_scaling": None,
-    "index_n_heads": None,
-    "index_head_dim": None,
-    "index_topk": None,
-}
+_INT_KEYS = tuple(k for k, v in UPSTREAM_DEFAULTS.items() if not isinstance(v, bool))
 
 
 def _bad(message: str, key: str, expected: str) -> RemapError:
     return RemapError(message, rule=f"config.json {key}", expected=expected)
 
 
-def _positive_int(raw: Mapping[str, Any], key: str) -> int:
-    value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _bad(f"{key} is {value!r}", key, "a positive integer")
-    return value
+def _upstream(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The DeepSeekConfig the model was built with: `raw`'s fields over the dataclass defaults."""
+    if "model_type" in raw:  # a transformers or mlx config.json is not this model's
+        raise _bad(f"model_type is {raw['model_type']!r}", "model_type",
+                   "no model_type: the from-scratch model's config is its DeepSeekConfig fields (n_embd, n_head, ...)")
+    values = {**UPSTREAM_DEFAULTS, **{k: raw[k] for k in UPSTREAM_DEFAULTS if k in raw}}
+    for key in _INT_KEYS:
+        if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] <= 0:
+            if not (key == "mtp_num_heads" and values[key] == 0):
+                raise _bad(f"{key} is {values[key]!r}", key, "a positive integer")
+    for key in ("use_shared_expert", "bias"):
+        if not isinstance(values[key], bool):
+            raise _bad(f"{key} is {values[key]!r}", key, "true or false")
+    if values["n_embd"] % values["n_head"]:
+        raise _bad(f"n_embd {values['n_embd']} is not a multiple of n_head {values['n_head']}", "n_head",
+                   "n_head dividing n_embd (head_dim = n_embd / n_head)")
+    if values["rope_dim"] % 2:
+        raise _bad("RoPE rotates pairs of dims", "rope_dim", "an even number")
+    if values["n_experts_per_token"] > values["n_experts"]:
+        raise _bad("more experts per token than experts", "n_experts_per_token", "<= n_experts")
+    if (values["n_layer"] + values["mtp_num_heads"]) * values["n_experts"] > MAX_LAYER_EXPERTS:
+        raise _bad("layers x experts is beyond any model", "n_layer", f"layers x experts <= {MAX_LAYER_EXPERTS}")
+    return values
 
 
 def read_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The scratch config.json with defaults filled; idempotent (a read config reads the same).
-
-    Returns the HF DeepSeek-V3 keys every layout's config has (hf.CONFIG_KEYS, so one spec
-    expression reads any source) plus what only this format needs: shared_intermediate_size,
-    max_position_embeddings (wpe), rms_norm_eps, rope_theta.
-    """
-    model_type = raw.get("model_type", MODEL_TYPE)
-    if model_type != MODEL_TYPE:
-        raise _bad(f"model_type is {model_type!r}", "model_type", repr(MODEL_TYPE))
-    missing = [key for key in REQUIRED if key not in raw]
-    if missing:
-        raise _bad(f"missing {', '.join(missing)}", missing[0], "every size of the scratch format")
-    for key, value in FIXED.items():
-        if raw.get(key, value) != value:
-            raise _bad(f"{key} is {raw[key]!r}: the scratch format fixes it", key, repr(value))
-
-    config: dict[str, Any] = {"model_type": MODEL_TYPE, **FIXED}
-    for key in REQUIRED:
-        if key == "q_lora_rank" and raw[key] is None:
-            config[key] = None  # a plain q_proj instead of q_a_proj / q_a_norm / q_b_proj
-        else:
-            config[key] = _positive_int(raw, key)
-    for key, default in DEFAULTS.items():
-        config[key] = raw.get(key, default)
-    for key in ("first_k_dense_replace", "num_nextn_predict_layers"):
-        if isinstance(config[key], bool) or not isinstance(config[key], int):
-            raise _bad(f"{key} is {config[key]!r}", key, "an integer")
-    for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta"):
-        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)):
-            raise _bad(f"{key} is {config[key]!r}", key, "a number")
-        config[key] = float(config[key])
-    for key in ("norm_topk_prob", "tie_word_embeddings"):
-        if not isinstance(config[key], bool):
-            raise _bad(f"{key} is {config[key]!r}", key, "true or false")
-
-    if config["qk_rope_head_dim"] % 2:
-        raise _bad("RoPE rotates pairs of dims", "qk_rope_head_dim", "an even number")
-    if config["num_experts_per_tok"] > config["n_routed_experts"]:
-        raise _bad("more experts per token than experts", "num_experts_per_tok", "<= n_routed_experts")
-    if not 0 <= config["first_k_dense_replace"] <= config["num_hidden_layers"]:
-        raise _bad("dense layers out of range", "first_k_dense_replace", "0..num_hidden_layers")
-    if config["num_nextn_predict_layers"] < 0:
-        raise _bad("negative number of MTP heads", "num_nextn_predict_layers", ">= 0")
-    layers = config["num_hidden_layers"] + config["num_nextn_predict_layers"]
-    if layers * config["n_routed_experts"] > MAX_LAYER_EXPERTS:  # refused before listing them
-        raise _bad(f"{layers} layers x {config['n_routed_experts']} routed experts is beyond any model",
-                   "num_hidden_layers", f"layers x experts <= {MAX_LAYER_EXPERTS}")
-    return config
+    """The model's config under the HF DeepSeek-V3 names every layout shares (hf.CONFIG_KEYS), plus
+    what only this model has: shared_intermediate_size (null without a shared expert),
+    max_position_embeddings (wpe), head_dim, rms_norm_eps, rope_theta."""
+    u = _upstream(raw)
+    head_dim = u["n_embd"] // u["n_head"]
+    shared = u["use_shared_expert"]
+    config = normalised_config({
+        "model_type": "deepseek_from_scratch", "vocab_size": u["vocab_size"], "hidden_size": u["n_embd"],
+        "intermediate_size": 0,  # no dense layer
+        "moe_intermediate_size": u["expert_intermediate_size"], "num_hidden_layers": u["n_layer"],
+        "num_attention_heads": u["n_head"], "q_lora_rank": u["q_lora_rank"], "kv_lora_rank": u["kv_lora_rank"],
+        "qk_nope_head_dim": head_dim, "qk_rope_head_dim": u["rope_dim"], "v_head_dim": head_dim,
+        "n_routed_experts": u["n_experts"], "n_shared_experts": 1 if shared else None,
+        "first_k_dense_replace": 0, "moe_layer_freq": 1, "num_experts_per_tok": u["n_experts_per_token"],
+        "n_group": 1, "topk_group": 1, "topk_method": "softmax_of_topk", "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0, "norm_topk_prob": True, "attention_bias": u["bias"], "mlp_bias": u["bias"],
+        "tie_word_embeddings": True, "num_nextn_predict_layers": u["mtp_num_heads"],
+        "index_n_heads": None, "index_head_dim": None, "index_topk": None, "quantization_config": None,
+    })
+    return {**config, "head_dim": head_dim, "shared_intermediate_size": u["shared_expert_intermediate_size"] if shared
+            else None, "max_position_embeddings": u["block_size"], "rms_norm_eps": RMS_NORM_EPS, "rope_theta": ROPE_THETA}
 
 
-def _mlp(prefix: str, hidden: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [
-        (f"{prefix}gate_proj.weight", (width, hidden)),
-        (f"{prefix}gate_proj.bias", (width,)),
-        (f"{prefix}up_proj.weight", (width, hidden)),
-        (f"{prefix}up_proj.bias", (width,)),
-        (f"{prefix}down_proj.weight", (hidden, width)),
-        (f"{prefix}down_proj.bias", (hidden,)),
-    ]
+def _count(tensors: Mapping[str, Any], pattern: str) -> int:
+    found = {int(m.group(1)) for name in tensors if (m := re.fullmatch(pattern, name))}
+    return max(found) + 1 if found else 0
 
 
-def _attention(prefix: str, c: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    hidden, heads, rank = c["hidden_size"], c["num_attention_heads"], c["kv_lora_rank"]
-    qk_head = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    if c["q_lora_rank"] is None:
-        query = [(f"{prefix}q_proj.weight", (heads * qk_head, hidden))]
-    else:
-        q_rank = c["q_lora_rank"]
-        query = [
-            (f"{prefix}q_a_proj.weight", (q_rank, hidden)),
-            (f"{prefix}q_a_norm.weight", (q_rank,)),
-            (f"{prefix}q_b_proj.weight", (heads * qk_head, q_rank)),
-        ]
-    return query + [
-        (f"{prefix}kv_proj.weight", (rank, hidden)),
-        (f"{prefix}kv_norm.weight", (rank,)),
-        (f"{prefix}k_rope_proj.weight", (heads * c["qk_rope_head_dim"], hidden)),
-        # a full (nope + rope) slot per head, of which only the first nope rows are used
-        (f"{prefix}k_decompress.weight", (heads * qk_head, rank)),
-        (f"{prefix}v_decompress.weight", (heads * c["v_head_dim"], rank)),
-        (f"{prefix}o_proj.weight", (hidden, heads * c["v_head_dim"])),
-    ]
+def infer_config(tensors: Mapping[str, tuple[Any, str]]) -> dict[str, Any] | None:
+    """The DeepSeekConfig fields the shapes tell (all but ASSUMED), or None when `tensors` is not
+    this model's state dict."""
+    shape = {name: tuple(info[0]) for name, info in tensors.items()}
+    needed = ("wte.weight", "wpe.weight", "h.0.attn.k_rope_proj.weight", "h.0.attn.rope.inv_freq",
+              "h.0.attn.kv_proj.weight", "h.0.attn.q_proj.weight", "h.0.mlp.router.weight",
+              "h.0.mlp.experts.0.gate_proj.weight")
+    if not all(name in shape for name in needed) or len(shape["h.0.attn.rope.inv_freq"]) != 1:
+        return None
+    vocab, hidden = shape["wte.weight"]
+    rope = 2 * shape["h.0.attn.rope.inv_freq"][0]
+    if rope == 0 or shape["h.0.attn.k_rope_proj.weight"][0] % rope:
+        return None
+    shared = shape.get("h.0.mlp.shared_expert.gate_proj.weight")
+    return {
+        "vocab_size": vocab, "block_size": shape["wpe.weight"][0], "n_layer": _count(shape, r"h\.(\d+)\.ln_1\.weight"),
+        "n_embd": hidden, "n_head": shape["h.0.attn.k_rope_proj.weight"][0] // rope,
+        "kv_lora_rank": shape["h.0.attn.kv_proj.weight"][0], "q_lora_rank": shape["h.0.attn.q_proj.weight"][0],
+        "rope_dim": rope, "n_experts": shape["h.0.mlp.router.weight"][0],
+        "n_experts_per_token": min(UPSTREAM_DEFAULTS["n_experts_per_token"], shape["h.0.mlp.router.weight"][0]),
+        "expert_intermediate_size": shape["h.0.mlp.experts.0.gate_proj.weight"][0],
+        "shared_expert_intermediate_size": shared[0] if shared else UPSTREAM_DEFAULTS["shared_expert_intermediate_size"],
+        "use_shared_expert": shared is not None, "mtp_num_heads": _count(shape, r"mtp_heads\.(\d+)\.combine_proj\.weight"),
+        "bias": "h.0.attn.o_proj.bias" in shape,
+    }
 
 
-def _block(prefix: str, c: Mapping[str, Any], moe: bool) -> list[tuple[str, tuple[int, ...]]]:
-    hidden = c["hidden_size"]
-    tensors = [(f"{prefix}ln_1.weight", (hidden,)), (f"{prefix}ln_2.weight", (hidden,))]
-    tensors += _attention(f"{prefix}attn.", c)
-    if not moe:
-        return tensors + _mlp(f"{prefix}mlp.", hidden, c["intermediate_size"])
-    tensors.append((f"{prefix}mlp.router.weight", (c["n_routed_experts"], hidden)))
-    for e in range(c["n_routed_experts"]):
-        tensors += _mlp(f"{prefix}mlp.experts.{e}.", hidden, c["moe_intermediate_size"])
-    return tensors + _mlp(f"{prefix}mlp.shared_expert.", hidden, c["shared_intermediate_size"])
+def _linear(out: dict, name: str, rows: int, cols: int, bias: bool) -> None:
+    out[f"{name}.weight"] = (rows, cols)
+    if bias:
+        out[f"{name}.bias"] = (rows,)
+
+
+def _attention(out: dict, p: str, c: Mapping[str, Any]) -> None:
+    hidden, heads, head_dim, rope = c["hidden_size"], c["num_attention_heads"], c["head_dim"], c["qk_rope_head_dim"]
+    rank, q_rank = c["kv_lora_rank"], c["q_lora_rank"]
+    for name, rows, cols in (("kv_proj", rank, hidden), ("k_decompress", heads * head_dim, rank),
+                             ("v_decompress", heads * head_dim, rank), ("q_proj", q_rank, hidden),
+                             ("q_decompress", heads * head_dim, q_rank), ("k_rope_proj", heads * rope, hidden),
+                             ("q_rope_proj", heads * rope, q_rank)):
+        _linear(out, f"{p}.{name}", rows, cols, False)
+    out[f"{p}.kv_norm.weight"] = (rank,)
+    _linear(out, f"{p}.o_proj", hidden, heads * head_dim, c["attention_bias"])
+    out[f"{p}.rope.inv_freq"] = (rope // 2,)
+    block = c["max_position_embeddings"]
+    out[f"{p}.causal_mask"] = (1, 1, block, block)
+
+
+def _moe(out: dict, p: str, c: Mapping[str, Any]) -> None:
+    hidden, bias = c["hidden_size"], c["mlp_bias"]
+    out[f"{p}.router.weight"] = (c["n_routed_experts"], hidden)
+    experts = [(f"{p}.experts.{e}", c["moe_intermediate_size"]) for e in range(c["n_routed_experts"])]
+    if c["shared_intermediate_size"] is not None:
+        experts.append((f"{p}.shared_expert", c["shared_intermediate_size"]))
+    for prefix, width in experts:
+        _linear(out, f"{prefix}.gate_proj", width, hidden, bias)
+        _linear(out, f"{prefix}.up_proj", width, hidden, bias)
+        _linear(out, f"{prefix}.down_proj", hidden, width, bias)
+    out[f"{p}.expert_bias"] = (c["n_routed_experts"],)
 
 
 class ScratchLayout(Layout):
@@ -187,9 +173,13 @@ class ScratchLayout(Layout):
     variants = ("default",)
     format = "pt"
     sections = Sections(("wte.", "wpe."), "h.{i}.", ("ln_f.", "lm_head."))
+    assumed = ASSUMED
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_config(raw)
+
+    def infer_config(self, tensors: Mapping[str, tuple[Any, str]]) -> dict[str, Any] | None:
+        return infer_config(tensors)
 
     def runtime(self, checkpoint, dtype: str):
         from remap.parity.runtimes import scratch_runtime
@@ -198,26 +188,24 @@ class ScratchLayout(Layout):
 
     def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
         self.variant(variant)
-        c = config
+        c, out = config, {}
         hidden, vocab = c["hidden_size"], c["vocab_size"]
-        tensors = [
-            ("wte.weight", (vocab, hidden)),
-            ("wpe.weight", (c["max_position_embeddings"], hidden)),
-            ("ln_f.weight", (hidden,)),
-        ]
-        if not c["tie_word_embeddings"]:
-            tensors.append(("lm_head.weight", (vocab, hidden)))
+        out["wte.weight"] = (vocab, hidden)
+        out["wpe.weight"] = (c["max_position_embeddings"], hidden)
         for i in range(c["num_hidden_layers"]):
-            tensors += _block(f"h.{i}.", c, moe=i >= c["first_k_dense_replace"])
+            out[f"h.{i}.ln_1.weight"] = out[f"h.{i}.ln_2.weight"] = (hidden,)
+            _attention(out, f"h.{i}.attn", c)
+            _moe(out, f"h.{i}.mlp", c)
+        out["ln_f.weight"] = (hidden,)
+        out["lm_head.weight"] = (vocab, hidden)  # the same tensor as wte.weight, saved under both names
         for d in range(c["num_nextn_predict_layers"]):
-            prefix = f"mtp_heads.{d}."
-            tensors += [
-                (f"{prefix}norm_e.weight", (hidden,)),
-                (f"{prefix}norm_h.weight", (hidden,)),
-                (f"{prefix}proj.weight", (hidden, 2 * hidden)),
-            ]
-            tensors += _block(f"{prefix}block.", c, moe=True)  # DeepSeek's MTP block is MoE
-        return {name: Expected(name, shape) for name, shape in tensors}
+            p = f"mtp_heads.{d}"
+            _linear(out, f"{p}.combine_proj", hidden, 2 * hidden, c["mlp_bias"])
+            for norm in ("norm1", "norm2", "attn_norm", "mlp_norm"):
+                out[f"{p}.{norm}.weight"] = (hidden,)
+            _attention(out, f"{p}.attn", c)
+            _moe(out, f"{p}.mlp", c)
+        return {name: Expected(name, shape) for name, shape in out.items()}  # buffers follow model.to(dtype)
 
 
 LAYOUT = ScratchLayout()

@@ -122,3 +122,29 @@ class DequantFP8(Op):
         if self.dtype == "F32":
             return None
         return Loss("rounding", f"fp8 x block scale rounded to {self.dtype}")
+
+
+@dataclass(frozen=True)
+class Lossy(Op):
+    """The tensor passes unchanged, but the target runtime computes with it differently, so the
+    conversion changes the function here (a router whose scores become sigmoids; an RMSNorm that
+    adds its eps inside the root). A claim no data can make hold: the report names it, and
+    parity measures what it costs."""
+
+    name = "lossy"
+    per_slab = True
+    reason: str = ""
+
+    def types(self, inputs: list[TensorType]) -> list[TensorType]:
+        self._pick(inputs)
+        return list(inputs)
+
+    def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return list(arrays)
+
+    @classmethod
+    def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
+        return [dict(raw)]  # the way back changes the function just as much
+
+    def loss(self, inputs: list[TensorType]) -> Loss | None:
+        return Loss("lossy", f"input {self.input}: used differently by the target runtime", self.reason)

@@ -97,6 +97,8 @@ def run_parity(
     inverse: bool = False,
     variant: str | None = None,
     params: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    torch_model: str | Path | None = None,
     revision: str | None = None,
     quantize: int | str | None = None,
     group_size: int = 64,
@@ -113,7 +115,9 @@ def run_parity(
     remap-manifest.json names, only names the rules behind a divergence). Without, convert SRC
     with `spec` into a temporary directory first (`quantize` bits and `group_size` append the
     mlx-quantize stage, as for `remap convert`). `tolerances` overrides fields of the default
-    profile (compare.Tolerances).
+    profile (compare.Tolerances). `torch_model` runs SRC with the user's own model code
+    (runtimes.user_torch_runtime) instead of its layout's runtime; `settings` override keys of
+    SRC's config (or of the one read off its shapes).
     """
     start = time.perf_counter()
     source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
@@ -121,11 +125,12 @@ def run_parity(
         raise RemapError("nothing to compare the source with", expected="a converted DST, or --spec to convert SRC")
     plan = None
     if spec is not None:
-        plan, _ = api.plan(source, spec, inverse=inverse, params=params, variant=variant, quantize=quantize,
-                           group_size=group_size)
+        plan, source = api.plan(source, spec, inverse=inverse, params=params, settings=settings, variant=variant,
+                                quantize=quantize, group_size=group_size)
     elif (recipe := _recorded_recipe(Path(dst), str(src))) is not None:
-        plan = api.plan_recipe(recipe, source)  # the conversion that made DST, replayed on SRC
-    options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {})
+        plan, source = api.plan_recipe(recipe, source)  # the conversion that made DST, replayed on SRC
+    options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {},
+                   torch_model=torch_model)
     if dst is not None:
         result = _compare(source, api.open_source(dst), plan, **options)
     else:
@@ -143,10 +148,11 @@ def run_parity(
 
 
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
-             dtype: str, tolerances: Mapping[str, float | None]) -> ParityResult:
+             dtype: str, tolerances: Mapping[str, float | None], torch_model: str | Path | None) -> ParityResult:
     checkpoints = (source, target)
     found = [_layout(source, plan and plan.source_layout), _layout(target, plan and plan.target_layout)]
-    models = [runtimes.load(layout, checkpoint, dtype) for (layout, _), checkpoint in zip(found, checkpoints)]
+    models = [runtimes.user_torch_runtime(Path(torch_model), source, dtype) if torch_model
+              else runtimes.load(found[0][0], source, dtype), runtimes.load(found[1][0], target, dtype)]
     sides = [Side(checkpoint.source, layout, variant, model.name, _weights(checkpoint))
              for checkpoint, (layout, variant), model in zip(checkpoints, found, models)]
     if models[0].vocab_size != models[1].vocab_size:
@@ -154,7 +160,9 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
                          expected="the same vocab_size on both sides")
     ids = token_ids(models[0].vocab_size, tokens, batch, seed)
     ours, theirs = (model.forward(ids) for model in models)
-    if len(ours.hidden) != len(theirs.hidden):
+    if not (ours.hidden and theirs.hidden):  # a user model without layers(): the logits alone
+        ours, theirs = (replace(side, hidden=[]) for side in (ours, theirs))
+    elif len(ours.hidden) != len(theirs.hidden):
         raise RemapError(f"{len(ours.hidden) - 1} decoder layers (source) and {len(theirs.hidden) - 1} (target)",
                          expected="the same num_hidden_layers on both sides")
 
@@ -164,13 +172,14 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
     except ValueError as exc:
         raise RemapError(str(exc)) from None
     logits = logit_metrics(ours.logits, theirs.logits)
-    names = hidden_names(len(ours.hidden))
+    names = hidden_names(len(ours.hidden)) if ours.hidden else []
     hidden = {name: hidden_metrics(s, t) for name, s, t in zip(names, ours.hidden, theirs.hidden)}
     results = checks(logits, hidden, limits)
     result = ParityResult(sides[0], sides[1], plan.name if plan else None, dtype, tokens, batch, seed, profile, limits,
-                          logits, hidden, results, divergence=first_divergence(results, names))
+                          logits, hidden, results, divergence=first_divergence(results, names) if names else None)
     if result.divergence is not None and plan is not None:
         result.rules = rules_behind(plan, result.divergence)
+    if not result.ok and plan is not None:
         measured = api.report(plan, source, check=True).losses
         result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
     return result

@@ -48,6 +48,15 @@ class Runtime:
     forward: Callable[[np.ndarray], Forward]
 
 
+def user_torch_runtime(path: Path, checkpoint: Checkpoint, dtype: str) -> Runtime:
+    """SRC in the user's own model code (remap/parity/user_model.py)."""
+    from remap.parity.user_model import user_torch_runtime as load_user
+
+    if dtype not in DTYPES:
+        raise RemapError(f"unknown compute dtype '{dtype}'", expected=" | ".join(DTYPES))
+    return load_user(path, checkpoint, dtype)
+
+
 def load(layout: str, checkpoint: Checkpoint, dtype: str = "float32") -> Runtime:
     """The runtime of `layout` (the layout declares it) with `checkpoint` loaded, computing in `dtype`."""
     from remap.layouts import get_layout
@@ -137,8 +146,8 @@ def scratch_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
 
     from remap.parity.scratch_model import ScratchModel
 
-    if checkpoint.config is None:
-        raise RemapError("the scratch model needs the config.json beside its weights", file=checkpoint.source)
+    if checkpoint.config is None:  # api.plan reads one off the shapes; a bare open_checkpoint has none
+        raise RemapError("the scratch model needs its config (config.json, or planned with a spec)", file=checkpoint.source)
     model = ScratchModel(checkpoint.config)
     state = {name: torch.from_numpy(checkpoint.read(name).astype(np.float32)) for name in checkpoint.tensors}
     try:
@@ -149,7 +158,7 @@ def scratch_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
 
     def forward(ids: np.ndarray) -> Forward:
         with torch.no_grad():
-            out = model(torch.as_tensor(ids), output_hidden_states=True)
+            out = model(torch.as_tensor(ids))
         return Forward(_numpy(out.logits), [_numpy(h) for h in out.hidden_states])
 
     return Runtime(f"remap ScratchModel (torch {torch.__version__})", model.config["vocab_size"], forward)

@@ -73,7 +73,7 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
         console.print(losses)
     for problem in report.problems:
         console.print(f"[red]problem:[/] {escape(problem)}")
-    console.print("[green]OK[/]: target layout met, every source tensor accounted for" if report.ok else "[red]NOT OK[/]")
+    console.print(f"[green]{escape(report.verdict)}[/]" if report.ok else "[red]NOT OK[/]")
 
 
 def render_json(report: Report) -> str:

@@ -39,6 +39,7 @@ class Rule:
     claim: str | None = None
     reason: str = ""
     same_as: Pattern | None = None
+    equals: str | None = None  # a drop: what the tensor holds by construction (remap.fills.EQUALS)
     fill: str | None = None
     shape: tuple = ()
     dtype: str | None = None
@@ -172,8 +173,12 @@ def _patterns(value: Any) -> tuple[Pattern, ...]:
 def _build_rule(index: int, line: int, raw: dict) -> Rule:
     common = dict(index=index, line=line, raw=_plain(raw), when=raw.get("when"))
     if "drop" in raw:
+        if "equals" in raw and raw["claim"] != "redundant":
+            raise RemapError(f"`equals: {raw['equals']}` with claim '{raw['claim']}'",
+                             expected="claim: redundant (the tensor is what the target computes by itself)")
         return Rule(kind="drop", sources=_patterns(raw["drop"]), claim=raw["claim"], reason=raw["reason"],
-                    same_as=Pattern(raw["same_as"]) if "same_as" in raw else None, **common)
+                    same_as=Pattern(raw["same_as"]) if "same_as" in raw else None, equals=raw.get("equals"),
+                    **common)
     if "fill" in raw:
         return Rule(kind="fill", to=_patterns(raw["to"]), fill=raw["fill"], shape=tuple(raw["shape"]),
                     dtype=raw.get("dtype"), like=Pattern(raw["like"]) if "like" in raw else None,
