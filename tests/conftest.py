@@ -26,3 +26,30 @@ def tiny_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "hf"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral4(tmp_path_factory):
+    """tiny_mistral4(name): a bf16 Mistral4ForCausalLM of TINY_MISTRAL4[name] saved with save_pretrained,
+    with the fixtures' tokenizer (mlx_lm.convert needs one). Weights drawn as fixtures/generate.py
+    draws them (unit-size activations), not transformers' tiny initialisation."""
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            import torch
+            from transformers import Mistral4Config, Mistral4ForCausalLM
+
+            from fixtures.generate import draw, train_tokenizer
+            from tests.helpers import TINY_MISTRAL4
+
+            model = Mistral4ForCausalLM(Mistral4Config(**TINY_MISTRAL4[name], architectures=["Mistral4ForCausalLM"]))
+            with torch.no_grad():
+                for key, param in model.named_parameters():
+                    param.copy_(torch.from_numpy(draw(f"mistral4-{name}", key, tuple(param.shape))))
+            made[name] = tmp_path_factory.mktemp("mistral4") / name
+            model.to(torch.bfloat16).save_pretrained(made[name])
+            train_tokenizer().save_pretrained(made[name])
+        return made[name]
+
+    return make

@@ -40,6 +40,30 @@ def scratch_compatible(data: dict, config: Mapping) -> None:
             per_head[...] = per_head[0]
         elif name.endswith((".inv_freq", ".causal_mask")):
             array[...] = fill_values("rope_inv_freq" if name.endswith(".inv_freq") else "tril", array.shape, array.dtype)
+
+
+# Mistral4ForCausalLM configs (fixture sizes). "untied": yarn rope whose original context (8) is
+# shorter than parity's 32 tokens, so llama-4 query scaling changes the result, and group-limited
+# routing; "tied": the routing of a from-scratch DeepSeek-V3 (softmax top-k over all experts,
+# renormalised) with llama-4 scaling off (beta 0), no q LoRA, tied embeddings (no lm_head), MoE
+# from layer 0. Both use yarn: transformers 5.23's Mistral4 rope of type "default" ignores
+# partial_rotary_factor and cannot run (its cos / sin span the whole qk head).
+_MISTRAL4_SIZES = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+    num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+)
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+TINY_MISTRAL4 = {
+    "untied": dict(_MISTRAL4_SIZES, num_hidden_layers=3, q_lora_rank=48, first_k_dense_replace=1, n_shared_experts=1,
+                   n_group=2, topk_group=1, tie_word_embeddings=False,
+                   rope_parameters={**_YARN, "llama_4_scaling_beta": 0.1}),
+    "tied": dict(_MISTRAL4_SIZES, num_hidden_layers=2, q_lora_rank=None, first_k_dense_replace=0, n_shared_experts=2,
+                 n_group=1, topk_group=1, tie_word_embeddings=True,
+                 rope_parameters={**_YARN, "llama_4_scaling_beta": 0.0}),
+}
+
 _DTYPE = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32", "uint32": "U32"}
 
 

@@ -54,11 +54,12 @@ def _mlx_generates(path: Path) -> None:
     assert np.isfinite(logits).all() and logits.std() > 0
 
 
-def _transformers_loads(path: Path) -> None:
+def _transformers_loads(path: Path, model_class=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    model_class = model_class or AutoModelForCausalLM  # (5.23's leaves Mistral4ForCausalLM out)
+    model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         logits = model(torch.tensor([[0, 5, 9, 2]])).logits
@@ -248,3 +249,68 @@ def test_bf16_fp8_round_trip_lands_on_a_fixed_point(tmp_path):
     again = _converted(bf16, "hf-to-hf-fp8", tmp_path / "fp8-2")
     assert sha256_file(again / "model.safetensors") == sha256_file(tmp_path / "fp8" / "model.safetensors")
     _transformers_loads(bf16)
+
+
+# -- Mistral4: transformers' fused experts, mlx-lm's mistral4 -------------------------------------
+
+
+def _same_tensors(ours: Path, theirs: Path) -> None:
+    """Same names, dtypes, shapes and bytes, and the format tag of the runtime that wrote `theirs`."""
+    from safetensors import safe_open
+
+    a, b = api.open_source(ours), api.open_source(theirs)
+    assert set(a.tensors) == set(b.tensors)
+    kind = lambda info: (info.dtype, tuple(info.shape))
+    assert [n for n in b.tensors if kind(a.tensors[n]) != kind(b.tensors[n])
+            or bytes(a.read_bytes(n)) != bytes(b.read_bytes(n))] == []
+    formats = [safe_open(path / "model.safetensors", "np").metadata()["format"] for path in (ours, theirs)]
+    assert formats[0] == formats[1]
+
+
+def _mlx_lm_convert(source: Path, out: Path, **options) -> Path:
+    from mlx_lm import convert as mlx_convert
+
+    mlx_convert(hf_path=str(source), mlx_path=str(out), dtype="bfloat16", **options)
+    return out
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_mistral4_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(tmp_path, tiny_mistral4, name):
+    """`remap convert --spec hf-to-mlx` of a transformers Mistral4 checkpoint: mlx_lm.convert's tensors
+    byte for byte (the fused gate_up_proj cut into switch_mlp gate / up; a tied model without lm_head)
+    and its config.json; mlx-to-hf of mlx-lm's own output is transformers' file byte for byte."""
+    from transformers import Mistral4ForCausalLM
+
+    from tests.test_convert import remap
+
+    source = tiny_mistral4(name)
+    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "-q")
+    theirs = _mlx_lm_convert(source, tmp_path / "theirs")
+    _same_tensors(tmp_path / "ours", theirs)
+    config = lambda path: json.loads((path / "config.json").read_text())
+    assert config(tmp_path / "ours") == config(theirs) == config(source)  # mlx-lm reads rope_parameters itself
+    assert ("lm_head.weight" in api.open_source(theirs).tensors) == (name == "untied")
+    _mlx_generates(tmp_path / "ours")
+
+    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "-q")
+    assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(source / "model.safetensors")
+    assert config(tmp_path / "hf") == config(source)
+    _transformers_loads(tmp_path / "hf", Mistral4ForCausalLM)
+
+
+def test_mistral4_quantized_is_what_mlx_lm_convert_writes_router_included(tmp_path, tiny_mistral4):
+    """mlx-lm quantizes Mistral4's router (an nn.Linear, unlike DeepSeek's MoEGate); remap's
+    --quantize does too, and mlx-to-hf dequantizes it back into transformers' layout."""
+    from transformers import Mistral4ForCausalLM
+
+    source = tiny_mistral4("untied")
+    plan, ckpt = api.plan(source, "hf-to-mlx", quantize=4, group_size=32)
+    api.convert(plan, ckpt, tmp_path / "ours")
+    theirs = _mlx_lm_convert(source, tmp_path / "theirs", quantize=True, q_bits=4, q_group_size=32)
+    _same_tensors(tmp_path / "ours", theirs)
+    assert api.open_source(theirs).tensors["model.layers.1.mlp.gate.weight"].dtype == "U32"
+    assert json.loads((tmp_path / "ours/config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    plan, ckpt = api.plan(theirs, "mlx-to-hf")
+    assert api.report(plan, ckpt).ok
+    api.convert(plan, ckpt, tmp_path / "hf")
+    _transformers_loads(tmp_path / "hf", Mistral4ForCausalLM)

@@ -1,10 +1,10 @@
 """The hf, mlx and deepseek layouts against the runtimes they describe, and detection.
 
-hf: the tensors transformers' DeepseekV3 / DeepseekV32 / DeepseekV2ForCausalLM write with
-save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
+hf: the tensors transformers' DeepseekV3 / DeepseekV32 / DeepseekV2 / Mistral4ForCausalLM write
+with save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
 fine-grained FP8 quantizer, and the MTP layer transformers' MtpModel loads and saves.
-mlx: the parameters of mlx-lm's deepseek_v3.Model and deepseek_v32.Model (quantized too), and what
-their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's
+mlx: the parameters of mlx-lm's deepseek_v3.Model, deepseek_v32.Model and mistral4.Model (quantized
+too), and what their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's
 inference code cannot be installed, so its layout is checked for a consistent model-parallel split
 and for holding exactly hf's tensors under other names (convert.py only renames and slices).
 """
@@ -19,6 +19,7 @@ import torch
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3 as mlx_deepseek_v3
 from mlx_lm.models import deepseek_v32 as mlx_deepseek_v32
+from mlx_lm.models import mistral4 as mlx_mistral4
 from mlx_lm.utils import MODEL_REMAPPING, quantize_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,8 @@ from transformers import (
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
     FineGrainedFP8Config,
+    Mistral4Config,
+    Mistral4ForCausalLM,
 )
 from transformers.integrations.finegrained_fp8 import FP8Linear
 from transformers.modeling_layers import MtpModel
@@ -91,13 +94,25 @@ CONFIGS = {
                                      "n_routed_experts": 8, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
                                      "num_key_value_heads": 4, "index_n_heads": 4, "index_head_dim": 8,
                                      "index_topk": 2, "attention_bias": True, "tie_word_embeddings": True},
+    # Mistral4: routed experts saved fused, a bias-free softmax router, lm_head absent when tied
+    "m4-qlora-dense1": {**TINY, "model_type": "mistral4", "num_hidden_layers": 2, "q_lora_rank": 24,
+                        "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1,
+                        "tie_word_embeddings": False},
+    "m4-noqlora-moe0-tied-attnbias": {**TINY, "model_type": "mistral4", "num_hidden_layers": 2, "q_lora_rank": None,
+                                      "first_k_dense_replace": 0, "n_routed_experts": 4, "n_shared_experts": 2,
+                                      "attention_bias": True, "tie_word_embeddings": True},
+    "m4-dense2-grouped": {**TINY, "model_type": "mistral4", "num_hidden_layers": 3, "q_lora_rank": 16,
+                          "first_k_dense_replace": 2, "n_routed_experts": 8, "n_shared_experts": 1, "n_group": 2,
+                          "topk_group": 1, "tie_word_embeddings": False},
 }
 V3 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v3"]
 V32 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v32"]
+M4 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "mistral4"]
 TRANSFORMERS = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
                 "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
-                "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM)}
-MLX_MODULES = {"deepseek_v3": mlx_deepseek_v3, "deepseek_v32": mlx_deepseek_v32}
+                "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+                "mistral4": (Mistral4Config, Mistral4ForCausalLM)}
+MLX_MODULES = {"deepseek_v3": mlx_deepseek_v3, "deepseek_v32": mlx_deepseek_v32, "mistral4": mlx_mistral4}
 # Shapes of the real DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3).
 DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
                "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
@@ -113,6 +128,12 @@ DEEPSEEK_V32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "index_n_heads": 64
 def _transformers_config(raw):
     config_class, _ = TRANSFORMERS[raw["model_type"]]
     return config_class(**{k: v for k, v in raw.items() if k != "model_type"})
+
+
+def _config_json(raw):
+    """The config.json mlx-lm reads: for Mistral4, what save_pretrained writes (mlx-lm's mistral4
+    ModelArgs has no defaults for most fields, and reads rope_parameters); the others as they are."""
+    return _transformers_config(raw).to_dict() if raw["model_type"] == "mistral4" else raw
 
 
 def _dtype_fits(dtype_class: str, dtype: str) -> bool:
@@ -147,9 +168,10 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("raw", [*CONFIGS.values(), {"model_type": "deepseek_v3"}, {"model_type": "deepseek_v2"},
-                                 {"model_type": "deepseek_v32"},
+                                 {"model_type": "deepseek_v32"}, {"model_type": "mistral4"},
                                  {"model_type": "deepseek_v3", "num_local_experts": 7, "num_mtp_layers": 2},
-                                 {"model_type": "deepseek_v32", "num_experts": 6}])
+                                 {"model_type": "deepseek_v32", "num_experts": 6},
+                                 {"model_type": "mistral4", "num_local_experts": 6}])
 def test_hf_reads_config_as_transformers_does(raw):
     ours = HF.read_config(raw)
     theirs = _transformers_config(raw)
@@ -164,8 +186,8 @@ def test_hf_reads_config_as_transformers_does(raw):
     assert (ours["index_n_heads"] is not None) == (raw["model_type"] == "deepseek_v32")
 
 
-@pytest.mark.parametrize("raw", [*(CONFIGS[n] for n in V3 + V32), {"model_type": "deepseek_v3"},
-                                 {"model_type": "deepseek_v32"}])
+@pytest.mark.parametrize("raw", [*(_config_json(CONFIGS[n]) for n in V3 + V32 + M4), {"model_type": "deepseek_v3"},
+                                 {"model_type": "deepseek_v32"}, _config_json({"model_type": "mistral4"})])
 def test_mlx_reads_config_as_model_args_does(raw):
     ours = MLX.read_config(raw)
     theirs = MLX_MODULES[raw["model_type"]].ModelArgs.from_dict(raw)
@@ -179,6 +201,32 @@ def test_every_layout_reads_into_the_same_keys():
         for layout in (HF, MLX, DEEPSEEK):
             assert tuple(layout.read_config(raw)) == CONFIG_KEYS
     assert tuple(DEEPSEEK.read_config({"dim": 32, "n_layers": 2})) == CONFIG_KEYS
+    m4 = _config_json(CONFIGS["m4-qlora-dense1"])
+    assert HF.read_config(m4) == MLX.read_config(m4)  # both runtimes read a Mistral4 config.json alike
+    assert tuple(HF.read_config(m4)) == CONFIG_KEYS
+    assert (HF.read_config(m4)["scoring_func"], HF.read_config(m4)["topk_method"]) == ("softmax", None)
+
+
+def test_mlx_reads_a_mistral4_config_only_where_mlx_lm_can_build_and_run_it():
+    """mlx-lm's mistral4 ModelArgs has no default for most fields (from_dict fails without one), and
+    its model reads the llama-4 scaling keys of rope_parameters at every call."""
+    from dataclasses import MISSING, fields
+
+    raw = _config_json(CONFIGS["m4-qlora-dense1"])
+    required = [f.name for f in fields(mlx_mistral4.ModelArgs) if f.default is MISSING and f.name != "model_type"]
+    assert len(required) == 22
+    for key in required:
+        partial = {k: v for k, v in raw.items() if k != key}
+        with pytest.raises(TypeError):
+            mlx_mistral4.ModelArgs.from_dict(partial)
+        with pytest.raises(RemapError, match=key):
+            MLX.read_config(partial)
+    for rope in ({k: v for k, v in raw["rope_parameters"].items() if k != "llama_4_scaling_beta"}, None):
+        model = mlx_mistral4.Model(mlx_mistral4.ModelArgs.from_dict({**raw, "rope_parameters": rope}))
+        with pytest.raises((KeyError, TypeError)):
+            model(mx.array([[1, 2]]))
+        with pytest.raises(RemapError, match="rope_parameters"):
+            MLX.read_config({**raw, "rope_parameters": rope})
 
 
 def test_mlx_model_types_are_the_ones_mlx_lm_loads_with_its_deepseek_modules():
@@ -291,53 +339,57 @@ def test_hf_mtp_is_what_transformers_mtp_model_loads_and_saves(tmp_path):
 
 def _mlx_model(raw):
     module = MLX_MODULES[raw["model_type"]]
-    return module.Model(module.ModelArgs.from_dict(raw))
+    return module.Model(module.ModelArgs.from_dict(_config_json(raw)))
 
 
 def _mlx_shapes(arrays) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in arrays}
 
 
-@pytest.mark.parametrize("name", V3 + V32)
+@pytest.mark.parametrize("name", V3 + V32 + M4)
 def test_mlx_embed_q_equals_mlx_lm_model(name):
     model = _mlx_model(CONFIGS[name])
-    expected = MLX.expected(MLX.read_config(CONFIGS[name]), "embed_q")
+    expected = MLX.expected(MLX.read_config(_config_json(CONFIGS[name])), "embed_q")
     assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
 
 
-@pytest.mark.parametrize("name", V3 + V32)
+@pytest.mark.parametrize("name", V3 + V32 + M4)
 def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
     model = _mlx_model(CONFIGS[name])
-    expected = MLX.expected(MLX.read_config(CONFIGS[name]), "kv_b_proj")
+    expected = MLX.expected(MLX.read_config(_config_json(CONFIGS[name])), "kv_b_proj")
     weights = {n: mx.random.normal(e.shape) for n, e in expected.items()}
     assert _mlx_shapes(model.sanitize(weights).items()) == _mlx_shapes(tree_flatten(model.parameters()))
 
 
 # (mlx-lm honours moe_layer_freq and ignores mlp_layer_types, transformers the other way round:
 # only where they agree on the layers does an hf checkpoint fit mlx-lm's model)
-@pytest.mark.parametrize("name", [n for n in V3 + V32 if CONFIGS[n].get("moe_layer_freq", 1) == 1
+@pytest.mark.parametrize("name", [n for n in V3 + V32 + M4 if CONFIGS[n].get("moe_layer_freq", 1) == 1
                                   and "mlp_layer_types" not in CONFIGS[n]])
 def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
+    """Mistral4's fused experts included: its sanitize splits gate_up_proj into switch_mlp."""
     _, path = saved[name]
     raw = CONFIGS[name]
     sanitized = _mlx_shapes(_mlx_model(raw).sanitize(mx.load(str(path))).items())
-    expected = _names_shapes(MLX.expected(MLX.read_config(raw), "embed_q"))
-    if raw["tie_word_embeddings"]:
+    expected = _names_shapes(MLX.expected(MLX.read_config(_config_json(raw)), "embed_q"))
+    if raw["tie_word_embeddings"] and raw["model_type"] != "mistral4":
         # mlx-lm's deepseek_v3 always holds lm_head: a tied hf checkpoint lacks it and will not load
         del expected["lm_head.weight"]
     assert sanitized == expected
 
 
-@pytest.mark.parametrize("name", ["v3-qlora-dense1", *V32])
+@pytest.mark.parametrize("name", ["v3-qlora-dense1", *V32, *M4])
 def test_mlx_quantized_equals_mlx_lm_quantize_model(name):
     """mlx-lm's own quantize_model (groups of 32: some widths quantize, some are too narrow),
-    V3.2's indexer linears included, k_norm and the router left float."""
-    raw = CONFIGS[name]
+    V3.2's indexer linears included, k_norm and DeepSeek's router left float; Mistral4's router is
+    a Linear, quantized like the others."""
+    raw = _config_json(CONFIGS[name])
     model, config = quantize_model(_mlx_model(raw), dict(raw), group_size=32, bits=4)
     expected = MLX.expected(MLX.read_config({**raw, "quantization": config["quantization"]}), "embed_q")
     assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
     assert any(e.dtype == U32 for e in expected.values()) and any(e.dtype == FLOAT for n, e in expected.items()
                                                                   if n.endswith("proj.weight"))
+    router = expected[f"model.layers.{raw['num_hidden_layers'] - 1}.mlp.gate.weight"].dtype
+    assert router == (U32 if raw["model_type"] == "mistral4" else FLOAT)
 
 
 # --- deepseek -----------------------------------------------------------------------------
@@ -346,6 +398,10 @@ def test_mlx_quantized_equals_mlx_lm_quantize_model(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_deepseek_holds_hf_tensors_renamed(name):
     raw = CONFIGS[name]
+    if raw["model_type"] == "mistral4":  # DeepSeek's model.py routes and scales queries otherwise
+        with pytest.raises(RemapError, match="model_type"):
+            DEEPSEEK.read_config(raw)
+        return
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         with pytest.raises(RemapError, match="no biases"):
             DEEPSEEK.read_config(raw)
@@ -463,6 +519,23 @@ def test_each_layout_variant_detects_as_itself(layout, name):
         detection = detect(_as_checkpoint(layout.expected(layout.read_config(raw), variant)), raw)
         assert (detection.layout, detection.variant) == (layout.name, variant)
         assert detection.config == layout.read_config(raw)
+
+
+def test_mistral4_detects_as_hf_and_mlx_and_no_other_variant(saved):
+    """transformers' file is hf bf16 (the FP8 variants describe DeepSeek's release only); mlx-lm's
+    model is mlx embed_q; DeepSeek's layout reads no mistral4 config."""
+    for name in M4:
+        header, path = saved[name]
+        raw = _config_json(CONFIGS[name])
+        detection = detect(header, raw)
+        assert (detection.layout, detection.variant) == ("hf", "bf16")
+        fits = {fit.layout: fit for fit in detection.closest}
+        assert "model_type" in fits["deepseek"].error
+        for variant in ("fp8", "fp8-mtp"):
+            with pytest.raises(RemapError, match="DeepSeek's official FP8 release"):
+                HF.expected(HF.read_config(raw), variant)
+        params = {n: (tuple(a.shape), "F32") for n, a in tree_flatten(_mlx_model(raw).parameters())}
+        assert (detect(params, raw).layout, detect(params, raw).variant) == ("mlx", "embed_q")
 
 
 def test_real_checkpoints_detect(saved):

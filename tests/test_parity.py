@@ -25,6 +25,7 @@ from remap.errors import RemapError
 from remap.io.hashing import sha256_file
 from remap.parity import run_parity, token_ids
 from remap.parity.compare import PROFILES, checks, logit_metrics, profile_for, weight_precision
+from tests.helpers import TINY_MISTRAL4
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -140,6 +141,40 @@ def test_a_quantized_target_is_judged_by_the_quantized_profile():
     assert (result.profile, result.target.weights, result.spec) == ("quantized", "quantized", "hf-to-mlx+8bit")
     assert result.ok, [c.describe() for c in result.failures]
     assert 0 < result.logits["kl"] < PROFILES["quantized"].max_kl and result.logits["max_rel"] > PROFILES["fp32"].max_error
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_mistral4_hf_to_mlx_passes(tiny_mistral4, name):
+    """transformers' Mistral4ForCausalLM against mlx-lm's mistral4 on remap's conversion, layer by layer.
+    "untied" has llama-4 query scaling on within the 32 tokens (original context 8), "tied" off."""
+    result = run_parity(tiny_mistral4(name), spec="hf-to-mlx")
+    assert result.ok, [c.describe() for c in result.failures]
+    assert result.source.runtime.endswith("Mistral4ForCausalLM") and result.target.runtime.endswith("mistral4.Model")
+    layers = TINY_MISTRAL4[name]["num_hidden_layers"]
+    assert list(result.hidden) == ["embedding", *(f"layer {i}" for i in range(layers))] and result.profile == "fp32"
+    assert result.hidden["embedding"]["max_abs"] == 0.0
+    assert result.logits["top1"] == 1.0 and result.logits["max_rel"] < 1e-5
+
+
+def test_mistral4_layers_are_stepped_with_mlx_lms_own_query_scale(tiny_mistral4, monkeypatch):
+    """The scale matters: stepping mlx-lm's layers without it (ones) diverges at layer 0, while the
+    logits, from mlx-lm's own forward, still agree."""
+    import mlx.core as mx
+
+    from remap.parity import runtimes
+
+    stepped = runtimes._mlx_layer_args
+
+    def unscaled(model, h):
+        scale, mask = stepped(model, h)
+        assert not np.allclose(np.array(scale), 1.0)  # beta 0.1, 32 tokens past an original context of 8
+        return mx.ones_like(scale), mask
+
+    monkeypatch.setattr(runtimes, "_mlx_layer_args", unscaled)
+    result = run_parity(tiny_mistral4("untied"), spec="hf-to-mlx")
+    assert not result.ok and result.divergence == "layer 0"
+    logits = [c for c in result.checks if c.section == "logits"]
+    assert logits and all(c.ok for c in logits)
 
 
 # -- broken conversions fail, localised -----------------------------------------------------------

@@ -174,7 +174,8 @@ def test_schema_pattern_accepts_what_pattern_accepts():
 
 # -- invert ---------------------------------------------------------------------------------------
 
-CONFIG = {"num_hidden_layers": 3, "num_attention_heads": 4, "qk_nope_head_dim": 3, "v_head_dim": 5, "kv_lora_rank": 6}
+CONFIG = {"num_hidden_layers": 3, "num_attention_heads": 4, "qk_nope_head_dim": 3, "v_head_dim": 5, "kv_lora_rank": 6,
+          "moe_intermediate_size": 7}
 
 
 def _strip_kinds(patterns):

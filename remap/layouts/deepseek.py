@@ -47,7 +47,6 @@ from typing import Any, Mapping, Sequence
 from remap.errors import RemapError
 from remap.layouts.base import F32, Expected, FilePlan, Layout, Placement, Sections
 from remap.layouts.hf import (
-    MODEL_TYPES,
     ExpectedTensors,
     config_error,
     indexer,
@@ -56,6 +55,9 @@ from remap.layouts.hf import (
 )
 
 BLOCK = (128, 128)  # model.py's block_size
+# The HF model types this layout reads a config.json of. Not mistral4: model.py's softmax router
+# neither renormalises its top-k nor ranks groups by their top-2 sum, and has no llama-4 scaling.
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 
 # inference/model.py ModelArgs: its key -> (HF key, default), for the keys that shape tensors or routing.
 _MODEL_ARGS: dict[str, tuple[str, Any]] = {

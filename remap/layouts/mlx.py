@@ -1,11 +1,17 @@
-"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model` and `deepseek_v32.Model` hold (mlx-lm 0.32).
+"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model`, `deepseek_v32.Model` and `mistral4.Model`
+hold (mlx-lm 0.32).
 
 Routed experts are stacked per layer as `model.layers.{i}.mlp.switch_mlp.{gate,up,down}_proj.weight`
 of shape [experts, out, in]. mlx-lm's `sanitize` drops the MTP layer, so the layout has none, and
-the model always holds its own `lm_head` (mlx-lm ignores tie_word_embeddings here).
+deepseek_v3's model always holds its own `lm_head` (mlx-lm ignores tie_word_embeddings there).
 DeepSeek-V3.2 (model_type deepseek_v32) adds the indexer under transformers' names,
 `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}` (sanitize passes them through unchanged;
 k_norm is an nn.LayerNorm with weight and bias, the three others quantizable Linears).
+Mistral4 (model_type mistral4) holds DeepSeek-V3's names but for its router, `mlp.gate` a plain
+(quantizable) Linear with no e_score_correction_bias, and has no `lm_head` when
+tie_word_embeddings is true (the embedding's `as_linear` is the head). Its sanitize stacks
+transformers' fused `mlp.experts.gate_up_proj` (split in half: gate, then up) and `down_proj`
+into switch_mlp, as it stacks per-expert weights.
 
 Variants, differing only in how attention's kv_b_proj is held:
   embed_q    what current mlx-lm holds and writes: per head, `self_attn.embed_q.weight`
@@ -37,8 +43,8 @@ from remap.layouts.base import FLOAT, U32, Expected, Layout
 from remap.layouts.hf import INDEXER_KEYS, TRANSFORMERS_SECTIONS, config_error, normalised_config
 
 # mlx-lm loads these model types with deepseek_v3 (the first is its own; the next two through
-# mlx_lm.utils.MODEL_REMAPPING), and deepseek_v32 with its own module.
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "joyai_llm_flash", "deepseek_v32")
+# mlx_lm.utils.MODEL_REMAPPING), and deepseek_v32 and mistral4 with their own modules.
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "joyai_llm_flash", "deepseek_v32", "mistral4")
 
 # mlx_lm.models.deepseek_v3.ModelArgs defaults (mlx-lm 0.32) for the keys that shape tensors or
 # routing. ModelArgs.from_dict keeps only its own fields, so nothing else in config.json counts.
@@ -75,11 +81,31 @@ _V32_MODEL_ARGS_DEFAULTS: dict[str, Any] = {
 }
 
 
+# mlx_lm.models.mistral4.ModelArgs (mlx-lm 0.32): its keys that shape tensors or routing, and the
+# other fields it has no default for. from_dict fails on a config.json without any _REQUIRED one.
+_REQUIRED = object()
+_MISTRAL4_MODEL_ARGS: dict[str, Any] = {
+    **{key: _REQUIRED for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+        "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "norm_topk_prob",
+        "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
+# Mistral4Model.__call__ reads these of rope_parameters (ModelArgs default: None) for the llama-4
+# query scale, at every call: without them mlx-lm loads the model but cannot run it.
+MISTRAL4_ROPE_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings")
+
+
 def read_mlx_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json as mlx-lm's deepseek_v3 (or deepseek_v32) ModelArgs reads it."""
+    """config.json as mlx-lm's deepseek_v3 (or deepseek_v32, mistral4) ModelArgs reads it."""
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
+    if model_type == "mistral4":
+        return _read_mistral4_args(raw)
     defaults = _V32_MODEL_ARGS_DEFAULTS if model_type == "deepseek_v32" else _MODEL_ARGS_DEFAULTS
     values = {key: raw.get(key, default) for key, default in defaults.items()}
     values.update((key, values.get(key)) for key in INDEXER_KEYS)  # null: no indexer
@@ -90,6 +116,29 @@ def read_mlx_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         tie_word_embeddings=False,  # lm_head always exists
         num_nextn_predict_layers=0,  # sanitize drops the MTP layer
         quantization_config=_read_quantization(raw.get("quantization")),  # the key mlx-lm quantizes by
+    )
+    return normalised_config(values)
+
+
+def _read_mistral4_args(raw: Mapping[str, Any]) -> dict[str, Any]:
+    missing = [key for key, default in _MISTRAL4_MODEL_ARGS.items() if default is _REQUIRED and key not in raw]
+    if missing:
+        raise config_error(f"{missing[0]} is missing", missing[0],
+                           "every field mlx-lm's mistral4 ModelArgs requires: " + ", ".join(missing))
+    rope = raw.get("rope_parameters")
+    if not (isinstance(rope, Mapping) and all(key in rope for key in MISTRAL4_ROPE_KEYS)):
+        raise config_error(f"rope_parameters is {rope!r}", "rope_parameters",
+                           "an object with " + " and ".join(MISTRAL4_ROPE_KEYS) + " (mlx-lm's llama-4 query scale)")
+    values = {key: raw.get(key, default) for key, default in _MISTRAL4_MODEL_ARGS.items()}
+    values.update(
+        model_type="mistral4",
+        moe_layer_freq=1,  # not a field: every layer from first_k_dense_replace on is MoE
+        topk_method=None,  # softmax scores, groups ranked by their top-2 sum, no correction bias
+        scoring_func="softmax",
+        mlp_bias=False,
+        num_nextn_predict_layers=0,
+        **{key: None for key in INDEXER_KEYS},
+        quantization_config=_read_quantization(raw.get("quantization")),
     )
     return normalised_config(values)
 
@@ -174,6 +223,10 @@ def _read_quantization(raw: Any) -> dict[str, Any] | None:
     return dict(raw)
 
 
+# Model types whose MoE router is an nn.Linear (quantizable; no correction bias), not a MoEGate.
+LINEAR_ROUTER = ("mistral4",)
+
+
 def _mlp(t: _Tensors, p: str, hidden: int, width: int) -> None:
     t.linear(f"{p}.gate_proj", width, hidden)
     t.linear(f"{p}.up_proj", width, hidden)
@@ -216,9 +269,11 @@ def _layer(t: _Tensors, i: int, c: Mapping[str, Any], variant: str) -> None:
         _mlp(t, f"{p}.mlp", hidden, c["intermediate_size"])
         return
     experts, width = c["n_routed_experts"], c["moe_intermediate_size"]
-    # the router (MoEGate) is a plain module with no `to_quantized`: never quantized
-    t.add(f"{p}.mlp.gate.weight", (experts, hidden))
-    t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,))
+    if c["model_type"] in LINEAR_ROUTER:
+        t.linear(f"{p}.mlp.gate", experts, hidden)
+    else:  # the router (MoEGate) is a plain module with no `to_quantized`: never quantized
+        t.add(f"{p}.mlp.gate.weight", (experts, hidden))
+        t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,))
     t.module(f"{p}.mlp.switch_mlp.gate_proj", (experts, width, hidden))
     t.module(f"{p}.mlp.switch_mlp.up_proj", (experts, width, hidden))
     t.module(f"{p}.mlp.switch_mlp.down_proj", (experts, hidden, width))
@@ -270,7 +325,8 @@ class MlxLayout(Layout):
         for i in range(c["num_hidden_layers"]):
             _layer(t, i, c, variant)
         t.add("model.norm.weight", (hidden,))
-        t.linear("lm_head", vocab, hidden)
+        if not c["tie_word_embeddings"]:  # always false but for mistral4 (read_mlx_config)
+            t.linear("lm_head", vocab, hidden)
         return t.out
 
 
@@ -292,10 +348,14 @@ def record_quantization(config: dict[str, Any], steps) -> None:
 
 
 def write_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A config.json as mlx-lm reads it, from one transformers 5 wrote: mlx-lm reads a top-level
-    `rope_theta` / `rope_scaling` (not `rope_parameters`) and `torch_dtype` (not `dtype`); missing,
-    it would silently fall back to its defaults."""
+    """A config.json as mlx-lm reads it, from one transformers 5 wrote: mlx-lm's deepseek models
+    read a top-level `rope_theta` / `rope_scaling` (not `rope_parameters`) and `torch_dtype` (not
+    `dtype`); missing, they would silently fall back to their defaults. mistral4 reads
+    `rope_parameters` itself: its config.json stays as transformers wrote it, as mlx_lm.convert
+    leaves it."""
     out = dict(raw)
+    if raw.get("model_type") == "mistral4":
+        return out
     rope = raw.get("rope_parameters") or {}
     if "rope_theta" not in out and "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]

@@ -3,16 +3,21 @@ names the one that runs it (hf: transformers, mlx: mlx-lm, scratch: the referenc
 
 | runtime                | what loads and runs the checkpoint                                        |
 |------------------------|---------------------------------------------------------------------------|
-| `transformers_runtime` | `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...)         |
+| `transformers_runtime` | `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...)¹        |
 | `scratch_runtime`      | remap's reference `ScratchModel` (remap/parity/scratch_model.py)            |
 | `mlx_runtime`          | `mlx_lm.utils.load_model`, the class mlx-lm itself picks                    |
+
+¹ or, for a model AutoModelForCausalLM does not map (transformers 5.23: mistral4), the causal-LM
+class config.json's `architectures` names (Mistral4ForCausalLM).
 
 `Runtime.forward(ids)` returns the logits and the hidden states that layer localisation
 compares: the embedding output, then the output of every decoder layer, all *before* the final
 norm. transformers' own `output_hidden_states` gives its last entry after the final norm, so on
 that side the states are taken by forward hooks on the embedding and on every decoder layer.
 mlx modules have no hooks, so the MLX side calls mlx-lm's own modules one after another:
-`model.model.embed_tokens`, mlx-lm's own causal mask helper, then each `model.model.layers[i]`.
+`model.model.embed_tokens`, mlx-lm's own causal mask helper, then each `model.model.layers[i]`,
+with what the model's own `__call__` passes its layers (`_mlx_layer_args`: mistral4's layers
+take the llama-4 query scale first, from mlx-lm's own helper).
 Logits always come from each model's full forward call.
 
 The heavy imports (torch, transformers, mlx) happen only when a runtime loads.
@@ -85,12 +90,12 @@ def transformers_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
     """transformers' own class for the checkpoint (AutoModelForCausalLM)."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     path = _directory(checkpoint, "transformers")
     with _no_progress_bars():
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
+            model_class = _causal_lm_class(path)
+            model, info = model_class.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
         except ImportError as exc:  # e.g. an FP8 checkpoint: transformers' quantizer needs accelerate
             raise RemapError(f"transformers cannot load it: {exc}", file=str(path)) from None
     # transformers fills what a checkpoint lacks with random values: that is not this checkpoint
@@ -121,6 +126,23 @@ def transformers_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
 
     name = f"transformers {transformers.__version__} {type(model).__name__}"
     return Runtime(name, model.config.vocab_size, forward)
+
+
+def _causal_lm_class(path: Path):
+    """AutoModelForCausalLM where it maps the checkpoint's config class; transformers 5.23 leaves
+    mistral4 out of that mapping (its other auto mappings name Mistral4ForCausalLM), so otherwise
+    the causal-LM class config.json's `architectures` names."""
+    import transformers
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # the mapping AutoModelForCausalLM goes by
+        return AutoModelForCausalLM
+    for name in config.architectures or ():
+        if name.endswith("ForCausalLM") and isinstance(getattr(transformers, name, None), type):
+            return getattr(transformers, name)
+    raise RemapError(f"transformers has no causal-LM class for model_type {config.model_type!r}", file=str(path),
+                     expected="a model AutoModelForCausalLM maps, or config.json architectures naming its class")
 
 
 @contextlib.contextmanager
@@ -171,7 +193,6 @@ def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
     """mlx-lm's own class for the checkpoint (mlx_lm.utils.load_model picks it)."""
     import mlx.core as mx
     import mlx_lm
-    from mlx_lm.models.base import create_attention_mask
     from mlx_lm.utils import load_model
 
     path = _directory(checkpoint, "mlx-lm")
@@ -185,13 +206,13 @@ def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
         x = mx.array(ids)
         try:
             logits = model(x)
-            # Step by step through mlx-lm's own modules, exactly as its DeepseekV3Model.__call__
-            # does without a cache: embedding, mask from mlx-lm's helper, each layer in turn.
+            # Step by step through mlx-lm's own modules, exactly as its model's __call__ does
+            # without a cache: embedding, the layers' arguments, each layer in turn.
             h = model.model.embed_tokens(x)
-            mask = create_attention_mask(h, None, return_array=True)
+            args = _mlx_layer_args(model, h)
             hidden = [h]
             for layer in model.model.layers:
-                h = layer(h, mask, None)
+                h = layer(h, *args, cache=None)
                 hidden.append(h)
             mx.eval(logits, *hidden)
         except (RuntimeError, ValueError) as exc:
@@ -203,6 +224,20 @@ def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
 
     name = f"mlx-lm {mlx_lm.__version__} {type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
     return Runtime(name, config["vocab_size"], forward)
+
+
+def _mlx_layer_args(model, h) -> tuple:
+    """What mlx-lm's own model `__call__` passes each decoder layer after the hidden states when
+    there is no cache, computed as it computes them."""
+    from mlx_lm.models import mistral4
+    from mlx_lm.models.base import create_attention_mask
+
+    if isinstance(model.model, mistral4.Mistral4Model):  # Mistral4Model.__call__, offset 0
+        rope = model.model.args.rope_parameters
+        scale = mistral4._get_llama_4_attn_scale(h.shape[1], 0, rope["llama_4_scaling_beta"],
+                                                 rope["original_max_position_embeddings"]).astype(h.dtype)
+        return scale, create_attention_mask(h, None)
+    return (create_attention_mask(h, None, return_array=True),)  # DeepseekV3Model.__call__ (and V3.2's)
 
 
 def _mx_numpy(array) -> np.ndarray:
