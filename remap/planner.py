@@ -316,6 +316,8 @@ class _Planner:
             bindings = [b for _, b in self._bindings(rule.like, rule)]
         else:
             bindings = [{}] if rule.when is None or evaluate(rule.when, self.namespace) else []
+        if rule.unstack:  # one tensor per element of the `like` tensor's axis 0 (each expert of a stack)
+            bindings = [{**b, rule.unstack: k} for b in bindings for k in range(self.tensors[rule.like.fill(b)].shape[0])]
         for binding in bindings:
             shape = tuple(evaluate_int(s, {**self.namespace, **binding}) for s in rule.shape)
             like = rule.like.fill(binding) if rule.like else None

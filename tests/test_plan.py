@@ -38,6 +38,8 @@ CASES = [
     ("scratch-to-hf", "scratch", None, None, SCRATCH_CONFIGS),
     ("scratch-to-mlx", "scratch", None, "embed_q", SCRATCH_CONFIGS),
     ("scratch-to-mlx", "scratch", None, "kv_b_proj", SCRATCH_CONFIGS),
+    ("scratch-to-hf-exact", "scratch", None, None, SCRATCH_CONFIGS),
+    ("scratch-to-mlx-exact", "scratch", None, "embed_q", SCRATCH_CONFIGS),
     ("mlx-quantize", "mlx", "embed_q", None, HF_CONFIGS),
     ("mlx-dequantize", "mlx", "kv_b_proj", None, HF_CONFIGS),
     ("mlx-to-hf", "mlx", "embed_q", None, HF_CONFIGS),

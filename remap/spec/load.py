@@ -180,9 +180,11 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
                     same_as=Pattern(raw["same_as"]) if "same_as" in raw else None, equals=raw.get("equals"),
                     **common)
     if "fill" in raw:
+        if "unstack" in raw and "like" not in raw:
+            raise RemapError(f"`unstack: {raw['unstack']}` counts the elements of the `like` tensor", expected="a `like` pattern")
         return Rule(kind="fill", to=_patterns(raw["to"]), fill=raw["fill"], shape=tuple(raw["shape"]),
                     dtype=raw.get("dtype"), like=Pattern(raw["like"]) if "like" in raw else None,
-                    reason=raw.get("reason", ""), **common)
+                    unstack=raw.get("unstack"), reason=raw.get("reason", ""), **common)
     rule = Rule(kind="map", to=_patterns(raw["to"]), sources=_patterns(raw["from"]),
                 ops=tuple(_plain(op) for op in raw.get("ops", [])), stack=raw.get("stack"),
                 unstack=raw.get("unstack"), reuse=bool(raw.get("reuse", False)), **common)
