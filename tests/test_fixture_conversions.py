@@ -61,7 +61,11 @@ def _transformers_loads(path: Path, model_class=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_class = model_class or AutoModelForCausalLM  # (5.23's leaves Mistral4ForCausalLM out)
+    if model_class is None:  # the class config.json names (5.23's AutoModelForCausalLM leaves Mistral4 out)
+        import transformers
+
+        architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+        model_class = getattr(transformers, architecture, AutoModelForCausalLM)
     model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
