@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from remap import execute
 from remap.errors import RemapError
-from remap.check import check_data
+from remap.check import BREAKABLE, check_data
 from remap.conversion import Conversion
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, detect, get_layout
@@ -116,10 +116,13 @@ def source_config(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = N
     return {**raw, **(settings or {})}
 
 
-def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool = False) -> Report:
-    """The shape-verification report; with `check`, every claim measured on the bytes."""
-    findings = check_data(plan, checkpoint.read) if check and checkpoint is not None else None
-    return build_report(plan, findings)
+def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | None = False) -> Report:
+    """The shape-verification report. `check`: True measures every claim on the bytes; None the
+    claims the bytes can break (zero, redundant: what the CLI does by default); False none."""
+    if checkpoint is None or check is False:
+        return build_report(plan, None)
+    claims = None if check else BREAKABLE
+    return build_report(plan, check_data(plan, checkpoint.read, claims), measured=claims)
 
 
 def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:

@@ -8,6 +8,7 @@ not matter, so a report can say *how* lossy a conversion is, not only that it mi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 
@@ -40,15 +41,24 @@ def drop_finding(drop: Dropped, read: Reader) -> Finding:
     return Finding(drop.claim, what, magnitude, holds)
 
 
-def check_data(plan: Plan, read_source: Reader) -> list[RuleFinding]:
-    """Every claim of every stage, measured. Steps without claims read nothing."""
+# The claims the bytes can break: measured by default (reading a dropped bias or a rope head costs
+# little); an `unused` tensor's size, a rounding's or a quantization's, only when asked.
+BREAKABLE = ("zero", "redundant")
+
+
+def check_data(plan: Plan, read_source: Reader, claims: Collection[str] | None = None) -> list[RuleFinding]:
+    """Every claim of every stage (or those of the kinds in `claims`), measured. Steps without
+    such claims read nothing."""
     findings: list[RuleFinding] = []
+    wanted = (lambda claim: True) if claims is None else (lambda claim: claim in claims)
     for k, stage in enumerate(plan.stages):
         read = StagedReader(plan.stages[: k + 1], read_source)
         for drop in stage.dropped:
-            findings.append(RuleFinding(stage.name, drop.rule, drop.name, drop_finding(drop, read)))
+            if wanted(drop.claim):
+                findings.append(RuleFinding(stage.name, drop.rule, drop.name, drop_finding(drop, read)))
         for step in stage.steps:
-            if step.losses and step.groups:
+            if step.groups and any(wanted(loss.claim) for loss in step.losses):
                 for finding in step_findings(step, read):
-                    findings.append(RuleFinding(stage.name, step.rule, step.groups[0][0], finding))
+                    if wanted(finding.claim):
+                        findings.append(RuleFinding(stage.name, step.rule, step.groups[0][0], finding))
     return findings

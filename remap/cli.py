@@ -64,6 +64,7 @@ RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, ta
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin file hold Python objects: runs their pickle code, so only for a file you trust.")
 QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize as mlx-lm does, to this many bits (2-8) or by a mixed recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).")
 GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
+CheckDataOption = typer.Option(None, "--check-data/--no-check-data", help="Measure every claim on the bytes, the sizes of unused and rounded data too (default: the claims data can break, zero and redundant; --no-check-data: headers only).")
 SetOption = typer.Option([], "--set", help="Override a key of the source's config.json (or of the one read off the shapes) KEY=VALUE (repeatable).")
 
 
@@ -148,7 +149,7 @@ def report(
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
     settings: List[str] = SetOption,
-    check_data: bool = typer.Option(False, "--check-data", help="Read the bytes behind every claim and measure it."),
+    check_data: Optional[bool] = CheckDataOption,
     quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     full: bool = typer.Option(False, "--full", help="One row per tensor."),
@@ -178,7 +179,8 @@ def convert(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB."),
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
-    check_data: bool = typer.Option(False, "--check-data", help="Measure every claim on the data first; refuse if one breaks."),
+    check_data: Optional[bool] = CheckDataOption,
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Convert even where the data breaks a claim (the report and manifest record each break and its size)."),
     quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
@@ -197,9 +199,11 @@ def convert(
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
-    if dry_run or not result.ok:
-        if not result.ok:
-            err.print(f"[red]not converting[/]: {result.problems[0]}")
+    lossy_by_choice = allow_lossy and result.only_claims_broken
+    if dry_run or not (result.ok or lossy_by_choice):
+        if not (result.ok or lossy_by_choice):
+            hint = " (--allow-lossy to convert anyway)" if result.only_claims_broken else ""
+            err.print(f"[red]not converting[/]: {escape(result.problems[0])}{hint}", soft_wrap=True)
         raise typer.Exit(0 if result.ok else 1)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Collection
 from typing import Any, Mapping
 
 from remap import __version__
@@ -55,6 +56,7 @@ class Report:
     unmatched: list[str]
     losses: list[Loss]
     checked_data: bool
+    measured: list[str] | None = None  # the claim kinds measured on the bytes (None: every kind, or none)
     remap_version: str = __version__
     problems: list[str] = field(default_factory=list)
 
@@ -74,6 +76,12 @@ class Report:
         if unmeasured:
             out.append(f"{len(unmeasured)} claims not measured (--check-data), e.g. {unmeasured[0].rule}")
         return out
+
+    @property
+    def only_claims_broken(self) -> bool:
+        """NOT OK only because the data breaks claims: the conversion runs, and loses what they say."""
+        structural = any(r.status != "ok" for r in self.rows) or self.missing or self.unmatched
+        return bool(self.problems) and not structural
 
     @property
     def verdict(self) -> str:
@@ -97,7 +105,9 @@ def _dtype_fits(dtype: str, want: str) -> bool:
     return dtypes.canonical(want) == dtype
 
 
-def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Report:
+def build_report(plan: Plan, findings: list[RuleFinding] | None = None, *,
+                 measured: Collection[str] | None = None) -> Report:
+    """The report of `plan`; `findings` are measured claims (of the kinds in `measured`, or all)."""
     target_layout = get_layout(plan.target_layout)
     target_config = target_layout.read_config(plan.target_config)
     variant = _target_variant(plan, target_layout, target_config)
@@ -113,6 +123,7 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None) -> Repor
         rows=rows, missing=missing, coverage=_coverage(plan, rows, unmatched),
         dropped=[{"stage": s.name, **asdict(d)} for s in plan.stages for d in s.dropped], unmatched=unmatched,
         losses=_losses(plan, findings), checked_data=findings is not None,
+        measured=list(measured) if findings is not None and measured is not None else None,
     )
     report.problems.extend(_problems(report))
     return report

@@ -157,3 +157,20 @@ def test_a_model_fine_tuned_in_mlx_returns_to_the_training_code(tmp_path):
         again.load_state_dict({n: torch.from_numpy(np.array(returned.read(n))) for n in returned.tensors}, strict=True)
     ours, theirs = reference_logits(model), reference_logits(again.eval())
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5
+
+
+def test_claims_are_measured_by_default_and_a_loss_is_converted_only_when_asked(tmp_path):
+    """Without --check-data, report and convert still measure the claims data can break (zero,
+    redundant): a trained model's report fails, convert refuses, and --allow-lossy converts it
+    with every break recorded. --no-check-data reads headers only and says so."""
+    trained = ROOT / "fixtures/scratch-trained"
+    assert remap("report", trained, "--spec", "scratch-to-mlx-exact").returncode == 1
+    headers_only = remap("report", trained, "--spec", "scratch-to-mlx-exact", "--no-check-data")
+    assert headers_only.returncode == 0 and "claims not measured (--check-data)" in headers_only.stdout
+    refused = remap("convert", trained, tmp_path / "out", "--spec", "scratch-to-mlx-exact", "--quiet")
+    assert refused.returncode == 1 and "--allow-lossy" in refused.stderr and not (tmp_path / "out").exists()
+    done = remap("convert", trained, tmp_path / "out", "--spec", "scratch-to-mlx-exact", "--quiet", "--allow-lossy")
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads((tmp_path / "out/remap-report.json").read_text())
+    assert not recorded["ok"] and recorded["measured"] == ["zero", "redundant"]
+    assert any(loss["holds"] is False and loss["rule"].endswith("learned positions") for loss in recorded["losses"])
