@@ -185,6 +185,7 @@ def test_trained_scratch_fails_and_names_the_lossy_rules():
     assert not result.ok
     assert result.divergence == "embedding"  # non-zero wpe: the very first state already differs
     assert any(ref.rule.endswith("learned positions") and ref.tensors == ("wpe.weight",) for ref in result.rules)
+    assert [claim.rule.split("] ", 1)[1] for claim in result.starts_in] == ["learned positions"]  # where it starts
     broken = {claim.rule.split("] ", 1)[1] for claim in result.claims if claim.holds is False}
     assert broken == {"learned positions", "shared expert biases", "routed expert gate biases", "routed expert up biases",
                       "routed expert down biases", "router load-balancing bias",

@@ -65,6 +65,8 @@ class ParityResult:
     divergence: str | None = None  # the first hidden state that fails, or "head"
     rules: list[RuleRef] = field(default_factory=list)  # the rules behind `divergence`
     claims: list[Loss] = field(default_factory=list)  # on failure: the spec's claims that break, or lose by design
+    # on failure: of those, the ones whose rules made the first diverging section: where the drift starts
+    starts_in: list[Loss] = field(default_factory=list)
     seconds: float = 0.0
     remap_version: str = __version__
 
@@ -182,6 +184,8 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
     if not result.ok and plan is not None:
         measured = api.report(plan, source, check=True).losses
         result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
+        behind = {(ref.stage, ref.rule) for ref in result.rules}
+        result.starts_in = [loss for loss in result.claims if (loss.stage, loss.rule) in behind]
     return result
 
 

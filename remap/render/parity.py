@@ -118,6 +118,9 @@ def render_rich(result: ParityResult, console: Console) -> None:
             console.print(table)
         elif result.spec is None:
             console.print(f"  ({NO_SPEC})")
+        for loss in result.starts_in:
+            console.print(f"[bold]the drift starts in {escape(result.divergence)}, where [red]{escape(loss.rule)}[/] "
+                          f"({loss.claim}) " + (escape(_measured(loss)) if _measured(loss) else "loses by design") + "[/]")
         if result.claims:
             console.print("claims of the spec that the source breaks, or steps that lose by design:")
             for loss in result.claims:
