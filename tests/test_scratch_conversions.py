@@ -89,6 +89,7 @@ def test_check_data_on_a_fresh_model_names_wpe_and_the_rope_heads(tmp_path):
     assert set(broken) == {"learned positions", "kv_a_proj_with_mqa = kv_proj + the first head's rope key (pairs interleaved)"}
     assert all(size > 0.01 for size in broken.values())  # N(0, 0.02) weights: each claim's size is shown
     assert "learned positions" in run.stdout and "NOT OK" in run.stdout
+    assert "wpe.weight" in run.stdout and "k_rope_proj" in run.stdout  # the tensors behind each broken claim
 
 
 def test_scratch_to_mlx_writes_what_mlx_lm_loads_and_runs(tmp_path):
