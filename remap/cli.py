@@ -20,6 +20,7 @@ from rich.table import Table
 
 from remap import __version__, api
 from remap.errors import RemapError
+from remap.execute import check_destination
 from remap.names import collapse
 from remap.expr import evaluate
 from remap.render.report import render_json, render_markdown, render_rich
@@ -196,6 +197,7 @@ def convert(
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"), dtype=dtype,
                           variant=variant, revision=revision, quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
                           allow_pickle=allow_pickle)
+    check_destination(dst, ckpt)  # before the report prints: a refused output needs no report
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
-from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors
+from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_overlap
 from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import sha256_file
 from remap.io.shards import ShardPlan, file_order, write_index
@@ -75,7 +75,9 @@ def convert(
     total = sum(shard.nbytes for shard in shards)
 
     identity = _identity(plan, checkpoint, shards, metadata)
-    with disk_errors(f"{dst}{PARTIAL_SUFFIX}"), atomic_output(dst, force=force, resume=resume, sync=sync) as out:
+    check_destination(dst, checkpoint)
+    with disk_errors(f"{dst}{PARTIAL_SUFFIX}"), atomic_output(dst, force=force, resume=resume, sync=sync,
+                                                              ours=_made_by_remap) as out:
         _claim_partial(out, identity, resume)
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
         if progress:
@@ -121,6 +123,24 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
     _write_json(out / MANIFEST, {**manifest, "files": files})
     (out / RESUME).unlink()
     return files
+
+
+def check_destination(dst: str | Path, checkpoint: Checkpoint) -> None:
+    """Refuse, before any work, an output that overlaps what the conversion reads."""
+    refuse_overlap(dst, _source_paths(checkpoint))
+
+
+def _made_by_remap(path: Path) -> bool:
+    """A directory remap wrote (its manifest) or was writing (its resume record)."""
+    return (path / MANIFEST).is_file() or (path / RESUME).is_file()
+
+
+def _source_paths(checkpoint: Checkpoint) -> list[Path]:
+    """What the conversion reads: the checkpoint's directory (or its one file) and every file in it
+    it opens, so an output can be refused where it would hold, or sit inside, any of them."""
+    given = Path(checkpoint.source)
+    files = {Path(info.file) for tensors in checkpoint.files.values() for info in tensors.values() if info.file}
+    return [given if given.exists() else checkpoint.root, *files, *checkpoint.extra_files]
 
 
 class _Writers:

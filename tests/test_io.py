@@ -32,6 +32,7 @@ from remap.io import (
     shard_is_complete,
     write_index,
 )
+from remap.io.atomic import refuse_overlap
 
 RNG = np.random.default_rng(0)
 
@@ -638,15 +639,59 @@ def test_atomic_output_existing_destination(tmp_path):
         with atomic_output(dst):
             pass
 
+    with pytest.raises(RemapError, match="not one remap wrote"):  # force replaces only its own
+        with atomic_output(dst, force=True):
+            pass
+    ours = lambda path: True  # noqa: E731 (the caller's test for its own output: here, everything)
     with pytest.raises(RuntimeError):
-        with atomic_output(dst, force=True) as work:
+        with atomic_output(dst, force=True, ours=ours) as work:
             (work / "new").write_text("new")
             raise RuntimeError
     assert [p.name for p in dst.iterdir()] == ["old"]  # replaced only on success
 
-    with atomic_output(dst, force=True) as work:  # force also discards the failed run's partial
+    with atomic_output(dst, force=True, ours=ours) as work:  # force also discards the failed run's partial
         assert list(work.iterdir()) == []
         (work / "new").write_text("new")
         assert (dst / "old").exists()
     assert [p.name for p in dst.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_never_touches_a_users_replaced_or_partial_lookalikes(tmp_path):
+    """The names remap moves things aside under are its own (made fresh), never DST.replaced: a
+    user's folder of that name survives; a DST.partial that is a symlink is refused even with
+    --resume, and its target is left alone."""
+    dst = tmp_path / "out"
+    keep = tmp_path / "out.replaced"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    with atomic_output(dst) as work:
+        (work / "a").write_text("a")
+    with atomic_output(dst, force=True, ours=lambda path: True) as work:
+        (work / "b").write_text("b")
+    assert (keep / "mine.txt").read_text() == "mine" and [p.name for p in dst.iterdir()] == ["b"]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("x")
+    other = tmp_path / "other"
+    (tmp_path / "other.partial").symlink_to(elsewhere, target_is_directory=True)
+    for options in ({"resume": True}, {"force": True}, {}):
+        with pytest.raises(RemapError, match="not a directory remap made"):
+            with atomic_output(other, **options):
+                pass
+    assert not other.exists() and [p.name for p in elsewhere.iterdir()] == ["precious"]
+
+
+def test_an_output_may_not_overlap_its_source(tmp_path):
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"x")
+    for dst in (source, source / "mlx", tmp_path):
+        with pytest.raises(RemapError, match="the output"):
+            refuse_overlap(dst, [source, source / "model.safetensors"])
+    (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    with pytest.raises(RemapError, match="is the source"):
+        refuse_overlap(tmp_path / "link", [source])
+    refuse_overlap(tmp_path / "mlx", [source, source / "model.safetensors"])  # beside it: fine
+    refuse_overlap(tmp_path / "out", [tmp_path / "model.pt"])  # beside a one-file source: fine

@@ -197,3 +197,43 @@ def test_verify_refuses_manifest_entries_outside_dst(tmp_path, monkeypatch):
     monkeypatch.setattr(remap.verify, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or "")
     api.verify(tmp_path / "out")
     assert hashed and all(path.parent == (tmp_path / "out").resolve() for path in hashed)
+
+
+# -- never write into, replace or delete what remap did not make ---------------------------------
+
+
+def digests(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the source itself", "inside the source", "a symlink to the source",
+                                   "the folder holding a one-file source"])
+def test_an_output_overlapping_its_source_is_refused_and_the_source_untouched(tmp_path, where):
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    src, dst = {
+        "the source itself": (source, source),
+        "inside the source": (source, source / "mlx"),
+        "a symlink to the source": (source, tmp_path / "link"),
+        "the folder holding a one-file source": (source / "model.safetensors", source),
+    }[where]
+    if where == "a symlink to the source":
+        dst.symlink_to(source, target_is_directory=True)
+    before = digests(source)
+    run = cli("convert", src, dst, "--spec", "hf-to-mlx", "--force", "--quiet")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "the output" in run.stderr, run.stderr
+    assert digests(source) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["src"] + (["link"] if where == "a symlink to the source" else []))
+
+
+def test_force_replaces_only_what_remap_wrote(tmp_path):
+    mine = tmp_path / "out"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    run = cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet")
+    assert run.returncode == 2 and "not one remap wrote" in run.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (mine / "notes.txt").unlink()
+    assert cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0  # empty: fine
+    assert cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0  # its own: fine

@@ -1,48 +1,65 @@
 """The output directory, which appears under its name only once the whole conversion is done.
 
-Also turns disk failures (full, read-only, I/O error) into one-line errors that name the file.
+remap never writes into, replaces or deletes what it did not make: an output must not overlap its
+source (the same path, one inside the other, through symlinks too); `--force` replaces only an
+empty directory or one the caller recognises as its own output (`ours`), and `--resume` continues
+only a real directory of its own. Also turns disk failures (full, read-only, I/O error) into
+one-line errors that name the file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from remap.errors import RemapError
 
 PARTIAL_SUFFIX = ".partial"
 
 
+def refuse_overlap(dst: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> None:
+    """An error where the output (or its .partial) and a source are the same path or one holds the
+    other, symlinks resolved: writing there could overwrite, and --force delete, the source."""
+    outputs = [Path(os.path.realpath(dst)), Path(os.path.realpath(f"{os.fspath(dst)}{PARTIAL_SUFFIX}"))]
+    for source in sources:
+        src = Path(os.path.realpath(source))
+        for out in outputs:
+            if out == src or src in out.parents or (out in src.parents):
+                where = "is the source" if out == src else "is inside the source" if src in out.parents else "holds the source"
+                raise RemapError(f"the output {where} ({src})", file=str(dst),
+                                 expected="an output path apart from the checkpoint it is converted from")
+
+
+def _empty(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 @contextmanager
 def atomic_output(
-    dst: str | os.PathLike, *, force: bool = False, resume: bool = False, sync: bool = False
+    dst: str | os.PathLike, *, force: bool = False, resume: bool = False, sync: bool = False,
+    ours: Callable[[Path], bool] = _empty,
 ) -> Iterator[Path]:
     """A directory to build an output in, which becomes `dst` only if the block succeeds.
 
     Work goes into the sibling `<dst>.partial/`. On success it is renamed to `dst` (with `sync`,
     after every file and directory is fsynced: rename alone is atomic for a crash or a kill of
     this process, the fsyncs make it so for a power loss too, at the cost of waiting for the
-    disk); an existing `dst` is an error unless `force`, and is replaced only then.
-    On any failure, Ctrl-C included, `dst` is untouched and `.partial` stays with the shards
-    already finished (only complete files carry their final names), because a 1 TB conversion
-    interrupted at 90% should continue, not restart: `resume=True` reuses it. Without `resume`
-    a leftover `.partial` is an error, or discarded with `force`.
+    disk); an existing `dst` is an error unless `force`, and is replaced only then, and only when
+    `ours(dst)` (default: an empty directory). On any failure, Ctrl-C included, `dst` is untouched
+    and `.partial` stays with the shards already finished (only complete files carry their final
+    names), because a 1 TB conversion interrupted at 90% should continue, not restart:
+    `resume=True` reuses it. Without `resume` a leftover `.partial` is an error, or discarded with
+    `force` when `ours(partial)`.
     """
     dst = Path(os.path.abspath(dst))
     partial = dst.with_name(dst.name + PARTIAL_SUFFIX)
-    if dst.exists() and not force:
-        raise RemapError("output already exists", file=str(dst), expected="a new path, or --force to replace it")
+    _check_existing(dst, partial, force, resume, ours)
     if partial.exists() and not resume:
-        if not force:
-            raise RemapError(
-                "a previous run left partial output here",
-                file=str(partial),
-                expected="--resume to continue it, or --force to start over",
-            )
-        _remove(partial)
+        _remove(partial)  # force, and ours: checked above
     with disk_errors(partial):
         partial.mkdir(parents=True, exist_ok=True)
 
@@ -50,16 +67,37 @@ def atomic_output(
 
     if sync:
         _fsync_tree(partial)
-    if dst.exists():
-        replaced = dst.with_name(dst.name + ".replaced")
-        _remove(replaced)
-        dst.rename(replaced)
+    if dst.exists() or dst.is_symlink():
+        # moved aside under a name made here, never one a user may hold, then removed
+        aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
+        dst.rename(aside / "old")
         partial.rename(dst)
-        _remove(replaced)
+        _remove(aside)
     else:
         partial.rename(dst)
     if sync:
         _fsync(dst.parent)
+
+
+def _check_existing(dst: Path, partial: Path, force: bool, resume: bool, ours: Callable[[Path], bool]) -> None:
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise RemapError("output already exists", file=str(dst), expected="a new path, or --force to replace it")
+        if not (_empty(dst) or (dst.is_dir() and not dst.is_symlink() and ours(dst))):
+            raise RemapError("output exists and is not one remap wrote: --force replaces only those", file=str(dst),
+                             expected="a new path, or remove it yourself")
+    if not (partial.exists() or partial.is_symlink()):
+        return
+    if partial.is_symlink() or not partial.is_dir():
+        raise RemapError("is not a directory remap made", file=str(partial), expected="remove it yourself, then run again")
+    if resume:
+        return
+    if not force:
+        raise RemapError("a previous run left partial output here", file=str(partial),
+                         expected="--resume to continue it, or --force to start over")
+    if not (_empty(partial) or ours(partial)):
+        raise RemapError("partial output that is not remap's: --force discards only its own", file=str(partial),
+                         expected="remove it yourself, then run again")
 
 
 @contextmanager
