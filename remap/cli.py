@@ -245,7 +245,7 @@ def verify(dst: Path = typer.Argument(..., help="A directory written by `remap c
     result = api.verify(dst)
     for problem in result.problems:
         console.print(f"[red]problem:[/] {escape(problem)}")
-    status = "[green]OK[/]" if result.ok else "[red]NOT OK[/]"
+    status = ("[green]OK[/]" if result.hashed else "[yellow]OK, headers only[/]") if result.ok else "[red]NOT OK[/]"
     evidence = f" ({'; '.join(result.evidence)})" if result.evidence else ""
     console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked{escape(evidence)}")
     raise typer.Exit(0 if result.ok else 1)

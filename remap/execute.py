@@ -102,7 +102,7 @@ def convert(
         hashes.update((file, future.result()) for file, future in kept.items())
         hasher.shutdown()
         files = _finish(out, plan, checkpoint, files_plan, report, hashes, digest,
-                        {**_manifest(plan, checkpoint, recipe), "conversion": identity})
+                        {**_manifest(plan, checkpoint, recipe), "checksums": checksums, "conversion": identity})
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
 

@@ -25,7 +25,8 @@ class Verification:
     checked_files: int = 0
     checked_tensors: int = 0
     problems: list[str] = field(default_factory=list)
-    evidence: list[str] = field(default_factory=list)  # what the tensors were checked against
+    evidence: list[str] = field(default_factory=list)  # what the files and tensors were checked against
+    hashed: bool = True  # False: converted with --no-checksums, so no file's bytes were checked
 
     @property
     def ok(self) -> bool:
@@ -39,17 +40,15 @@ def verify(dst: str | Path) -> Verification:
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         raise RemapError("manifest has no `files` map", file=str(dst / MANIFEST))
+    # --no-checksums records it (older manifests: every digest null); a digest missing otherwise fails
+    result.hashed = manifest.get("checksums", any(d is not None for d in listed.values())) is not False
+    result.evidence.append("every file's sha256" if result.hashed else
+                           "no file's bytes: converted with --no-checksums, only names and headers are checked")
     for name, digest in sorted(listed.items()):
-        path = dst / name
-        if Path(name).name != name:
-            result.problems.append(f"{name}: not a plain file name (refusing to look outside {dst})")
-        elif not path.is_file():
-            result.problems.append(f"{name}: missing")
-        elif digest is not None and sha256_file(path) != digest:
-            result.problems.append(f"{name}: sha256 differs from the manifest")
+        result.problems += _file_problems(dst, name, digest, result.hashed)
         result.checked_files += 1
-    extra = sorted(p.name for p in dst.iterdir() if p.is_file() and p.name not in listed and p.name != MANIFEST)
-    result.problems += [f"{name}: not in the manifest" for name in extra]
+    extra = sorted(p.name for p in dst.iterdir() if p.name not in listed and p.name != MANIFEST)
+    result.problems += [f"{name}{'/' if (dst / name).is_dir() else ''}: not in the manifest" for name in extra]
     if result.problems:
         return result
     headers = {file: {n: (list(t.shape), t.dtype) for n, t in tensors.items()}
@@ -66,6 +65,19 @@ def verify(dst: str | Path) -> Verification:
             result.checked_tensors += 1
         result.problems += [f"tensor {name}: in {file}, not in the conversion" for name in found if name not in tensors]
     return result
+
+
+def _file_problems(dst: Path, name: str, digest, hashed: bool) -> list[str]:
+    path = dst / name
+    if Path(name).name != name:
+        return [f"{name}: not a plain file name (refusing to look outside {dst})"]
+    if not path.is_file():
+        return [f"{name}: missing"]
+    if not hashed:
+        return []
+    if not isinstance(digest, str):
+        return [f"{name}: the manifest records no sha256 for it"]
+    return [f"{name}: sha256 differs from the manifest"] if sha256_file(path) != digest else []
 
 
 def _replayed(manifest: dict, dst: Path, result: Verification) -> dict[str, dict] | None:

@@ -3,6 +3,7 @@ model-parallel files reassemble, and a failed or interrupted run never leaves a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -187,6 +188,38 @@ def test_verify_catches_a_changed_byte_and_a_missing_file(tiny_hf, tmp_path):
     (tmp_path / "mlx/config.json").unlink()
     assert "config.json: missing" in remap("verify", tmp_path / "mlx", check=False).stdout
     assert remap("verify", tmp_path, check=False).returncode == 2
+
+
+def _flip_last_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+
+
+def test_verify_says_what_it_checked(tiny_hf, tmp_path):
+    """Without checksums a flipped data byte cannot be seen: verify says so instead of a bare OK.
+    A digest missing from a checksummed manifest, and a folder planted in DST, fail."""
+    remap("convert", tiny_hf, tmp_path / "plain", "--spec", "hf-to-mlx", "--no-checksums", "--quiet")
+    _flip_last_byte(tmp_path / "plain/model.safetensors")
+    run = remap("verify", tmp_path / "plain", check=False)
+    assert run.returncode == 0 and "OK, headers only" in run.stdout and "no file's bytes" in run.stdout
+    assert api.verify(tmp_path / "plain").hashed is False
+
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    assert "every file's sha256" in remap("verify", tmp_path / "mlx").stdout
+    manifest_path = tmp_path / "mlx/remap-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["config.json"] = None
+    manifest_path.write_text(json.dumps(manifest))
+    run = remap("verify", tmp_path / "mlx", check=False)
+    assert run.returncode == 1 and "config.json: the manifest records no sha256" in run.stdout
+    manifest["files"]["config.json"] = hashlib.sha256((tmp_path / "mlx/config.json").read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "mlx/extra").mkdir()
+    run = remap("verify", tmp_path / "mlx", check=False)
+    assert run.returncode == 1 and "extra/: not in the manifest" in run.stdout
 
 
 def test_more_shards_than_open_files_allowed(tiny_hf, tmp_path):
