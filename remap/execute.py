@@ -27,6 +27,7 @@ from remap.errors import RemapError
 from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_overlap
 from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import sha256_file
+from remap.io.textfiles import read_json
 from remap.io.shards import ShardPlan, file_order, write_index
 from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
@@ -339,12 +340,12 @@ def _claim_partial(out: Path, identity: dict, resume: bool) -> None:
 
 def _recorded_identity(out: Path) -> dict | None:
     for path, key in ((out / RESUME, None), (out / MANIFEST, "conversion")):
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not (path.exists() or path.is_symlink()):
             continue
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return {}  # unreadable: matches nothing
+        try:
+            value = read_json(path, "manifest")
+        except RemapError:
+            return {}  # unreadable, or no regular file: matches nothing
         value = value.get(key) if key and isinstance(value, dict) else value
         return value if isinstance(value, dict) else {}
     return None

@@ -10,7 +10,6 @@ which checks ran.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from remap.errors import RemapError
 from remap.execute import MANIFEST, REPORT
 from remap.io.checkpoint import open_checkpoint
 from remap.io.hashing import sha256_file
+from remap.io.textfiles import read_json
 
 
 @dataclass
@@ -115,12 +115,9 @@ def _reported(dst: Path, headers: dict[str, dict], result: Verification) -> dict
 
 
 def _json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RemapError("not found: is this a directory remap convert wrote?", file=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RemapError(f"unreadable: {exc}", file=str(path)) from None
+    if not (path.exists() or path.is_symlink()):
+        raise RemapError("not found: is this a directory remap convert wrote?", file=str(path))
+    value = read_json(path, "report" if path.name == REPORT else "manifest")
     if not isinstance(value, dict):
         raise RemapError("not a JSON object", file=str(path))
     return value

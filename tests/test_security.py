@@ -237,3 +237,32 @@ def test_force_replaces_only_what_remap_wrote(tmp_path):
     (mine / "notes.txt").unlink()
     assert cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0  # empty: fine
     assert cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0  # its own: fine
+
+
+# -- no read can block or grow without bound; no parse can overflow into a traceback -------------
+
+
+def _src_with(tmp_path: Path, name: str, make) -> Path:
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    target = source / name
+    target.unlink()
+    make(target)
+    return source
+
+
+@pytest.mark.parametrize("name, make, says", [
+    ("config.json", os.mkfifo, "not a regular file"),
+    ("model.safetensors", os.mkfifo, "not a regular file"),
+    ("config.json", lambda p: p.symlink_to("/dev/zero"), "not a regular file"),
+    ("config.json", lambda p: p.mkdir(), "not a regular file"),
+    ("config.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested deeper than any real file"),
+    ("config.json", lambda p: p.write_text('{"hidden_size": ' + "9" * 5000 + "}"), "not valid JSON"),
+])
+def test_hostile_files_beside_the_weights_are_one_line_errors(tmp_path, name, make, says):
+    source = _src_with(tmp_path, name, make)
+    for command in (["inspect", source], ["report", source, "--spec", "hf-to-mlx"]):
+        run = subprocess.run([sys.executable, "-m", "remap.cli", *map(str, command)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)  # a FIFO opened for reading would block forever
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and says in run.stderr, (command, run.stderr)
+        assert "Traceback" not in run.stderr

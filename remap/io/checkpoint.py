@@ -10,7 +10,6 @@ one tensor costs its own size and never the file's.
 from __future__ import annotations
 
 import copy
-import json
 import mmap
 import os
 import pickle
@@ -25,6 +24,7 @@ import numpy as np
 from remap.errors import RemapError
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, read_header, unique_keys
+from remap.io.textfiles import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -217,9 +217,7 @@ def _checkpoint(src: str, root: Path, files: dict[str, dict[str, TensorInfo]], *
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RemapError(f"not valid JSON: {e}", file=str(path), expected="a JSON object") from e
+        config = read_json(path, "index" if path.name == INDEX_NAME else "config", pairs=unique_keys)
     except DuplicateKey as e:
         raise RemapError(f"names '{e}' twice", file=str(path), expected="each key once") from None
     if not isinstance(config, dict):

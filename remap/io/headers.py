@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     """
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise RemapError("is not a regular file (a directory, FIFO or device)", file=str(path),
+                             expected="a safetensors file")
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             header_len = _header_length(f.read(8), file_size, path)

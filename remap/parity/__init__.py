@@ -17,7 +17,6 @@ or Markdown (apart, so that this package imports without rich).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +28,7 @@ import numpy as np
 from remap import __version__, api
 from remap.conversion import Conversion
 from remap.errors import RemapError
+from remap.io.textfiles import read_json
 from remap.io.checkpoint import Checkpoint
 from remap.parity import runtimes
 from remap.parity.compare import (PROFILES, Check, RuleRef, Tolerances, checks, first_divergence, hidden_metrics,
@@ -205,10 +205,9 @@ def _recorded_recipe(dst: Path, src: str) -> Conversion | None:
     """The recipe `remap convert` recorded in DST's manifest, when DST was converted from SRC."""
     from remap.execute import MANIFEST
 
-    try:
-        manifest = json.loads((dst / MANIFEST).read_text())
-    except (OSError, ValueError):
+    if not (dst / MANIFEST).is_file():
         return None
+    manifest = read_json(dst / MANIFEST, "manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("recipe"), dict):
         return None  # written before manifests held the recipe: compared, with no rules to name
     recipe = Conversion.from_dict(manifest["recipe"], str(dst / MANIFEST))

@@ -12,6 +12,7 @@ import jsonschema
 import yaml
 
 from remap.errors import RemapError
+from remap.io.textfiles import read_bounded
 from remap.ops import op_class
 from remap.spec import yaml_lines
 from remap.spec.pattern import Pattern
@@ -96,8 +97,8 @@ def resolve(name_or_path: str | Path) -> Path:
 def load_spec(name_or_path: str | Path) -> Spec:
     path = resolve(name_or_path)
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bounded(path, "spec").decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise RemapError(f"cannot read spec: {exc}", file=str(path)) from None
     return parse_spec(text, str(path))
 
