@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from remap.render import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -112,7 +112,7 @@ def inspect(
         groups = [(t.name, [t]) for t in items] if full else collapse(items, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype))
         for name, members in groups:
             t = members[0]
-            table.add_row(name, str(list(t.shape)), t.dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
+            table.add_row(escape(name), str(list(t.shape)), t.dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
         console.print(table)
         shown = ", ".join(f"{k}={v}" for k, v in summary["config"].items() if k in _CONFIG_SUMMARY)
         console.print(f"config: {escape(shown) or '(no config.json)'}")

@@ -8,6 +8,12 @@ user with a 1 TB checkpoint knows what to fix without reading our code.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """`text` with every control character escaped (a newline as \\n): a tensor name or path a file
+    controls can never print a second, forged line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class RemapError(Exception):
     def __init__(
         self,
@@ -36,7 +42,7 @@ class RemapError(Exception):
             if part
         ]
         text = ": ".join([*where, self.message])
-        return f"{text} (expected {self.expected})" if self.expected else text
+        return one_line(f"{text} (expected {self.expected})" if self.expected else text)
 
     def within(self, **context: str | None) -> "RemapError":
         """Fill in context an inner layer could not know (keeps what is already set)."""

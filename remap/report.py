@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from remap import __version__
 from remap.check import RuleFinding
+from remap.errors import one_line
 from remap.layouts import get_layout
 from remap.layouts.base import FLOAT, Expected, Layout
 from remap.plan import Output, Plan
@@ -195,7 +196,7 @@ def _problems(report: Report) -> list[str]:
     broken = [l for l in report.losses if l.holds is False]
     if broken:
         problems.append(f"{len(broken)} claims do not hold on the data, e.g. {broken[0].rule}: {broken[0].what} (max |x| {broken[0].magnitude:.3g})")
-    return problems
+    return [one_line(problem) for problem in problems]  # names come from files: never a forged line
 
 
 def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -266,3 +267,19 @@ def test_hostile_files_beside_the_weights_are_one_line_errors(tmp_path, name, ma
                              cwd=ROOT, timeout=60)  # a FIFO opened for reading would block forever
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and says in run.stderr, (command, run.stderr)
         assert "Traceback" not in run.stderr
+
+
+def test_names_a_file_controls_never_print_a_forged_line(tmp_path):
+    """A tensor named with a newline and an escape sequence: every line remap prints about it is one line."""
+    from safetensors.numpy import save_file
+
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    forged = "x\nerror: all good\x1b[2K"
+    save_file({forged: np.zeros(2, np.float32)}, str(source / "extra.safetensors"))
+    (source / "model.safetensors").rename(source / "model-00001.safetensors")
+    run = cli("report", source, "--spec", "hf-to-mlx")
+    assert run.returncode in (1, 2)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert not any(line.startswith("error: all good") for line in lines)
+    assert "\x1b[2K" not in run.stdout + run.stderr

@@ -3,3 +3,13 @@
 The only place besides remap/cli.py that imports rich, so that the data modules (remap.report,
 remap.parity, remap.api) import without it (tests/test_imports.py holds that line).
 """
+
+from rich.markup import escape as _markup_escape
+
+from remap.errors import one_line
+
+
+def escape(text: str) -> str:
+    """Text from a file (a tensor name, a path) made safe to print: rich markup escaped, control
+    characters shown as escapes, so no name can style the terminal or print a forged line."""
+    return _markup_escape(one_line(str(text)))

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from remap.render import escape
 from rich.table import Table
 
 from remap.parity import ParityResult
@@ -114,7 +114,7 @@ def render_rich(result: ParityResult, console: Console) -> None:
             for column in ("stage", "rule", "where", "tensors"):
                 table.add_column(column, overflow="fold")
             for ref in result.rules:
-                table.add_row(escape(ref.stage), escape(ref.rule), escape(_where(ref)), escape("\n".join(ref.tensors)))
+                table.add_row(escape(ref.stage), escape(ref.rule), escape(_where(ref)), "\n".join(escape(t) for t in ref.tensors))
             console.print(table)
         elif result.spec is None:
             console.print(f"  ({NO_SPEC})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from rich.markup import escape
+from remap.render import escape
 from rich.table import Table
 
 from remap.names import collapse
@@ -49,7 +49,7 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
         table.add_column(column, overflow="fold")
     for name, sources, row in _collapsed_rows(report.rows, full):
         status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(escape(name), str(row.shape), row.dtype, escape("\n".join(_from_column(name, sources))),
+        table.add_row(escape(name), str(row.shape), row.dtype, "\n".join(escape(s) for s in _from_column(name, sources)),
                       " > ".join(row.ops), status)
     console.print(table)
     for m in report.missing:
