@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -169,6 +171,8 @@ def pattern_and_name(draw):
     parts, values = [], {}
     for k in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["literal", "index", "word", "star", "repeat"]))
+        if kind == "star" and any(p.endswith("*}") for p in parts):
+            kind = "literal"  # one `*` variable per pattern (the loader refuses more)
         if kind == "literal" or (kind == "repeat" and not values):
             parts.append(draw(_WORD))
         elif kind == "repeat":
@@ -201,3 +205,19 @@ def test_a_filled_pattern_matches_and_refills_to_the_same_name(case):
     if "*" not in pattern.kinds().values():
         # without a `*` (which may take more or fewer dots) a name splits one way only
         assert found == values
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{a*}.{b*}", "2 `*` variables"),
+    ("model.{x*}.{y*}.{z*}.w", "3 `*` variables"),
+    ("{a*}{b*}", "two variables touch"),
+    ("layers.{i}{j}.w", "two variables touch"),
+    ("{proj:gate|up}{i}", "two variables touch"),
+])
+def test_patterns_that_could_backtrack_are_refused(text, says):
+    """Matching stays linear in the name: one `*` at most, literal text between variables
+    (`{a*}.{b*}.{c*}...` would try every choice of dots, for minutes on a long name)."""
+    with pytest.raises(RemapError, match=re.escape(says)):
+        Pattern(text)
+    assert Pattern("{m*}.self_attn.{w:q_proj|o_proj}.bias").match("model.layers.3.self_attn.o_proj.bias") == {
+        "m": "model.layers.3", "w": "o_proj"}

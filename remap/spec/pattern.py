@@ -30,6 +30,7 @@ class Pattern:
 
     def __post_init__(self) -> None:
         parts, names, last = [], [], 0
+        _check_linear(self.text)
         for m in _VARIABLE.finditer(self.text):
             literal = self.text[last : m.start()]
             _check_literal(self.text, literal)
@@ -98,6 +99,20 @@ class Pattern:
 
     def __str__(self) -> str:
         return self.text
+
+
+def _check_linear(pattern: str) -> None:
+    """Refuse what could make matching backtrack: two variables with no literal text between them
+    (`{a}{b}`: every split of the digits is tried) and a second `*` variable (`{a*}.{b*}`: every
+    pair of dots is). With at most one `*` and a literal after every variable, the regex tries each
+    end of the `*` once: time linear in the name."""
+    spans = [m.span() for m in _VARIABLE.finditer(pattern)]
+    if any(end == start for (_, end), (start, _) in zip(spans, spans[1:])):
+        raise RemapError(f"bad pattern '{pattern}': two variables touch", expected="literal text between variables")
+    stars = {m.group(1) for m in _VARIABLE.finditer(pattern) if m.group(2) == "*"}
+    if len(stars) > 1:
+        raise RemapError(f"bad pattern '{pattern}': {len(stars)} `*` variables ({', '.join(sorted(stars))})",
+                         expected="at most one `{name*}` per pattern (matching stays linear in the name)")
 
 
 def _check_literal(pattern: str, literal: str) -> None:
