@@ -314,9 +314,11 @@ def run() -> None:
     input, printed as one line."""
     try:
         app()
-    except RemapError as exc:
+    except (RemapError, OSError) as exc:
         if _state["debug"]:
             raise
+        if isinstance(exc, OSError):  # a path the user gave: missing folder, name too long, no permission
+            exc = RemapError(exc.strerror or str(exc), file=str(exc.filename) if exc.filename else None)
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

@@ -127,7 +127,11 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
 
 
 def check_destination(dst: str | Path, checkpoint: Checkpoint) -> None:
-    """Refuse, before any work, an output that overlaps what the conversion reads."""
+    """Refuse, before any work, an output that overlaps what the conversion reads, or a path the
+    system cannot hold (a name too long, a parent that is a file)."""
+    with disk_errors(dst):
+        for path in (Path(dst), Path(f"{dst}{PARTIAL_SUFFIX}")):
+            path.exists()  # raises for a name too long, a loop of links, no permission
     refuse_overlap(dst, _source_paths(checkpoint))
 
 

@@ -105,7 +105,11 @@ def _reported(dst: Path, headers: dict[str, dict], result: Verification) -> dict
     if not (dst / REPORT).exists():
         result.evidence.append("tensors not checked: no report either")
         return {}
-    rows = {row["name"]: (row["shape"], row["dtype"]) for row in _json(dst / REPORT).get("rows", [])}
+    rows = _json(dst / REPORT).get("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"name", "shape", "dtype"} <= set(r) for r in rows):
+        raise RemapError("its rows are not the report's", file=str(dst / REPORT),
+                         expected="rows of objects with name, shape and dtype, as remap convert writes them")
+    rows = {row["name"]: (row["shape"], row["dtype"]) for row in rows}
     where = {name: file for file, tensors in headers.items() for name in tensors}
     result.evidence.append("tensors against the report")
     expected: dict[str, dict] = {}

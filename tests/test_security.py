@@ -283,3 +283,25 @@ def test_names_a_file_controls_never_print_a_forged_line(tmp_path):
     lines = (run.stdout + run.stderr).splitlines()
     assert not any(line.startswith("error: all good") for line in lines)
     assert "\x1b[2K" not in run.stdout + run.stderr
+
+
+def test_paths_the_os_refuses_are_one_line_errors(tmp_path):
+    for args, says in ((["report", FIXTURE, "--spec", "hf-to-mlx", "--json", tmp_path / "no/such/dir/r.json"],
+                        "No such file or directory"),
+                       (["convert", FIXTURE, tmp_path / ("x" * 300), "--spec", "hf-to-mlx", "--quiet"], "File name too long")):
+        run = cli(*args)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
+
+
+def test_verify_refuses_a_report_whose_rows_are_not_objects(tmp_path):
+    out = tmp_path / "out"
+    assert cli("convert", FIXTURE, out, "--spec", "hf-to-mlx", "--quiet").returncode == 0
+    report = json.loads((out / "remap-report.json").read_text())
+    report["rows"] = [1, 2, 3]
+    (out / "remap-report.json").write_text(json.dumps(report))
+    manifest = json.loads((out / "remap-manifest.json").read_text())
+    manifest["files"]["remap-report.json"] = hashlib.sha256((out / "remap-report.json").read_bytes()).hexdigest()
+    del manifest["recipe"]  # an older manifest: verify falls back to the report's rows
+    (out / "remap-manifest.json").write_text(json.dumps(manifest))
+    run = cli("verify", out)
+    assert run.returncode == 2 and "its rows are not the report's" in run.stderr and run.stderr.count("\n") == 1
