@@ -64,6 +64,7 @@ def plan(
     group_size: int = 64,
     max_shard_size: int | str = "5GB",
     settings: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
     allow_pickle: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """Plan a conversion from the source's headers and config.json alone (no tensor bytes).
@@ -72,7 +73,8 @@ def plan(
     checkpoint = src if isinstance(src, Checkpoint) else open_source(src, revision=revision, allow_pickle=allow_pickle)
     recipe = Conversion.of(checkpoint.source if isinstance(src, Checkpoint) else src, spec, inverse=inverse,
                            params=params, dtype=dtype, variant=variant, revision=revision, quantize=quantize,
-                           group_size=group_size, max_shard_size=max_shard_size, settings=settings)
+                           group_size=group_size, max_shard_size=max_shard_size, settings=settings,
+                           allow_nonfinite=allow_nonfinite)
     return plan_recipe(recipe, checkpoint, spec)
 
 
@@ -98,8 +100,8 @@ def plan_recipe(recipe: Conversion, checkpoint: Checkpoint,
     detected = detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, raw)
     source_variant = detected.variant if detected.layout == loaded.source_layout else None
     tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
-    built = build_plan(loaded, tensors, raw, params=params, dtype=recipe.dtype,
-                       variant=recipe.variant, source_variant=source_variant)
+    built = build_plan(loaded, tensors, raw, params=params, dtype=recipe.dtype, variant=recipe.variant,
+                       source_variant=source_variant, allow_nonfinite=recipe.allow_nonfinite)
     return dataclasses.replace(built, recipe=recipe), checkpoint
 
 

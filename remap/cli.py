@@ -66,6 +66,7 @@ AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin f
 QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize as mlx-lm does, to this many bits (2-8) or by a mixed recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).")
 GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
 CheckDataOption = typer.Option(None, "--check-data/--no-check-data", help="Measure every claim on the bytes, the sizes of unused and rounded data too (default: the claims data can break, zero and redundant; --no-check-data: headers only).")
+NonfiniteOption = typer.Option(False, "--allow-nonfinite", help="Let quantization take NaN and Inf weights (refused otherwise: they spread over their groups); --check-data then lists where they are.")
 SetOption = typer.Option([], "--set", help="Override a key of the source's config.json (or of the one read off the shapes) KEY=VALUE (repeatable).")
 
 
@@ -150,6 +151,7 @@ def report(
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
     settings: List[str] = SetOption,
+    allow_nonfinite: bool = NonfiniteOption,
     check_data: Optional[bool] = CheckDataOption,
     quantize: Optional[str] = QuantizeOption,
     q_group_size: int = GroupOption,
@@ -160,8 +162,9 @@ def report(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"), dtype=dtype,
-                          variant=variant, revision=revision, quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
+                          dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
+                          quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
     result = api.report(plan, ckpt, check=check_data)
     _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
     raise typer.Exit(0 if result.ok else 1)
@@ -177,6 +180,7 @@ def convert(
     dtype: Optional[str] = DtypeOption,
     param: List[str] = ParamOption,
     settings: List[str] = SetOption,
+    allow_nonfinite: bool = NonfiniteOption,
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB."),
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
@@ -194,8 +198,9 @@ def convert(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"), dtype=dtype,
-                          variant=variant, revision=revision, quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
+    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
+                          dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
+                          quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
                           allow_pickle=allow_pickle)
     check_destination(dst, ckpt)  # before the report prints: a refused output needs no report
     result = api.report(plan, ckpt, check=check_data)
@@ -209,7 +214,8 @@ def convert(
         raise typer.Exit(0 if result.ok else 1)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=err, transient=True) as bar:
+                      TimeRemainingColumn(), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:  # a bar is for eyes; in a log it is noise
             task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
             done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
                                progress=lambda n: bar.advance(task, n))

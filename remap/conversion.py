@@ -28,6 +28,7 @@ class Conversion:
     dtype: str | None = None  # --dtype: a final cast of floating outputs
     max_shard_size: int | str = "5GB"
     revision: str | None = None  # of a hub repo id
+    allow_nonfinite: bool = False  # quantizing ops take NaN and Inf instead of refusing them
 
     @classmethod
     def of(cls, source: Any, spec: Any, *, params: Mapping[str, Any] | None = None,

@@ -205,16 +205,22 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
                         if progress:
                             progress(info.nbytes)
             return
-        for index, arrays in step_pieces(step, read):
-            for output, array in zip(step.outputs, arrays):  # ShardWriter checks each piece's dtype
-                for place in placements[output.name]:
-                    writer = writers.get(place.file)
-                    if writer is None:
-                        continue
-                    piece = place.cut(array)
-                    writer.write(output.name, piece, offset=0 if index is None else index * piece.nbytes)
-                    if progress:
-                        progress(piece.nbytes)
+        try:
+            for index, arrays in step_pieces(step, read):
+                write(step, index, arrays)
+        except RemapError as exc:  # an op refusing its data (NaN in a quantizer): say which tensor, which rule
+            raise exc.within(tensor=step.sources[0] if step.sources else step.outputs[0].name, rule=step.rule)
+
+    def write(step: Step, index: int | None, arrays: list) -> None:
+        for output, array in zip(step.outputs, arrays):  # ShardWriter checks each piece's dtype
+            for place in placements[output.name]:
+                writer = writers.get(place.file)
+                if writer is None:
+                    continue
+                piece = place.cut(array)
+                writer.write(output.name, piece, offset=0 if index is None else index * piece.nbytes)
+                if progress:
+                    progress(piece.nbytes)
 
     def done(step: Step) -> Iterator[tuple[str, str | None]]:
         for output in step.outputs:

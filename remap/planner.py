@@ -70,16 +70,18 @@ def build_plan(
     dtype: str | None = None,
     variant: str | None = None,
     source_variant: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Plan:
     """The plan of `spec` (a composed spec: one stage per part) on tensors (name -> shape, dtype)
-    and the source's config.json."""
+    and the source's config.json. `allow_nonfinite` lets quantizing ops take NaN and Inf."""
     if spec.parts:
-        return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant)
-    return Plan((_stage(spec, tensors, raw_config, params, dtype, variant, source_variant),), spec.name)
+        return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant, allow_nonfinite)
+    return Plan((_stage(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite),), spec.name)
 
 
 def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[str, Any] | None,
-           params: Mapping[str, Any] | None, dtype: str | None, variant: str | None, source_variant: str | None) -> Stage:
+           params: Mapping[str, Any] | None, dtype: str | None, variant: str | None, source_variant: str | None,
+           allow_nonfinite: bool = False) -> Stage:
     """One plain spec (no parts) applied to the tensors: a Stage."""
     raw = dict(raw_config or {})
     source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
@@ -95,7 +97,7 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
     target_config = target.write_config(translate_config(spec.config, raw, names))
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
-    planner = _Planner(dict(tensors), names, dtypes.canonical(dtype) if dtype else None, target)
+    planner = _Planner(dict(tensors), names, dtypes.canonical(dtype) if dtype else None, target, allow_nonfinite)
     for rule in spec.rules:
         try:
             planner.add(rule)
@@ -109,7 +111,7 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
                  variant_pinned=bool(variant or spec.variant))
 
 
-def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) -> Plan:
+def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite) -> Plan:
     declared = {key for part in spec.parts for key in part.params}
     if set(params) - declared:
         raise RemapError(f"unknown parameter '{sorted(set(params) - declared)[0]}'", file=spec.path,
@@ -124,6 +126,7 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant) 
             # the chosen target variant applies to every stage that writes the final layout
             (variant or spec.variant) if part.target_layout == spec.target_layout else None,
             (source_variant or spec.source_variant) if k == 0 else None,
+            allow_nonfinite,
         )
         stages.append(stage)
         tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
@@ -137,8 +140,9 @@ class _Planner:
     drops and re-reads, and checks that no source is used twice and no output written twice."""
 
     def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
-                 target: Layout):
+                 target: Layout, allow_nonfinite: bool = False):
         self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
+        self.allow_nonfinite = allow_nonfinite
         self.names = sorted(tensors, key=natural_key)
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
@@ -242,8 +246,12 @@ class _Planner:
             self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
         key = (rule.index, tuple((k, binding[k]) for k in self.op_reads[rule.index] if k in binding))
         if key not in self.op_cache:
-            self.op_cache[key] = tuple(build_op(raw, {**self.namespace, **binding}) for raw in rule.ops)
+            self.op_cache[key] = tuple(build_op(self._nonfinite(raw), {**self.namespace, **binding}) for raw in rule.ops)
         return self.op_cache[key]
+
+    def _nonfinite(self, raw: Mapping[str, Any]) -> Mapping[str, Any]:
+        """--allow-nonfinite: the ops that refuse NaN and Inf take them."""
+        return {**raw, "nonfinite": "keep"} if self.allow_nonfinite and op_class(raw["op"]).finite_inputs else raw
 
     def _unstack(self, rule: Rule, binding: dict, group: list[str], ops: tuple, types: list[TensorType]) -> None:
         counts = {t.shape[0] for t in types}

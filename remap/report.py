@@ -43,6 +43,7 @@ class Loss:
     count: int
     magnitude: float | None = None  # max over measured findings (with --check-data)
     holds: bool | None = None  # False when any finding breaks the claim
+    where: str | None = None  # the first tensor whose data breaks it, and what the data showed
 
 
 @dataclass
@@ -222,5 +223,7 @@ def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
                 loss.magnitude = max(loss.magnitude or 0.0, f.finding.magnitude)
                 if f.finding.holds is not None:
                     loss.holds = f.finding.holds if loss.holds is None else (loss.holds and f.finding.holds)
+                if f.finding.holds is False and loss.where is None:
+                    loss.where = f"{f.tensor}: {f.finding.what}"
                 break
     return list(losses.values())

@@ -5,6 +5,7 @@ cast with DeepSeek's arithmetic; and what survives each round trip is measured, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -499,3 +500,42 @@ def test_bundled_fp8_fixture_requantizes_bit_for_bit():
 def test_quant_fp8_errors_are_remap_errors(raw, shape, dtype, fragment):
     with pytest.raises(RemapError, match=fragment):
         build_op(raw, {}).types([TensorType(shape, dtype)])
+
+
+# -- non-finite weights: found, never spread silently ---------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--spec", "hf-to-hf-fp8"], ["--spec", "hf-to-mlx", "--quantize", "4"]])
+def test_nan_and_inf_in_a_quantized_weight_are_refused_unless_allowed(tmp_path, args):
+    """An Inf would move its FP8 block's scale and zero its finite neighbours; a NaN would make its
+    whole 4-bit group NaN. remap refuses, naming the tensor; --allow-nonfinite converts and
+    --check-data then lists where they are."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURES / "hf-bf16", source)
+    tensors = load_file(str(source / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    weight = tensors[name].astype(np.float32)
+    weight[0, 0], weight[1, 3] = np.nan, np.inf
+    tensors[name] = weight.astype(tensors[name].dtype)
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+
+    def remap(*more):
+        return subprocess.run([sys.executable, "-m", "remap.cli", "convert", str(source), str(tmp_path / "out"), *args,
+                               "--quiet", *more], capture_output=True, text=True, cwd=FIXTURES.parent)
+
+    refused = remap()
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert name in refused.stderr and "1 NaN and 1 Inf" in refused.stderr and "--allow-nonfinite" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    assert remap("--allow-nonfinite", "--force").returncode == 0  # --force: discards the refused run's partial
+    report = subprocess.run([sys.executable, "-m", "remap.cli", "report", str(source), *args, "--allow-nonfinite",
+                             "--check-data", "--json", str(tmp_path / "report.json")], capture_output=True, text=True,
+                            cwd=FIXTURES.parent)
+    where = [loss["where"] for loss in json.loads((tmp_path / "report.json").read_text())["losses"] if loss["where"]]
+    assert report.returncode == 1 and where == [f"{name}: 1 NaN and 1 Inf values in the input"]

@@ -89,6 +89,11 @@ class Op:
     # tensor one slab at a time (compute.step_pieces).
     per_slab: ClassVar[bool] = False
 
+    # True for an op that would spread a NaN or Inf (a quantizer: one NaN makes its whole group NaN,
+    # an Inf moves its block's scale and zeroes its neighbours): it refuses them unless built with
+    # `nonfinite: keep` (what `--allow-nonfinite` sets), and its check counts them.
+    finite_inputs: ClassVar[bool] = False
+
     # JSON Schema of a parameter where the default does not fit (an enum, a list of literal
     # integers); see remap/ops/schema.py for the defaults.
     param_schema: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
@@ -179,6 +184,24 @@ def _as_list(value: Any) -> list:
 def expr_text(value: Any) -> str:
     """An expression as text, parenthesised so it can be combined into a larger one."""
     return f"({value})" if isinstance(value, str) else str(value)
+
+
+def nonfinite(array: np.ndarray) -> tuple[int, int]:
+    """(NaN count, Inf count) of a float array."""
+    values = np.asarray(array, dtype=np.float32) if array.dtype.kind != "f" else array
+    nan = int(np.isnan(values).sum())
+    return nan, int((~np.isfinite(values)).sum()) - nan
+
+
+def refuse_nonfinite(op: "Op", array: np.ndarray) -> None:
+    """An error naming what the op would do to non-finite inputs, unless it keeps them."""
+    if getattr(op, "nonfinite", "refuse") == "keep":
+        return
+    nan, inf = nonfinite(array)
+    if nan or inf:
+        raise RemapError(f"{op.name}: {nan} NaN and {inf} Inf values in the input; quantizing would spread them "
+                         "over their groups silently", expected="finite weights, or --allow-nonfinite "
+                         "(then --check-data lists where they are)")
 
 
 def max_abs(array: np.ndarray) -> float:

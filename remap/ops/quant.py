@@ -20,7 +20,7 @@ import numpy as np
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.ops.base import Finding, Loss, Op, Shape, TensorType, max_abs
+from remap.ops.base import Finding, Loss, Op, Shape, TensorType, max_abs, nonfinite, refuse_nonfinite
 from remap.ops.numeric import DequantFP8
 
 # What mx.quantize accepts in affine mode (its documented table, mlx 0.32).
@@ -49,7 +49,10 @@ class QuantFP8(Op):
 
     name = "quant_fp8"
     list_params = ("block",)
+    finite_inputs = True
+    param_schema = {"nonfinite": {"enum": ["refuse", "keep"]}}
     block: tuple[int, ...] = (128, 128)
+    nonfinite: str = "refuse"
 
     def __post_init__(self) -> None:
         if len(self.block) != 2 or min(self.block) < 1:
@@ -66,6 +69,7 @@ class QuantFP8(Op):
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         x = self._pick(arrays).astype(np.float32)
+        refuse_nonfinite(self, x)
         rows, cols = x.shape
         starts = [range(0, n, b) for n, b in zip(x.shape, self.block)]
         amax = np.maximum.reduceat(np.maximum.reduceat(np.abs(x), starts[0], axis=0), starts[1], axis=1)
@@ -84,6 +88,8 @@ class QuantFP8(Op):
 
     def check(self, arrays: list[np.ndarray]) -> list[Finding]:
         x = self._pick(arrays)
+        if (found := _nonfinite_finding(x)) is not None:
+            return [found]
         restored = DequantFP8(self.input, self.block, "F32").apply(self.apply(arrays))[self.input]
         error = max_abs(x.astype(np.float32) - restored)
         return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]
@@ -91,6 +97,15 @@ class QuantFP8(Op):
     @classmethod
     def invert(cls, raw: Mapping[str, Any]) -> list[dict]:
         return [{"op": "dequant_fp8", "block": raw.get("block", [128, 128]), "input": raw.get("input", 0)}]
+
+
+def _nonfinite_finding(x: np.ndarray) -> Finding | None:
+    """A broken quantization claim where the input holds NaN or Inf (what they would become is
+    not a rounding)."""
+    nan, inf = nonfinite(x)
+    if not (nan or inf):
+        return None
+    return Finding("quantization", f"{nan} NaN and {inf} Inf values in the input", float("inf"), False)
 
 
 # -- numpy <-> mlx ------------------------------------------------------------------------------
@@ -180,11 +195,13 @@ class QuantizeMLX(Op):
 
     name = "quantize_mlx"
     per_slab = True
+    finite_inputs = True
     int_params = ("bits", "group_size")
-    param_schema = {"mode": {"enum": list(MLX_MODES)}}
+    param_schema = {"mode": {"enum": list(MLX_MODES)}, "nonfinite": {"enum": ["refuse", "keep"]}}
     bits: int = 4  # mlx-lm's defaults
     group_size: int = 64
     mode: str = "affine"
+    nonfinite: str = "refuse"
 
     def __post_init__(self) -> None:
         _check_mlx_params(self, self.bits, self.group_size, self.mode)
@@ -205,6 +222,7 @@ class QuantizeMLX(Op):
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         mx = _mx()
         x = self._pick(arrays)
+        refuse_nonfinite(self, x)
         rows = x.reshape(-1, x.shape[-1])
         width = rows.shape[1]
         outputs = [np.empty((rows.shape[0], width * self.bits // 32), np.uint32),
@@ -221,6 +239,8 @@ class QuantizeMLX(Op):
 
     def check(self, arrays: list[np.ndarray]) -> list[Finding]:
         x = self._pick(arrays)
+        if (found := _nonfinite_finding(x)) is not None:
+            return [found]
         restored = DequantizeMLX(self.input, self.bits, self.group_size, self.mode).apply(self.apply(arrays))
         error = max_abs(x.astype(np.float32) - restored[self.input].astype(np.float32))
         return [Finding("quantization", self.loss([TensorType(x.shape, dtypes.dtype_name(x.dtype))]).what, error, None)]

@@ -65,7 +65,7 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
         for loss in report.losses:
             measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
             if loss.holds is False:
-                measured = f"[red]{measured} LOSSY[/]"
+                measured = f"[red]{measured} LOSSY[/]" + (f"\nat {escape(loss.where)}" if loss.where else "")
             elif loss.holds:
                 measured = f"[green]{measured} holds[/]"
             rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
