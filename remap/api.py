@@ -16,8 +16,9 @@ from remap import execute
 from remap.errors import RemapError
 from remap.check import BREAKABLE, check_data
 from remap.conversion import Conversion
+from remap.io.assembled import assembled
 from remap.io.checkpoint import Checkpoint, open_checkpoint
-from remap.layouts import Detection, detect, get_layout
+from remap.layouts import Detection, assembly, detect, get_layout
 from remap.ops import TensorType
 from remap.plan import Plan
 from remap.planner import build_plan
@@ -29,7 +30,17 @@ from remap.verify import verify as _verify
 
 
 def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
-    return open_checkpoint(str(src), revision=revision, allow_pickle=allow_pickle)
+    """The checkpoint at `src` as whole tensors: model-parallel files (a name in several files)
+    are put together as the layout that cut them says."""
+    checkpoint = open_checkpoint(str(src), revision=revision, allow_pickle=allow_pickle)
+    if checkpoint.ranks == 1:
+        return checkpoint
+    headers = {file: {n: (t.shape, t.dtype) for n, t in tensors.items()} for file, tensors in checkpoint.files.items()}
+    try:
+        found = assembly(headers)
+    except RemapError as exc:
+        raise exc.within(file=str(checkpoint.root)) from None
+    return checkpoint if found is None else assembled(checkpoint, found[1])
 
 
 def identify(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = None) -> Detection:

@@ -97,6 +97,7 @@ def inspect(
         "bytes": sum(t.nbytes for t in tensors.values()),
         "layout": detection.layout,
         "variant": detection.variant,
+        "mp": ckpt.ranks,  # model-parallel ranks, put together into the tensors listed
         "detail": detection.describe(),
         "config": {k: v for k, v in (detection.config or ckpt.config or {}).items() if not isinstance(v, (dict, list))},
         "config_source": "tensor shapes" if detection.inferred else "config.json" if ckpt.config is not None else None,
@@ -121,7 +122,8 @@ def inspect(
             assumed = ", ".join(f"{k}={detection.raw_config[k]}" for k in summary["assumed"])
             console.print("config read off the tensors' shapes (no config.json)"
                           + (f"; assumed {assumed}: override with --set KEY=VALUE" if assumed else ""), soft_wrap=True)
-        console.print(f"layout: [bold]{detection.describe()}[/]" if detection.layout else f"[red]layout: {detection.describe()}[/]")
+        mp = f", mp={ckpt.ranks} (model-parallel files, read as whole tensors)" if ckpt.ranks > 1 else ""
+        console.print(f"layout: [bold]{detection.describe()}[/]{mp}" if detection.layout else f"[red]layout: {detection.describe()}[/]")
     if detection.layout is None:
         raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
 

@@ -98,3 +98,15 @@ def run_plan(plan: Plan, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 def types_of(data: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
     return {n: TensorType(a.shape, dtypes.dtype_name(a.dtype)) for n, a in data.items()}
+
+
+def save_checkpoint(path, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
+    """A checkpoint directory as transformers saves one: model.safetensors and config.json."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    save_file(dict(tensors), Path(path) / "model.safetensors", metadata={"format": "pt"})
+    (Path(path) / "config.json").write_text(json.dumps(dict(config)))

@@ -325,6 +325,36 @@ def test_deepseek_model_parallel_files_stay_per_rank(tmp_path):
         open_checkpoint(str(tmp_path))
 
 
+def test_assembled_checkpoint_reads_whole_tensors_from_their_pieces(tmp_path):
+    """What a layout says of the pieces (file, dim) is all io needs: cut pieces concatenate,
+    copies are compared bitwise (NaN equals NaN), a tensor in one file is that file's span."""
+    from types import SimpleNamespace as Piece
+
+    from remap.io.assembled import assembled
+
+    w = np.arange(24, dtype=np.float32).reshape(4, 6)
+    norm = np.array([1, np.nan, 3], np.float32)
+    ranks = {"model0-mp2.safetensors": {"w": w[:, :3].copy(), "norm": norm, "e0": np.full(2, 5, np.int32)},
+             "model1-mp2.safetensors": {"w": w[:, 3:].copy(), "norm": norm, "e1": np.zeros(2, ml_dtypes.bfloat16)}}
+    save_sharded(tmp_path, ranks)
+    placed = {"w": [Piece(file=f, dim=1) for f in ranks], "norm": [Piece(file=f, dim=None) for f in ranks],
+              "e0": [Piece(file="model0-mp2.safetensors", dim=None)], "e1": [Piece(file="model1-mp2.safetensors", dim=None)]}
+    with open_checkpoint(str(tmp_path)) as base:
+        whole = assembled(base, placed)
+        assert {n: t.shape for n, t in whole.tensors.items()} == {"w": (4, 6), "norm": (3,), "e0": (2,), "e1": (2,)}
+        assert same(whole.read("w"), w) and same(whole.load("w"), w) and bytes(whole.read_bytes("w")) == w.tobytes()
+        assert same(whole.load("norm"), norm) and same(whole.read("e1"), np.zeros(2, ml_dtypes.bfloat16))
+        assert whole.tensors["e0"] is base.files["model0-mp2.safetensors"]["e0"]  # movable as raw bytes
+        assert same(whole.read(whole.files["model1-mp2.safetensors"]["w"]), w[:, 3:])  # one piece, by its info
+        with pytest.raises(RemapError, match="1 tensors are not placed"):
+            assembled(base, {n: p for n, p in placed.items() if n != "e1"})
+
+    ranks["model1-mp2.safetensors"]["norm"] = np.array([1, np.nan, 4], np.float32)
+    save_sharded(tmp_path, ranks)
+    with open_checkpoint(str(tmp_path)) as base, pytest.raises(RemapError, match="copy in model1-mp2.safetensors differs"):
+        assembled(base, placed).load("norm")
+
+
 class CustomStateDict(dict):
     """A dict subclass: pickled by reference to this module, so weights_only refuses it."""
 

@@ -42,7 +42,7 @@ from remap.errors import RemapError
 from remap.layouts import LAYOUTS, detect, get_layout
 from remap.layouts.base import F32, FLOAT, FP8, U32
 from remap.layouts.deepseek import LAYOUT as DEEPSEEK
-from remap.layouts.deepseek import shard_file, split_of
+from remap.layouts.deepseek import model_parallel, shard_file, split_of
 from remap.layouts.hf import CONFIG_KEYS
 from remap.layouts.hf import LAYOUT as HF
 from remap.layouts.mlx import LAYOUT as MLX
@@ -495,6 +495,23 @@ def test_deepseek_shards_refuse_an_uneven_split():
         DEEPSEEK.shards(config, 3)  # 4 experts
     with pytest.raises(RemapError, match="does not split"):
         DEEPSEEK.shards({**config, "n_routed_experts": 64}, 64)
+
+
+@pytest.mark.parametrize("mp", [2, 8])
+def test_deepseek_assemble_reads_the_cut_backwards(mp):
+    """The rank files' headers give back where convert.py put each piece of each tensor, in any
+    file order; files of another scheme, or a single rank, are not pieces."""
+    config = DEEPSEEK.read_config({**DEEPSEEK_V3, "num_hidden_layers": 5})  # full-size tensors, fewer layers
+    headers = {file: {n: (e.shape, e.dtype) for n, e in shard.items()}
+               for file, shard in DEEPSEEK.shards(config, mp, "fp8").items()}
+    _, cut = model_parallel(list(DEEPSEEK.expected(config, "fp8").values()), mp, config["n_routed_experts"])
+    assert DEEPSEEK.assemble(headers) == cut
+    assert DEEPSEEK.assemble(dict(reversed(headers.items()))) == cut
+    assert DEEPSEEK.assemble({shard_file(0, 1): headers[shard_file(0, mp)]}) is None
+    assert HF.assemble(headers) is None and MLX.assemble(headers) is None
+    del headers[shard_file(mp - 1, mp)]["layers.4.attn.wo.weight"]  # (an expert missing is missing from the model)
+    with pytest.raises(RemapError, match=f"model{mp - 1}-mp{mp}.safetensors does not hold it"):
+        DEEPSEEK.assemble(headers)
 
 
 # --- registry and detection ---------------------------------------------------------------

@@ -50,7 +50,8 @@ class Checkpoint:
 
     `files` maps each file (relative to `root`) to its tensors in file order; `tensors` is their
     union. `ranks` > 1 marks DeepSeek model-parallel files, whose tensor names repeat across
-    ranks: those are read per file, never merged here. `revision` is the resolved commit of a
+    ranks: those are read per file here; remap.io.assembled reads them as whole tensors, placed
+    as the layout that cut them says (remap.api.open_source does). `revision` is the resolved commit of a
     hub source. `extra_files` are tokenizer and generation files to copy to an output.
     """
 
@@ -87,7 +88,7 @@ class Checkpoint:
             raise RemapError(
                 f"model-parallel checkpoint with {self.ranks} ranks: the same name is in several files",
                 file=str(self.root),
-                expected="per-rank access through Checkpoint.files",
+                expected="per-rank access through Checkpoint.files, or remap.api.open_source for whole tensors",
             )
         return self._tensors
 

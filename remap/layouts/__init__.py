@@ -14,7 +14,7 @@ from importlib import import_module
 from typing import Any, Mapping, Sequence
 
 from remap.errors import RemapError
-from remap.layouts.base import Expected, Layout
+from remap.layouts.base import Expected, Layout, Placement
 
 # Layouts by name, in registration order: detection tries them in this order.
 LAYOUTS: dict[str, Layout] = {}
@@ -37,6 +37,16 @@ for _module in ("hf", "mlx", "scratch", "deepseek"):  # the built-in layouts
 Shape = tuple[int, ...]
 # What detection needs of a checkpoint: name -> (shape, dtype), as the safetensors headers say.
 Tensors = Mapping[str, tuple[Sequence[int], str]]
+
+
+def assembly(files: Mapping[str, Tensors]) -> tuple[Layout, dict[str, list[Placement]]] | None:
+    """The layout that cut these files (file -> its tensors) from whole tensors, and where each
+    whole tensor's pieces are (`Layout.assemble`); None where no layout cuts files so."""
+    for layout in LAYOUTS.values():
+        placements = layout.assemble(files)
+        if placements is not None:
+            return layout, placements
+    return None
 
 
 def get_layout(name: str) -> Layout:

@@ -2,7 +2,8 @@
 
 A layout (hf, mlx, scratch, deepseek, or one a user registers with `register_layout`) says, for a
 model config, every tensor it expects with shape and dtype class; how its config.json reads and
-is written; its variants; how a conversion's outputs are cut into files and tagged; which
+is written; its variants; how a conversion's outputs are cut into files and tagged (and, for
+files that cut tensors into pieces, how the pieces put back together); which
 runtime runs it for parity (or why none does); where parity finds its embedding, layers and
 head; and what a stage writing it records in its config (quantization). Planning, reports,
 detection, execution and parity all ask the layout: nothing outside `remap/layouts/` is keyed by
@@ -143,6 +144,14 @@ class Layout:
         shards = plan_shards([(o.name, o.dtype, o.shape) for o in outputs], max_shard_size)
         placements = {e.name: [Placement(s.file)] for s in shards for e in s.entries}
         return FilePlan(shards, placements, index=len(shards) > 1)
+
+    # -- reading its files back -----------------------------------------------------------------
+    def assemble(self, files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]]) -> dict[str, list[Placement]] | None:
+        """Where each whole tensor's pieces are, for files (file -> tensor -> (shape, dtype)) whose
+        names repeat across files: `files` cut backwards, one Placement per piece in rank order.
+        None (the default) where these are not files this layout cuts so: each file then holds
+        whole tensors, and a name in two files is an error."""
+        return None
 
     def quantization(self, quantize: int | str, group_size: int) -> tuple[str, dict[str, Any], str]:
         """`--quantize` for this target: (the spec of the stage to append, its params, a label

@@ -32,7 +32,9 @@ Model parallelism: convert.py writes `model{r}-mp{N}.safetensors`, one per rank.
 says how a tensor spreads: sliced on dim 0 (embed, wq, wq_b, wkv_b, w1, w3, head), on dim 1
 (wo, w2), whole on the rank that owns a routed expert (rank r holds experts r*E/N .. (r+1)*E/N - 1,
 keeping their global index), or replicated. A scale splits like its weight. `expected` is the
-single mp=1 file; `shards(config, mp)` every rank's file.
+single mp=1 file; `shards(config, mp)` every rank's file. `assemble` reads such files back: the
+same cut run on the tensors they put together into (sliced dims times N) must give exactly the
+files, and says where each tensor's pieces are (checkpoints read them as whole tensors).
 
 Config: DeepSeek's ModelArgs JSON (inference/configs: dim, n_layers, ...) or an HF config.json
 (what convert.py's source carries), both read into the HF key names of remap.layouts.hf.
@@ -196,8 +198,19 @@ def shard_file(rank: int, mp: int) -> str:
     return f"model{rank}-mp{mp}.safetensors"
 
 
+_SHARD_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
+
+
+def _world(files: Sequence[str]) -> int | None:
+    """N where `files` are exactly model0-mpN ... model{N-1}-mpN (in any order: sorted as text,
+    model10 comes before model2); else None."""
+    match = _SHARD_FILE.fullmatch(files[0]) if files else None
+    mp = int(match.group(2)) if match else 0
+    return mp if mp and sorted(files) == sorted(shard_file(r, mp) for r in range(mp)) else None
+
+
 def _rank_shape(name: str, shape: tuple[int, ...], dim: int, mp: int) -> tuple[int, ...]:
-    if shape[dim] % mp:
+    if dim >= len(shape) or shape[dim] % mp:
         raise RemapError(f"dim {dim} of {list(shape)} does not split over {mp} ranks", tensor=name,
                          rule="model parallelism", expected=f"a multiple of {mp}")
     return shape[:dim] + (shape[dim] // mp,) + shape[dim + 1 :]
@@ -223,6 +236,40 @@ def model_parallel(tensors: Sequence[Any], mp: Any, experts: int) -> tuple[list[
         placements[tensor.name] = [Placement(shard_file(r, mp), split.dim, r, mp) if split.dim is not None
                                    else Placement(shard_file(r, mp)) for r in owners]
     return ranks, placements
+
+
+def _whole(files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]], mp: int) -> dict[str, Expected]:
+    """The single-rank tensors the ranks' files put together into (sliced dims times mp), by
+    their first appearance; `_cut_back` checks every other rank agrees."""
+    whole: dict[str, Expected] = {}
+    for tensors in files.values():
+        for name, (shape, dtype) in tensors.items():
+            if name not in whole:
+                dim, shape = split_of(name).dim, tuple(shape)
+                if dim is not None and dim < len(shape):  # (too few dims: model_parallel says so)
+                    shape = shape[:dim] + (shape[dim] * mp,) + shape[dim + 1 :]
+                whole[name] = Expected(name, shape, dtype)
+    return whole
+
+
+def _cut_back(files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]], mp: int) -> dict[str, list[Placement]]:
+    """model_parallel read backwards: the whole tensors, cut again, must give exactly `files`."""
+    whole = _whole(files, mp)
+    experts = 1 + max((split.expert for split in map(split_of, whole) if split.expert is not None), default=-1)
+    if experts % mp:
+        raise RemapError(f"{experts} routed experts do not split over {mp} ranks", rule="model parallelism",
+                         expected="whole experts, the same number on every rank")
+    ranks, placements = model_parallel(list(whole.values()), mp, experts)
+    for r, rank in enumerate(ranks):
+        file, cut = shard_file(r, mp), {t.name: (shape, t.dtype) for t, shape in rank}
+        held = {name: (tuple(shape), dtype) for name, (shape, dtype) in files[file].items()}
+        for name in [*cut, *held]:
+            if held.get(name) != cut.get(name):
+                found = f"holds {held[name][1]} {list(held[name][0])}" if name in held else "does not hold it"
+                want = f"{cut[name][1]} {list(cut[name][0])}" if name in cut else "nothing"
+                raise RemapError(f"{file} {found}; the ranks' tensors, cut again, put {want} there", tensor=name,
+                                 rule="model parallelism", expected="the files convert.py writes, cut as split_of says")
+    return placements
 
 
 class DeepseekLayout(Layout):
@@ -265,6 +312,12 @@ class DeepseekLayout(Layout):
         shards = [ShardPlan(shard_file(r, len(ranks)), tuple(TensorEntry(o.name, o.dtype, shape) for o, shape in rank))
                   for r, rank in enumerate(ranks)]
         return FilePlan(shards, placements)
+
+    def assemble(self, files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]]) -> dict[str, list[Placement]] | None:
+        """convert.py's model{r}-mp{N} files (N > 1) read back: each single-rank tensor's pieces,
+        as `files` places them; None for other files."""
+        mp = _world(list(files))
+        return _cut_back(files, mp) if mp is not None and mp > 1 else None
 
 
 LAYOUT = DeepseekLayout()
