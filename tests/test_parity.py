@@ -437,7 +437,7 @@ def test_parity_of_a_finished_quantized_conversion_replays_its_recipe(tmp_path):
     recipe = json.loads((out / "remap-manifest.json").read_text())["recipe"]
     assert recipe == {"source": str((FIXTURES / "hf-bf16").resolve()), "spec": str(spec.resolve()), "inverse": False,
                       "variant": "embed_q", "params": {}, "settings": {}, "quantize": "4", "group_size": 32, "dtype": None,
-                      "max_shard_size": "5GB", "revision": None}
+                      "max_shard_size": "5GB", "revision": None, "allow_nonfinite": False}
     result = run_parity(FIXTURES / "hf-bf16", out)
     assert result.spec == "hf-to-mlx-shared-swapped+4bit" and result.profile == "quantized"
     assert not result.ok and result.divergence == "layer 1", [c.describe() for c in result.failures]
