@@ -35,22 +35,27 @@ SHARDS = 163
 ITEMSIZE = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
 
 
-def main(out: Path) -> None:
+def write_standin(out: Path, config: dict, variant: str, shards: int) -> None:
+    """Header-only files of the hf layout's `variant` for `config`, cut into `shards` files."""
     out.mkdir(parents=True, exist_ok=True)
     hf = get_layout("hf")
-    expected = hf.expected(hf.read_config(CONFIG), "fp8-mtp")
+    expected = hf.expected(hf.read_config(config), variant)
     entries = [(e.name, DTYPE[e.dtype], e.shape) for e in expected.values()]
     size = sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in entries)
-    # the largest shard size that still gives the official 163 files
-    shards = plan_shards(entries, max_shard_size=size // (SHARDS - 1))
-    for shard in shards:
+    # the largest shard size that still gives `shards` files
+    planned = plan_shards(entries, max_shard_size=size // (shards - 1))
+    for shard in planned:
         header, _, file_size = _layout(shard.entries, {"format": "pt"})
         with open(out / shard.file, "wb") as f:
             f.write(header)
             f.truncate(file_size)  # a hole: no data blocks on disk
-    write_index(out, shards)
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    print(f"{out}: {len(shards)} shards, {len(entries)} tensors, {size / 1e9:.0f} GB declared")
+    write_index(out, planned)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"{out}: {len(planned)} shards, {len(entries)} tensors, {size / 1e9:.0f} GB declared")
+
+
+def main(out: Path) -> None:
+    write_standin(out, CONFIG, "fp8-mtp", SHARDS)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,41 @@ def tiny_mistral4(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v2(tmp_path_factory):
+    """tiny_deepseek_v2(name, hub=True): a bf16 DeepseekV2ForCausalLM of TINY_DEEPSEEK_V2[name] saved
+    with save_pretrained, with the fixtures' tokenizer, weights drawn as fixtures/generate.py draws
+    them. hub: config.json spells the rope as DeepSeek's releases do (rope_scaling, rope_theta), the
+    only spelling mlx-lm's deepseek_v2 (and so mlx_lm.convert) reads; otherwise as transformers 5
+    writes it (rope_parameters)."""
+    made = {}
+
+    def make(name: str, hub: bool = True):
+        if (name, hub) not in made:
+            import copy
+            import json
+
+            import torch
+            from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+            from fixtures.generate import draw, train_tokenizer
+            from tests.helpers import TINY_DEEPSEEK_V2
+
+            # a copy: transformers writes rope_theta and rope_type into the rope_scaling it is given
+            model = DeepseekV2ForCausalLM(DeepseekV2Config(**copy.deepcopy(TINY_DEEPSEEK_V2[name])))
+            with torch.no_grad():
+                for key, param in model.named_parameters():
+                    param.copy_(torch.from_numpy(draw(f"deepseek-v2-{name}", key, tuple(param.shape))))
+            path = made[(name, hub)] = tmp_path_factory.mktemp("deepseek-v2") / name
+            model.to(torch.bfloat16).save_pretrained(path)
+            train_tokenizer().save_pretrained(path)
+            if hub:
+                config = json.loads((path / "config.json").read_text())
+                rope = config.pop("rope_parameters")
+                config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=TINY_DEEPSEEK_V2[name]["rope_scaling"])
+                (path / "config.json").write_text(json.dumps(config, indent=2))
+        return made[(name, hub)]
+
+    return make

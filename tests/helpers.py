@@ -64,6 +64,28 @@ TINY_MISTRAL4 = {
                  rope_parameters={**_YARN, "llama_4_scaling_beta": 0.0}),
 }
 
+# DeepseekV2ForCausalLM configs (fixture sizes). "v2" has DeepSeek-V2's shape: q LoRA, group-limited
+# routing, 16 routed experts (an expert order that sorts "10" before "2" would show), 2 shared,
+# qk_nope_head_dim 16 != v_head_dim 32, a dense first layer, a routed scaling factor. "lite" has
+# DeepSeek-V2-Lite's: no q LoRA, greedy routing over all experts. Both carry the releases' yarn
+# rope (mscale 0.707); "plain" is V2-Lite's shape with the plain rope transformers uses without one.
+_V2_SIZES = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+    num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, max_position_embeddings=32,
+    n_shared_experts=2, first_k_dense_replace=1, bos_token_id=0, eos_token_id=1,
+)
+V2_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+TINY_DEEPSEEK_V2 = {
+    "v2": dict(_V2_SIZES, num_hidden_layers=3, q_lora_rank=48, v_head_dim=32, n_routed_experts=16,
+               num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+               routed_scaling_factor=2.0, rope_scaling=V2_YARN),
+    "lite": dict(_V2_SIZES, num_hidden_layers=2, q_lora_rank=None, v_head_dim=16, n_routed_experts=8,
+                 num_experts_per_tok=2, topk_method="greedy", rope_scaling=V2_YARN),
+    "plain": dict(_V2_SIZES, num_hidden_layers=2, q_lora_rank=None, v_head_dim=16, n_routed_experts=8,
+                  num_experts_per_tok=2, topk_method="greedy"),
+}
+
 _DTYPE = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32", "uint32": "U32"}
 
 

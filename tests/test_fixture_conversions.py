@@ -321,3 +321,95 @@ def test_mistral4_quantized_is_what_mlx_lm_convert_writes_router_included(tmp_pa
     assert api.report(plan, ckpt).ok
     api.convert(plan, ckpt, tmp_path / "hf")
     _transformers_loads(tmp_path / "hf", Mistral4ForCausalLM)
+
+
+# -- DeepSeek-V2 / V2-Lite: transformers' DeepseekV2, mlx-lm's deepseek_v2 ------------------------
+
+
+def _mlx_config(path: Path) -> dict:
+    """config.json as mlx_lm.convert writes it; remap also writes torch_dtype (from transformers'
+    `dtype`), which mlx-lm's deepseek models read and transformers 5 no longer writes."""
+    config = json.loads((path / "config.json").read_text())
+    config.setdefault("torch_dtype", config["dtype"])
+    return config
+
+
+@pytest.mark.parametrize("name", ["v2", "lite"])
+def test_deepseek_v2_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(tmp_path, tiny_deepseek_v2, name):
+    """`remap convert --spec hf-to-mlx` of a transformers DeepSeek-V2 (V2-Lite) checkpoint:
+    mlx_lm.convert's tensors byte for byte (kv_b_proj kept, 16 experts stacked in numeric order, a
+    router without bias) and its config.json; mlx-to-hf of mlx-lm's own output is transformers'
+    file byte for byte."""
+    from transformers import DeepseekV2ForCausalLM
+
+    from tests.test_convert import remap
+
+    source = tiny_deepseek_v2(name)
+    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "-q")
+    theirs = _mlx_lm_convert(source, tmp_path / "theirs")
+    _same_tensors(tmp_path / "ours", theirs)
+    assert _mlx_config(tmp_path / "ours") == _mlx_config(theirs)
+    tensors = api.open_source(theirs).tensors
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in tensors
+    assert not any(".embed_q." in n or "e_score_correction_bias" in n for n in tensors)
+    _mlx_generates(tmp_path / "ours")
+
+    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "-q")
+    assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(source / "model.safetensors")
+    _transformers_loads(tmp_path / "hf", DeepseekV2ForCausalLM)
+
+
+@pytest.mark.parametrize("quantize", [4, "mixed_4_6"])
+def test_deepseek_v2_quantized_is_what_mlx_lm_convert_writes(tmp_path, tiny_deepseek_v2, quantize):
+    """mlx-lm quantizes V2's kv_b_proj (a Linear: mixed_4_6 gives it 6 bits in the layers that get
+    more) and keeps its router (a MoEGate) float; remap's --quantize does the same, and mlx-to-hf
+    dequantizes mlx-lm's output back into transformers' layout."""
+    from transformers import DeepseekV2ForCausalLM
+
+    source = tiny_deepseek_v2("v2")
+    plan, ckpt = api.plan(source, "hf-to-mlx", quantize=quantize, group_size=32)
+    api.convert(plan, ckpt, tmp_path / "ours")
+    options = {"q_bits": 4} if quantize == 4 else {"quant_predicate": quantize}
+    theirs = _mlx_lm_convert(source, tmp_path / "theirs", quantize=True, q_group_size=32, **options)
+    _same_tensors(tmp_path / "ours", theirs)
+    assert _mlx_config(tmp_path / "ours") == _mlx_config(theirs)
+    tensors = api.open_source(theirs).tensors
+    assert [tensors[f"model.layers.{i}.self_attn.kv_b_proj.weight"].dtype for i in range(3)] == ["U32"] * 3
+    assert tensors["model.layers.1.mlp.gate.weight"].dtype == "BF16"
+    if quantize == "mixed_4_6":  # of 3 layers, layer 2 gets more bits
+        block = _mlx_config(theirs)["quantization"]
+        assert [block[f"model.layers.{i}.self_attn.kv_b_proj"]["bits"] for i in range(3)] == [4, 4, 6]
+    plan, ckpt = api.plan(theirs, "mlx-to-hf")
+    assert api.report(plan, ckpt).ok
+    api.convert(plan, ckpt, tmp_path / "hf")
+    _transformers_loads(tmp_path / "hf", DeepseekV2ForCausalLM)
+
+
+@pytest.mark.parametrize("name", ["v2", "lite"])
+def test_mlx_lm_computes_transformers_v2_logits_after_hf_to_mlx(tmp_path, tiny_deepseek_v2, name):
+    """mlx-lm's deepseek_v2 on remap's conversion gives transformers' logits within 1e-4: softmax
+    routing (group-limited over 16 experts in "v2"), qk_nope_head_dim != v_head_dim, yarn rope."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_deepseek_v2(name)
+    _converted(source, "hf-to-mlx", tmp_path / "mlx")
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = AutoTokenizer.from_pretrained(source)(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(ids).logits[0].numpy()
+    model, _ = load(str(tmp_path / "mlx"))
+    model.set_dtype(mx.float32)  # MLX on CPU runs the MoE gather-matmul in float32 only
+    np.testing.assert_allclose(np.array(model(mx.array(ids.numpy()))[0]), theirs, atol=1e-4)
+
+
+def test_deepseek_v2_fp8_to_mlx_is_its_bf16_conversion(tmp_path, tiny_deepseek_v2):
+    """hf-fp8-to-mlx of a V2 checkpoint in the official FP8 form (hf-to-hf-fp8) writes what
+    dequantizing it (hf-fp8-to-hf) and then hf-to-mlx write, byte for byte."""
+    fp8 = _converted(tiny_deepseek_v2("v2"), "hf-to-hf-fp8", tmp_path / "fp8")
+    direct = _converted(fp8, "hf-fp8-to-mlx", tmp_path / "direct")
+    two_runs = _converted(_converted(fp8, "hf-fp8-to-hf", tmp_path / "bf16"), "hf-to-mlx", tmp_path / "two-runs")
+    assert sha256_file(direct / "model.safetensors") == sha256_file(two_runs / "model.safetensors")
+    _mlx_generates(direct)

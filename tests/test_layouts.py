@@ -3,20 +3,23 @@
 hf: the tensors transformers' DeepseekV3 / DeepseekV32 / DeepseekV2 / Mistral4ForCausalLM write
 with save_pretrained (read back from the safetensors header), the FP8 modules of transformers'
 fine-grained FP8 quantizer, and the MTP layer transformers' MtpModel loads and saves.
-mlx: the parameters of mlx-lm's deepseek_v3.Model, deepseek_v32.Model and mistral4.Model (quantized
-too), and what their sanitize turns the kv_b_proj variant and an hf checkpoint into. deepseek: DeepSeek's
-inference code cannot be installed, so its layout is checked for a consistent model-parallel split
-and for holding exactly hf's tensors under other names (convert.py only renames and slices).
+mlx: the parameters of mlx-lm's deepseek_v3.Model, deepseek_v32.Model, deepseek_v2.Model and
+mistral4.Model (quantized too), and what their sanitize turns the kv_b_proj variant and an hf
+checkpoint into. deepseek: DeepSeek's inference code cannot be installed, so its layout is checked
+for a consistent model-parallel split and for holding exactly hf's tensors under other names
+(convert.py only renames and slices).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import mlx.core as mx
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from mlx_lm.models import deepseek_v2 as mlx_deepseek_v2
 from mlx_lm.models import deepseek_v3 as mlx_deepseek_v3
 from mlx_lm.models import deepseek_v32 as mlx_deepseek_v32
 from mlx_lm.models import mistral4 as mlx_mistral4
@@ -47,6 +50,7 @@ from remap.layouts.hf import CONFIG_KEYS
 from remap.layouts.hf import LAYOUT as HF
 from remap.layouts.mlx import LAYOUT as MLX
 from remap.layouts.mlx import MODEL_TYPES as MLX_MODEL_TYPES
+from remap.layouts.mlx_config import PLAIN_V2_ROPE
 
 TINY = {
     "vocab_size": 64,
@@ -60,11 +64,17 @@ TINY = {
     "v_head_dim": 8,
     "num_experts_per_tok": 2,
 }
+# DeepSeek-V2's rope as its releases spell it (mlx-lm's deepseek_v2 builds no model without
+# rope_scaling; transformers reads it into rope_parameters), 4 x transformers' default context.
+V2_ROPE = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
 # config.json contents, covering: q_lora_rank null and set; first_k_dense_replace 0, 1, 2;
 # n_shared_experts 1 and 2; n_group 1 and > 1; tied and untied; attention and MLP biases;
 # a moe_layer_freq that mlx-lm honours and transformers ignores; V3.2 indexers (an index_head_dim
 # equal to the rope dim), and V3.2's mlp_layer_types, which transformers builds from instead of
-# first_k_dense_replace (mlx-lm reads only the latter).
+# first_k_dense_replace (mlx-lm reads only the latter). V2: 16 experts (their order as numbers, not
+# strings), qk_nope_head_dim != v_head_dim, and one leaving n_shared_experts and topk_method to each
+# runtime's own default (transformers: 2 and "greedy"; mlx-lm: none and "gready").
 CONFIGS = {
     "v3-qlora-dense1": {**TINY, "model_type": "deepseek_v3", "num_hidden_layers": 2, "q_lora_rank": 24,
                         "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1,
@@ -80,11 +90,19 @@ CONFIGS = {
                  "n_group": 2, "topk_group": 1, "tie_word_embeddings": False},
     "v2-lite": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 2, "q_lora_rank": None,
                 "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 2,
-                "topk_method": "greedy", "tie_word_embeddings": False},
+                "topk_method": "greedy", "tie_word_embeddings": False, "rope_scaling": V2_ROPE},
     "v2-grouped-biases-tied": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 2, "q_lora_rank": 24,
                                "first_k_dense_replace": 0, "n_routed_experts": 4, "n_shared_experts": 1,
                                "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1,
-                               "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+                               "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True,
+                               "rope_scaling": V2_ROPE},
+    "v2-16experts-v16": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 3, "q_lora_rank": 24,
+                         "first_k_dense_replace": 1, "n_routed_experts": 16, "n_shared_experts": 2,
+                         "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "v_head_dim": 16,
+                         "kv_lora_rank": 32, "tie_word_embeddings": False, "rope_scaling": V2_ROPE},
+    "v2-freq2-defaults": {**TINY, "model_type": "deepseek_v2", "num_hidden_layers": 4, "q_lora_rank": None,
+                          "first_k_dense_replace": 1, "moe_layer_freq": 2, "n_routed_experts": 8,
+                          "attention_bias": True, "tie_word_embeddings": False, "rope_scaling": V2_ROPE},
     "v32-dense1": {**TINY, "model_type": "deepseek_v32", "num_hidden_layers": 2, "q_lora_rank": 24,
                    "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 2,
                    "topk_group": 1, "num_key_value_heads": 4, "index_n_heads": 2, "index_head_dim": 16,
@@ -108,11 +126,13 @@ CONFIGS = {
 V3 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v3"]
 V32 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v32"]
 M4 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "mistral4"]
+V2 = [name for name, raw in CONFIGS.items() if raw["model_type"] == "deepseek_v2"]
 TRANSFORMERS = {"deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
                 "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
                 "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
                 "mistral4": (Mistral4Config, Mistral4ForCausalLM)}
-MLX_MODULES = {"deepseek_v3": mlx_deepseek_v3, "deepseek_v32": mlx_deepseek_v32, "mistral4": mlx_mistral4}
+MLX_MODULES = {"deepseek_v3": mlx_deepseek_v3, "deepseek_v32": mlx_deepseek_v32, "deepseek_v2": mlx_deepseek_v2,
+               "mistral4": mlx_mistral4}
 # Shapes of the real DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3).
 DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
                "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
@@ -123,11 +143,22 @@ DEEPSEEK_V3 = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size":
 # DeepSeek-V3.2-Exp: V3's shapes plus the indexer (its config.json and inference/config_671B_v3.2.json).
 DEEPSEEK_V32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "index_n_heads": 64, "index_head_dim": 128,
                 "index_topk": 2048}
+# DeepSeek-V2 (236B): its config.json's keys that shape tensors or routing, and its rope.
+DEEPSEEK_V2 = {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288,
+               "moe_intermediate_size": 1536, "num_hidden_layers": 60, "num_attention_heads": 128,
+               "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+               "v_head_dim": 128, "n_routed_experts": 160, "n_shared_experts": 2, "num_experts_per_tok": 6,
+               "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "group_limited_greedy",
+               "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0, "norm_topk_prob": False,
+               "scoring_func": "softmax", "tie_word_embeddings": False,
+               "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}
 
 
 def _transformers_config(raw):
     config_class, _ = TRANSFORMERS[raw["model_type"]]
-    return config_class(**{k: v for k, v in raw.items() if k != "model_type"})
+    # a copy: transformers writes rope_theta and rope_type into the rope_scaling dict it is given
+    return config_class(**{k: copy.deepcopy(v) for k, v in raw.items() if k != "model_type"})
 
 
 def _config_json(raw):
@@ -186,8 +217,9 @@ def test_hf_reads_config_as_transformers_does(raw):
     assert (ours["index_n_heads"] is not None) == (raw["model_type"] == "deepseek_v32")
 
 
-@pytest.mark.parametrize("raw", [*(_config_json(CONFIGS[n]) for n in V3 + V32 + M4), {"model_type": "deepseek_v3"},
-                                 {"model_type": "deepseek_v32"}, _config_json({"model_type": "mistral4"})])
+@pytest.mark.parametrize("raw", [*(_config_json(CONFIGS[n]) for n in V3 + V32 + V2 + M4), {"model_type": "deepseek_v3"},
+                                 {"model_type": "deepseek_v32"}, {"model_type": "deepseek_v2", "rope_scaling": V2_ROPE},
+                                 _config_json({"model_type": "mistral4"})])
 def test_mlx_reads_config_as_model_args_does(raw):
     ours = MLX.read_config(raw)
     theirs = MLX_MODULES[raw["model_type"]].ModelArgs.from_dict(raw)
@@ -197,7 +229,7 @@ def test_mlx_reads_config_as_model_args_does(raw):
 
 
 def test_every_layout_reads_into_the_same_keys():
-    for raw in (CONFIGS["v3-qlora-dense1"], CONFIGS["v32-dense1"]):
+    for raw in (CONFIGS["v3-qlora-dense1"], CONFIGS["v32-dense1"], CONFIGS["v2-16experts-v16"]):
         for layout in (HF, MLX, DEEPSEEK):
             assert tuple(layout.read_config(raw)) == CONFIG_KEYS
     assert tuple(DEEPSEEK.read_config({"dim": 32, "n_layers": 2})) == CONFIG_KEYS
@@ -205,6 +237,31 @@ def test_every_layout_reads_into_the_same_keys():
     assert HF.read_config(m4) == MLX.read_config(m4)  # both runtimes read a Mistral4 config.json alike
     assert tuple(HF.read_config(m4)) == CONFIG_KEYS
     assert (HF.read_config(m4)["scoring_func"], HF.read_config(m4)["topk_method"]) == ("softmax", None)
+    # both runtimes read DeepSeek-V2's config.json, and one transformers 5 saves, alike
+    saved = {**_transformers_config(CONFIGS["v2-16experts-v16"]).to_dict(), "rope_scaling": V2_ROPE}
+    for v2 in (DEEPSEEK_V2, saved):
+        assert HF.read_config(v2) == MLX.read_config(v2)
+        assert (MLX.read_config(v2)["scoring_func"], MLX.read_config(v2)["norm_topk_prob"]) == ("softmax", False)
+
+
+def test_mlx_reads_a_v2_config_only_where_mlx_lm_can_build_it_and_writes_one_it_can():
+    """mlx-lm's deepseek_v2 builds every attention's yarn rope from rope_scaling["factor"]: without it
+    there is no model. transformers 5 saves rope_parameters instead; the config.json remap writes
+    spells the rope as the releases do, for the plain rope as a yarn rope of factor 1."""
+    raw = {k: v for k, v in CONFIGS["v2-lite"].items() if k != "rope_scaling"}
+    for rope in (None, {"type": "yarn"}):
+        with pytest.raises((AttributeError, KeyError)):
+            _mlx_model({**raw, "rope_scaling": rope})
+        with pytest.raises(RemapError, match="rope_scaling"):
+            MLX.read_config({**raw, "rope_scaling": rope})
+    for rope, written in ((None, PLAIN_V2_ROPE), (V2_ROPE, {**V2_ROPE, "rope_type": "yarn"})):
+        saved = _transformers_config({**raw, "rope_scaling": rope}).to_dict()
+        assert "rope_scaling" not in saved and "rope_theta" not in saved  # both in rope_parameters
+        config = MLX.write_config(saved)
+        assert (config["rope_scaling"], config["rope_theta"]) == (written, 10000.0)
+        args = mlx_deepseek_v2.ModelArgs.from_dict(config)
+        assert MLX.read_config(config)["num_hidden_layers"] == args.num_hidden_layers
+        assert mlx_deepseek_v2.Model(args)(mx.array([[1, 2]])).shape == (1, 2, raw["vocab_size"])
 
 
 def test_mlx_reads_a_mistral4_config_only_where_mlx_lm_can_build_and_run_it():
@@ -231,6 +288,8 @@ def test_mlx_reads_a_mistral4_config_only_where_mlx_lm_can_build_and_run_it():
 
 def test_mlx_model_types_are_the_ones_mlx_lm_loads_with_its_deepseek_modules():
     assert {MODEL_REMAPPING.get(t, t) for t in MLX_MODEL_TYPES} == set(MLX_MODULES)
+    with pytest.raises(RemapError, match=" or ".join(MLX_MODEL_TYPES)):
+        MLX.read_config({"model_type": "llama"})
 
 
 @pytest.mark.parametrize("bad", [{"hidden_size": None}, {"num_hidden_layers": -1}, {"kv_lora_rank": 1.5},
@@ -297,6 +356,30 @@ def test_hf_fp8_quantizes_the_modules_transformers_fp8_quantizes(name):
         assert f"{indexer}.weights_proj.weight_scale_inv" not in expected
 
 
+def test_hf_v2_router_holds_no_correction_bias_whatever_topk_method_says(tmp_path):
+    """DeepseekV2TopkRouter is a weight alone; V2 reads topk_method from config.json, and a V3-style
+    noaux_tc there (which its router cannot run) adds no tensor."""
+    raw = {**CONFIGS["v2-lite"], "topk_method": "noaux_tc"}
+    DeepseekV2ForCausalLM(_transformers_config(raw)).save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert header == _names_shapes(HF.expected(HF.read_config(raw), "bf16"))
+    assert not any("e_score_correction_bias" in name for name in header)
+
+
+def test_full_deepseek_v2_in_both_layouts():
+    """DeepSeek-V2 (236B): 29,102 tensors in transformers' layout, 959 in mlx-lm's deepseek_v2
+    (experts stacked; kv_b_proj kept under either variant; no router bias)."""
+    hf, mlx = HF.expected(HF.read_config(DEEPSEEK_V2)), MLX.expected(MLX.read_config(DEEPSEEK_V2))
+    assert (len(hf), len(mlx)) == (29102, 959)
+    assert hf["model.layers.59.mlp.experts.159.down_proj.weight"].shape == (5120, 1536)
+    assert hf["model.layers.0.mlp.gate_proj.weight"].shape == (12288, 5120)
+    assert mlx["model.layers.59.mlp.switch_mlp.down_proj.weight"].shape == (160, 5120, 1536)
+    assert mlx["model.layers.1.self_attn.kv_b_proj.weight"].shape == (128 * 256, 512)
+    assert mlx == MLX.expected(MLX.read_config(DEEPSEEK_V2), "kv_b_proj")
+    assert not any("e_score_correction_bias" in n or "embed_q" in n for n in {*hf, *mlx})
+
+
 def test_hf_fp8_mtp_is_the_official_deepseek_v3_checkpoint():
     """The official FP8 release: 91,991 tensors in 163 files (its model.safetensors.index.json)."""
     config = HF.read_config(DEEPSEEK_V3)
@@ -346,14 +429,14 @@ def _mlx_shapes(arrays) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in arrays}
 
 
-@pytest.mark.parametrize("name", V3 + V32 + M4)
+@pytest.mark.parametrize("name", V3 + V32 + V2 + M4)
 def test_mlx_embed_q_equals_mlx_lm_model(name):
     model = _mlx_model(CONFIGS[name])
     expected = MLX.expected(MLX.read_config(_config_json(CONFIGS[name])), "embed_q")
     assert _mlx_shapes(tree_flatten(model.parameters())) == _names_shapes(expected)
 
 
-@pytest.mark.parametrize("name", V3 + V32 + M4)
+@pytest.mark.parametrize("name", V3 + V32 + V2 + M4)
 def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
     model = _mlx_model(CONFIGS[name])
     expected = MLX.expected(MLX.read_config(_config_json(CONFIGS[name])), "kv_b_proj")
@@ -362,11 +445,13 @@ def test_mlx_kv_b_proj_is_what_mlx_lm_sanitizes_into_its_model(name):
 
 
 # (mlx-lm honours moe_layer_freq and ignores mlp_layer_types, transformers the other way round:
-# only where they agree on the layers does an hf checkpoint fit mlx-lm's model)
-@pytest.mark.parametrize("name", [n for n in V3 + V32 + M4 if CONFIGS[n].get("moe_layer_freq", 1) == 1
-                                  and "mlp_layer_types" not in CONFIGS[n]])
+# only where they agree on the layers does an hf checkpoint fit mlx-lm's model; no mlx-lm model
+# has MLP biases)
+@pytest.mark.parametrize("name", [n for n in V3 + V32 + V2 + M4 if CONFIGS[n].get("moe_layer_freq", 1) == 1
+                                  and "mlp_layer_types" not in CONFIGS[n] and not CONFIGS[n].get("mlp_bias")])
 def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
-    """Mistral4's fused experts included: its sanitize splits gate_up_proj into switch_mlp."""
+    """Mistral4's fused experts included: its sanitize splits gate_up_proj into switch_mlp; V2's
+    keeps kv_b_proj."""
     _, path = saved[name]
     raw = CONFIGS[name]
     sanitized = _mlx_shapes(_mlx_model(raw).sanitize(mx.load(str(path))).items())
@@ -377,11 +462,11 @@ def test_mlx_lm_sanitizes_an_hf_checkpoint_into_the_mlx_layout(name, saved):
     assert sanitized == expected
 
 
-@pytest.mark.parametrize("name", ["v3-qlora-dense1", *V32, *M4])
+@pytest.mark.parametrize("name", ["v3-qlora-dense1", *V32, *M4, "v2-16experts-v16", "v2-lite"])
 def test_mlx_quantized_equals_mlx_lm_quantize_model(name):
     """mlx-lm's own quantize_model (groups of 32: some widths quantize, some are too narrow),
     V3.2's indexer linears included, k_norm and DeepSeek's router left float; Mistral4's router is
-    a Linear, quantized like the others."""
+    a Linear, quantized like the others; V2's kv_b_proj is a Linear too."""
     raw = _config_json(CONFIGS[name])
     model, config = quantize_model(_mlx_model(raw), dict(raw), group_size=32, bits=4)
     expected = MLX.expected(MLX.read_config({**raw, "quantization": config["quantization"]}), "embed_q")
@@ -390,6 +475,9 @@ def test_mlx_quantized_equals_mlx_lm_quantize_model(name):
                                                                   if n.endswith("proj.weight"))
     router = expected[f"model.layers.{raw['num_hidden_layers'] - 1}.mlp.gate.weight"].dtype
     assert router == (U32 if raw["model_type"] == "mistral4" else FLOAT)
+    if raw["model_type"] == "deepseek_v2":  # kv_b_proj is kv_lora_rank wide: 32 quantizes, 16 does not
+        kv_b_proj = expected["model.layers.0.self_attn.kv_b_proj.weight"].dtype
+        assert kv_b_proj == (U32 if raw["kv_lora_rank"] == 32 else FLOAT)
 
 
 # --- deepseek -----------------------------------------------------------------------------
@@ -562,6 +650,11 @@ def test_real_checkpoints_detect(saved):
     raw = CONFIGS["v3-dense2-attnbias"]
     params = {n: (tuple(a.shape), "F32") for n, a in tree_flatten(_mlx_model(raw).parameters())}
     assert (detect(params, raw).layout, detect(params, raw).variant) == ("mlx", "embed_q")
+    # mlx-lm's deepseek_v2 holds kv_b_proj, which both variants name for it: the first fits
+    raw = CONFIGS["v2-16experts-v16"]
+    params = {n: (tuple(a.shape), "F32") for n, a in tree_flatten(_mlx_model(raw).parameters())}
+    assert (detect(params, raw).layout, detect(params, raw).variant) == ("mlx", "embed_q")
+    assert detect(params, {k: v for k, v in raw.items() if k != "rope_scaling"}).layout is None
 
 
 def test_a_wrong_shape_is_named_not_matched():

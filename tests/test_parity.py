@@ -25,7 +25,7 @@ from remap.errors import RemapError
 from remap.io.hashing import sha256_file
 from remap.parity import run_parity, token_ids
 from remap.parity.compare import PROFILES, checks, logit_metrics, profile_for, weight_precision
-from tests.helpers import TINY_MISTRAL4
+from tests.helpers import TINY_DEEPSEEK_V2, TINY_MISTRAL4
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -175,6 +175,21 @@ def test_mistral4_layers_are_stepped_with_mlx_lms_own_query_scale(tiny_mistral4,
     assert not result.ok and result.divergence == "layer 0"
     logits = [c for c in result.checks if c.section == "logits"]
     assert logits and all(c.ok for c in logits)
+
+
+@pytest.mark.parametrize("name, hub", [("v2", True), ("lite", True), ("lite", False), ("plain", False)])
+def test_deepseek_v2_hf_to_mlx_passes(tiny_deepseek_v2, name, hub):
+    """transformers' DeepseekV2ForCausalLM against mlx-lm's deepseek_v2 on remap's conversion, layer by
+    layer: from the releases' config.json (hub), and from one transformers 5 saved, whose
+    rope_parameters remap writes as the rope_scaling mlx-lm reads ("plain": no yarn, factor 1)."""
+    result = run_parity(tiny_deepseek_v2(name, hub), spec="hf-to-mlx")
+    assert result.ok, [c.describe() for c in result.failures]
+    assert result.source.runtime.endswith("DeepseekV2ForCausalLM")
+    assert result.target.runtime.endswith("deepseek_v2.Model")
+    layers = TINY_DEEPSEEK_V2[name]["num_hidden_layers"]
+    assert list(result.hidden) == ["embedding", *(f"layer {i}" for i in range(layers))] and result.profile == "fp32"
+    assert result.hidden["embedding"]["max_abs"] == 0.0
+    assert result.logits["top1"] == 1.0 and result.logits["max_rel"] < 1e-5
 
 
 # -- broken conversions fail, localised -----------------------------------------------------------

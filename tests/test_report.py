@@ -85,3 +85,23 @@ def test_check_data_names_every_broken_claim_with_its_magnitude():
     assert broken["learned positions"] == pytest.approx(0.5)
     assert broken["routed expert biases"] == pytest.approx(0.25)
     assert broken[rope] == pytest.approx(2.0, abs=0.1)  # the +2 on one head, against head 0
+
+
+def test_full_deepseek_v2_standin_plans_to_mlx_with_every_tensor_accounted_for(tmp_path, monkeypatch):
+    """bench/full_v2_standin.py: DeepSeek-V2 (236B) as 55 header-only files. `remap report --spec
+    hf-to-mlx --no-check-data` plans all 29,102 tensors into mlx-lm's deepseek_v2 (959: experts
+    stacked, kv_b_proj kept) and meets its layout."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import full_v2_standin
+
+    full_v2_standin.main(tmp_path / "v2")
+    run = remap("report", tmp_path / "v2", "--spec", "hf-to-mlx", "--no-check-data", "--json", tmp_path / "r.json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    coverage = {k: report["coverage"][k] for k in ("source_tensors", "used", "dropped", "unmatched", "target_tensors")}
+    assert report["ok"] and not report["missing"]
+    assert coverage == {"source_tensors": 29102, "used": 29102, "dropped": 0, "unmatched": 0, "target_tensors": 959}
+    assert report["coverage"]["source_bytes"] == report["coverage"]["target_bytes"] > 470e9

@@ -203,7 +203,7 @@ def test_inverted_rule_reads_the_target_names_and_undoes_the_ops():
     spec = load_spec("hf-to-mlx")
     inverse = invert_spec(spec)
     [rule] = [r for r in inverse.rules if r.raw.get("name", "").startswith("kv_b_proj split")]
-    assert rule.when == "i < num_hidden_layers and source_variant == 'embed_q'"
+    assert rule.when == "i < num_hidden_layers and source_variant == 'embed_q' and model_type != 'deepseek_v2'"
     assert [p.text for p in rule.sources] == [
         "model.layers.{i}.self_attn.embed_q.weight", "model.layers.{i}.self_attn.unembed_out.weight"]
     [forward] = [r for r in spec.rules if r.raw.get("name") == rule.raw["name"]]

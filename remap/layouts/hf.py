@@ -60,6 +60,9 @@ from remap.layouts.hf_config import (  # noqa: F401
 # Model types whose routed experts save_pretrained writes fused, one [experts, ...] tensor per
 # projection (transformers 5.23 has no conversion mapping that splits them per expert).
 FUSED_EXPERTS = ("mistral4",)
+# Model types whose router never holds e_score_correction_bias: DeepseekV2TopkRouter is a weight
+# alone, whatever topk_method its config.json names (V2 reads topk_method from it).
+NO_ROUTER_BIAS = ("deepseek_v2",)
 
 
 def fp8_scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
@@ -136,7 +139,7 @@ def _decoder_layer(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
         return
     experts, width = c["n_routed_experts"], c["moe_intermediate_size"]
     t.add(f"{p}.mlp.gate.weight", (experts, hidden))
-    if c["topk_method"] == "noaux_tc":
+    if c["topk_method"] == "noaux_tc" and c["model_type"] not in NO_ROUTER_BIAS:
         # float32 in the official checkpoints; save_pretrained writes the model's dtype
         t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,), F32 if t.block else FLOAT)
     if c["model_type"] in FUSED_EXPERTS:

@@ -1,5 +1,5 @@
-"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model`, `deepseek_v32.Model` and `mistral4.Model`
-hold (mlx-lm 0.32).
+"""The `mlx` layout: what mlx-lm's `deepseek_v3.Model`, `deepseek_v32.Model`, `deepseek_v2.Model`
+and `mistral4.Model` hold (mlx-lm 0.32). Their config reading is in remap.layouts.mlx_config.
 
 Routed experts are stacked per layer as `model.layers.{i}.mlp.switch_mlp.{gate,up,down}_proj.weight`
 of shape [experts, out, in]. mlx-lm's `sanitize` drops the MTP layer, so the layout has none, and
@@ -12,6 +12,9 @@ Mistral4 (model_type mistral4) holds DeepSeek-V3's names but for its router, `ml
 tie_word_embeddings is true (the embedding's `as_linear` is the head). Its sanitize stacks
 transformers' fused `mlp.experts.gate_up_proj` (split in half: gate, then up) and `down_proj`
 into switch_mlp, as it stacks per-expert weights.
+DeepSeek-V2 and V2-Lite (model_type deepseek_v2) hold DeepSeek-V3's names but for attention, which
+keeps transformers' `kv_b_proj` (mlx-lm's deepseek_v2 multiplies by it; it has no embed_q form),
+and the router, a MoEGate of `weight` alone (softmax scores, no correction bias).
 
 Variants, differing only in how attention's kv_b_proj is held:
   embed_q    what current mlx-lm holds and writes: per head, `self_attn.embed_q.weight`
@@ -20,6 +23,7 @@ Variants, differing only in how attention's kv_b_proj is held:
   kv_b_proj  `self_attn.kv_b_proj.weight` [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
              as in transformers: what exo shards and older mlx-community checkpoints carry;
              mlx-lm's sanitize turns it into embed_q / unembed_out at load.
+A deepseek_v2 model holds kv_b_proj under either variant (KV_B_PROJ_ONLY): it has no other form.
 
 Quantized checkpoints (config.json `quantization`, as mlx_lm.convert -q writes it) need no variant:
 each module mlx-lm quantizes holds `weight` (uint32, in * bits / 32 wide), `scales` and `biases`
@@ -30,8 +34,9 @@ and e_score_correction_bias) stay float. Per-module entries override the default
 recipes write `{"bits": 6, "group_size": 64, ...}` under the module path; `false` keeps it float).
 Only affine quantization is described. A module a custom predicate skipped without recording
 `false` cannot be told from config.json: mlx-lm's loader then goes by which `scales` the files hold.
-A quantized kv_b_proj (the kv_b_proj variant) loads in mlx-lm only when qk_nope_head_dim is a
-multiple of its group size: sanitize requantizes embed_q, grouped along that axis.
+A quantized kv_b_proj (the kv_b_proj variant) loads in mlx-lm's deepseek_v3 only when
+qk_nope_head_dim is a multiple of its group size: sanitize requantizes embed_q, grouped along that
+axis (deepseek_v2 keeps kv_b_proj as it is).
 """
 
 from __future__ import annotations
@@ -40,107 +45,15 @@ from typing import Any, Mapping
 
 from remap.errors import RemapError
 from remap.layouts.base import FLOAT, U32, Expected, Layout
-from remap.layouts.hf import INDEXER_KEYS, TRANSFORMERS_SECTIONS, config_error, normalised_config
+from remap.layouts.hf import TRANSFORMERS_SECTIONS, config_error
 
-# mlx-lm loads these model types with deepseek_v3 (the first is its own; the next two through
-# mlx_lm.utils.MODEL_REMAPPING), and deepseek_v32 and mistral4 with their own modules.
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "joyai_llm_flash", "deepseek_v32", "mistral4")
-
-# mlx_lm.models.deepseek_v3.ModelArgs defaults (mlx-lm 0.32) for the keys that shape tensors or
-# routing. ModelArgs.from_dict keeps only its own fields, so nothing else in config.json counts.
-_MODEL_ARGS_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 102400,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "moe_intermediate_size": 1407,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 32,
-    "n_shared_experts": None,
-    "n_routed_experts": None,
-    "routed_scaling_factor": 1.0,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "qk_nope_head_dim": 128,
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "n_group": 1,
-    "topk_group": 1,
-    "num_experts_per_tok": 1,
-    "moe_layer_freq": 1,
-    "first_k_dense_replace": 0,
-    "attention_bias": False,
-}
-# mlx_lm.models.deepseek_v32.ModelArgs: the same defaults, plus its indexer's.
-_V32_MODEL_ARGS_DEFAULTS: dict[str, Any] = {
-    **_MODEL_ARGS_DEFAULTS,
-    "index_n_heads": 64,
-    "index_head_dim": 128,
-    "index_topk": 2048,
-}
-
-
-# mlx_lm.models.mistral4.ModelArgs (mlx-lm 0.32): its keys that shape tensors or routing, and the
-# other fields it has no default for. from_dict fails on a config.json without any _REQUIRED one.
-_REQUIRED = object()
-_MISTRAL4_MODEL_ARGS: dict[str, Any] = {
-    **{key: _REQUIRED for key in (
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
-        "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "norm_topk_prob",
-        "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace",
-        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")},
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-}
-# Mistral4Model.__call__ reads these of rope_parameters (ModelArgs default: None) for the llama-4
-# query scale, at every call: without them mlx-lm loads the model but cannot run it.
-MISTRAL4_ROPE_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings")
-
-
-def read_mlx_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json as mlx-lm's deepseek_v3 (or deepseek_v32, mistral4) ModelArgs reads it."""
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
-    if model_type == "mistral4":
-        return _read_mistral4_args(raw)
-    defaults = _V32_MODEL_ARGS_DEFAULTS if model_type == "deepseek_v32" else _MODEL_ARGS_DEFAULTS
-    values = {key: raw.get(key, default) for key, default in defaults.items()}
-    values.update((key, values.get(key)) for key in INDEXER_KEYS)  # null: no indexer
-    values.update(
-        model_type=model_type,
-        scoring_func="sigmoid",  # the only routing mlx-lm's deepseek_v3 implements
-        mlp_bias=False,
-        tie_word_embeddings=False,  # lm_head always exists
-        num_nextn_predict_layers=0,  # sanitize drops the MTP layer
-        quantization_config=_read_quantization(raw.get("quantization")),  # the key mlx-lm quantizes by
-    )
-    return normalised_config(values)
-
-
-def _read_mistral4_args(raw: Mapping[str, Any]) -> dict[str, Any]:
-    missing = [key for key, default in _MISTRAL4_MODEL_ARGS.items() if default is _REQUIRED and key not in raw]
-    if missing:
-        raise config_error(f"{missing[0]} is missing", missing[0],
-                           "every field mlx-lm's mistral4 ModelArgs requires: " + ", ".join(missing))
-    rope = raw.get("rope_parameters")
-    if not (isinstance(rope, Mapping) and all(key in rope for key in MISTRAL4_ROPE_KEYS)):
-        raise config_error(f"rope_parameters is {rope!r}", "rope_parameters",
-                           "an object with " + " and ".join(MISTRAL4_ROPE_KEYS) + " (mlx-lm's llama-4 query scale)")
-    values = {key: raw.get(key, default) for key, default in _MISTRAL4_MODEL_ARGS.items()}
-    values.update(
-        model_type="mistral4",
-        moe_layer_freq=1,  # not a field: every layer from first_k_dense_replace on is MoE
-        topk_method=None,  # softmax scores, groups ranked by their top-2 sum, no correction bias
-        scoring_func="softmax",
-        mlp_bias=False,
-        num_nextn_predict_layers=0,
-        **{key: None for key in INDEXER_KEYS},
-        quantization_config=_read_quantization(raw.get("quantization")),
-    )
-    return normalised_config(values)
+# Re-exported: tests and tools import the config reading from here.
+from remap.layouts.mlx_config import (  # noqa: F401
+    MISTRAL4_ROPE_KEYS,
+    MODEL_TYPES,
+    read_mlx_config,
+    write_config,
+)
 
 
 def _is_moe(i: int, c: Mapping[str, Any]) -> bool:
@@ -203,28 +116,13 @@ def _packing(module: str, width: int, quantization: Mapping[str, Any]) -> tuple[
     return bits, group_size
 
 
-def _read_quantization(raw: Any) -> dict[str, Any] | None:
-    """config.json's `quantization` as mlx-lm reads it: affine defaults plus per-module entries."""
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        raise config_error(f"quantization is {raw!r}", "quantization", "an object with group_size and bits")
-    for module, params in [("quantization", raw), *((k, v) for k, v in raw.items() if isinstance(v, Mapping))]:
-        for key in ("group_size", "bits"):
-            value = params.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise config_error(f"{module} {key} is {value!r}", f"quantization {key}", "a positive integer")
-        if params.get("mode", "affine") != "affine":
-            raise config_error(f"{module} mode is {params['mode']!r}", "quantization mode",
-                               "affine (mxfp4 / mxfp8 / nvfp4 weights are not described)")
-    for key, value in raw.items():
-        if key not in ("group_size", "bits", "mode") and not (value is False or isinstance(value, Mapping)):
-            raise config_error(f"quantization {key} is {value!r}", f"quantization {key}", "false or an object")
-    return dict(raw)
-
-
 # Model types whose MoE router is an nn.Linear (quantizable; no correction bias), not a MoEGate.
 LINEAR_ROUTER = ("mistral4",)
+# Model types whose attention holds kv_b_proj whatever the variant: mlx-lm's deepseek_v2 has no
+# embed_q / unembed_out (its sanitize only stacks experts).
+KV_B_PROJ_ONLY = ("deepseek_v2",)
+# Model types whose MoEGate holds no e_score_correction_bias (softmax routing).
+NO_ROUTER_BIAS = ("deepseek_v2",)
 
 
 def _mlp(t: _Tensors, p: str, hidden: int, width: int) -> None:
@@ -245,7 +143,7 @@ def _attention(t: _Tensors, p: str, c: Mapping[str, Any], variant: str) -> None:
         t.linear(f"{p}.q_b_proj", heads * (nope + rope), q_rank)
     t.linear(f"{p}.kv_a_proj_with_mqa", rank + rope, hidden, bias)
     t.add(f"{p}.kv_a_layernorm.weight", (rank,))
-    if variant == "embed_q":  # MultiLinear: per head [out, in]
+    if variant == "embed_q" and c["model_type"] not in KV_B_PROJ_ONLY:  # MultiLinear: per head [out, in]
         t.module(f"{p}.embed_q", (heads, rank, nope))
         t.module(f"{p}.unembed_out", (heads, v, rank))
     else:
@@ -273,7 +171,8 @@ def _layer(t: _Tensors, i: int, c: Mapping[str, Any], variant: str) -> None:
         t.linear(f"{p}.mlp.gate", experts, hidden)
     else:  # the router (MoEGate) is a plain module with no `to_quantized`: never quantized
         t.add(f"{p}.mlp.gate.weight", (experts, hidden))
-        t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,))
+        if c["model_type"] not in NO_ROUTER_BIAS:
+            t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,))
     t.module(f"{p}.mlp.switch_mlp.gate_proj", (experts, width, hidden))
     t.module(f"{p}.mlp.switch_mlp.up_proj", (experts, width, hidden))
     t.module(f"{p}.mlp.switch_mlp.down_proj", (experts, hidden, width))
@@ -345,25 +244,6 @@ def record_quantization(config: dict[str, Any], steps) -> None:
         block[module] = {"group_size": op.group_size, "bits": op.bits, "mode": op.mode}
     if isinstance(config.get("quantization_config"), dict):  # mlx-lm writes both, alike
         config["quantization_config"] = dict(block)
-
-
-def write_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A config.json as mlx-lm reads it, from one transformers 5 wrote: mlx-lm's deepseek models
-    read a top-level `rope_theta` / `rope_scaling` (not `rope_parameters`) and `torch_dtype` (not
-    `dtype`); missing, they would silently fall back to their defaults. mistral4 reads
-    `rope_parameters` itself: its config.json stays as transformers wrote it, as mlx_lm.convert
-    leaves it."""
-    out = dict(raw)
-    if raw.get("model_type") == "mistral4":
-        return out
-    rope = raw.get("rope_parameters") or {}
-    if "rope_theta" not in out and "rope_theta" in rope:
-        out["rope_theta"] = rope["rope_theta"]
-    if "rope_scaling" not in out and rope.get("rope_type", "default") != "default":
-        out["rope_scaling"] = {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    if "torch_dtype" not in out and "dtype" in out:
-        out["torch_dtype"] = out["dtype"]
-    return out
 
 
 LAYOUT = MlxLayout()

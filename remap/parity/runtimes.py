@@ -17,7 +17,8 @@ that side the states are taken by forward hooks on the embedding and on every de
 mlx modules have no hooks, so the MLX side calls mlx-lm's own modules one after another:
 `model.model.embed_tokens`, mlx-lm's own causal mask helper, then each `model.model.layers[i]`,
 with what the model's own `__call__` passes its layers (`_mlx_layer_args`: mistral4's layers
-take the llama-4 query scale first, from mlx-lm's own helper).
+take the llama-4 query scale first, from mlx-lm's own helper; deepseek_v2's the "causal" mask
+name, deepseek_v3's an array).
 Logits always come from each model's full forward call.
 
 The heavy imports (torch, transformers, mlx) happen only when a runtime loads.
@@ -229,7 +230,7 @@ def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
 def _mlx_layer_args(model, h) -> tuple:
     """What mlx-lm's own model `__call__` passes each decoder layer after the hidden states when
     there is no cache, computed as it computes them."""
-    from mlx_lm.models import mistral4
+    from mlx_lm.models import deepseek_v2, mistral4
     from mlx_lm.models.base import create_attention_mask
 
     if isinstance(model.model, mistral4.Mistral4Model):  # Mistral4Model.__call__, offset 0
@@ -237,6 +238,8 @@ def _mlx_layer_args(model, h) -> tuple:
         scale = mistral4._get_llama_4_attn_scale(h.shape[1], 0, rope["llama_4_scaling_beta"],
                                                  rope["original_max_position_embeddings"]).astype(h.dtype)
         return scale, create_attention_mask(h, None)
+    if isinstance(model.model, deepseek_v2.DeepseekV2Model):  # its __call__ passes the "causal" mask
+        return (create_attention_mask(h, None),)
     return (create_attention_mask(h, None, return_array=True),)  # DeepseekV3Model.__call__ (and V3.2's)
 
 
