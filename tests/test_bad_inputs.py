@@ -320,6 +320,8 @@ CASES = [
      ["config.json n_routed_experts", "n_routed_experts is None", "an integer >= 0"]),
     ("config quantization_config not an object", config(quantization_config="fp8"),
      ["config.json quantization_config", "quantization_config is 'fp8'", '"weight_block_size": [rows, cols]']),
+    ("config quantization remap does not describe", config(quantization_config={"quant_method": "awq", "bits": 4}),
+     ["config.json quantization_config quant_method", "quant_method is 'awq'", "fp8 or compressed-tensors"]),
     ("config absurd layer count (no huge allocation)", config(num_hidden_layers=10**12),
      ["config.json num_hidden_layers", "beyond any model", "layers x experts <= 4194304"]),
     ("model_type the spec does not cover", config(model_type="llama"),

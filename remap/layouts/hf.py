@@ -18,12 +18,18 @@ Variants:
             num_nextn_predict_layers at `model.layers.{num_hidden_layers + k}`: a full decoder
             block plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm, shared_head.head.
             transformers ignores them on load.
-  fp8       the official DeepSeek-V3 quantization (DeepSeek models only): every linear projection
-            of attention and MLP (dense, shared and routed experts) in float8_e4m3fn, each with a float32
-            `weight_scale_inv` of one value per quantization_config.weight_block_size block
-            (default 128 x 128). Embeddings, norms, router and lm_head stay unquantized.
+  fp8       FP8 weights in the form config.json's quantization_config names (DeepSeek models only;
+            remap.layouts.hf_fp8). The official one (quant_method fp8, DeepSeek-V3 / R1 / V3.1 /
+            V3.2, Kimi-K2): every linear projection of attention and MLP (dense, shared and routed
+            experts) in float8_e4m3fn, each with a float32 `weight_scale_inv` of one value per
+            weight_block_size block (default 128 x 128). Embeddings, norms, router and lm_head stay
+            unquantized. Third-party forms (compressed-tensors float-quantized, fbgemm_fp8) hold a
+            per-tensor or per-channel `weight_scale` instead.
   fp8-mtp   the official release as shipped: fp8 plus MTP, whose decoder block is quantized like
             any other and whose eh_proj, embed_tokens and shared_head.head are not.
+
+Kimi-K2 (model_type kimi_k2, and joyai_llm_flash: hf_config.ARCHITECTURE_OF) is DeepSeek-V3 on
+disk: transformers 5.23 has no class of that name, so it is read and run as DeepseekV3.
 
 DeepSeek-V3.2 (model_type deepseek_v32) is V3 plus a lightning indexer in every attention block,
 `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}` (k_norm a LayerNorm: weight and bias). The
@@ -47,6 +53,7 @@ from remap.layouts.base import F32, FLOAT, FP8, Expected, Layout, Sections
 
 # Re-exported: the other layouts, fixtures and tests import the config namespace from here.
 from remap.layouts.hf_config import (  # noqa: F401
+    ARCHITECTURE_OF,
     CONFIG_KEYS,
     INDEXER_KEYS,
     MAX_LAYER_EXPERTS,
@@ -56,6 +63,7 @@ from remap.layouts.hf_config import (  # noqa: F401
     normalised_config,
     read_transformers_config,
 )
+from remap.layouts.hf_fp8 import Fp8Scheme, fp8_scheme  # noqa: F401
 
 # Model types whose routed experts save_pretrained writes fused, one [experts, ...] tensor per
 # projection (transformers 5.23 has no conversion mapping that splits them per expert).
@@ -65,30 +73,29 @@ FUSED_EXPERTS = ("mistral4",)
 NO_ROUTER_BIAS = ("deepseek_v2",)
 
 
-def fp8_scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
-    """One scale per block, partial blocks at the edges included."""
-    return (-(-rows // block[0]), -(-cols // block[1]))
-
-
 class ExpectedTensors:
     """Collects one variant's tensors; `linear` knows whether and how the variant quantizes.
 
-    With a block size, quantized linears get an FP8 weight and a float32 block scale named
-    `{module}.{scale}` (`weight_scale_inv` here, `scale` in DeepSeek's own files).
+    With a block size (or an FP8 scheme: `scheme`), quantized linears get an FP8 weight and a
+    scale named `{module}.{scale}` (`weight_scale_inv` here, `scale` in DeepSeek's own files).
     """
 
-    def __init__(self, block: tuple[int, int] | None, scale: str = "weight_scale_inv"):
-        self.block = block
-        self.scale = scale
+    def __init__(self, block: tuple[int, int] | None, scale: str = "weight_scale_inv",
+                 scheme: Fp8Scheme | None = None):
+        self.scheme = scheme or (Fp8Scheme("fp8", scale, block) if block else None)
         self.out: dict[str, Expected] = {}
 
     def add(self, name: str, shape: tuple[int, ...], dtype: str = FLOAT) -> None:
         self.out[name] = Expected(name, shape, dtype)
 
     def linear(self, name: str, rows: int, cols: int, *, bias: bool = False, quantized: bool = True) -> None:
-        if self.block and quantized:
+        """A Linear; `quantized`: the official FP8 release quantizes it (other forms may differ)."""
+        s = self.scheme
+        if s and s.quantizes(name, quantized):
             self.add(f"{name}.weight", (rows, cols), FP8)
-            self.add(f"{name}.{self.scale}", fp8_scale_shape(rows, cols, self.block), F32)
+            self.add(f"{name}.{s.scale}", s.scale_shape(rows, cols), s.scale_dtype)
+            if s.activation:
+                self.add(f"{name}.{s.activation}", s.tensor_shape, s.scale_dtype)
         else:
             self.add(f"{name}.weight", (rows, cols))
         if bias:
@@ -141,7 +148,7 @@ def _decoder_layer(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
     t.add(f"{p}.mlp.gate.weight", (experts, hidden))
     if c["topk_method"] == "noaux_tc" and c["model_type"] not in NO_ROUTER_BIAS:
         # float32 in the official checkpoints; save_pretrained writes the model's dtype
-        t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,), F32 if t.block else FLOAT)
+        t.add(f"{p}.mlp.gate.e_score_correction_bias", (experts,), F32 if t.scheme else FLOAT)
     if c["model_type"] in FUSED_EXPERTS:
         t.add(f"{p}.mlp.experts.gate_up_proj", (experts, 2 * width, hidden))
         t.add(f"{p}.mlp.experts.down_proj", (experts, hidden, width))
@@ -188,7 +195,7 @@ class HfLayout(Layout):
         if variant.startswith("fp8") and c["model_type"] in FUSED_EXPERTS:
             raise RemapError(f"the {variant} variant is DeepSeek's official FP8 release, not {c['model_type']}",
                              rule="layout hf", expected="bf16")
-        t = ExpectedTensors(fp8_block(c) if variant.startswith("fp8") else None)
+        t = ExpectedTensors(None, scheme=fp8_scheme(c["quantization_config"]) if variant.startswith("fp8") else None)
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         t.add("model.embed_tokens.weight", (vocab, hidden))
         layers = c["num_hidden_layers"]
@@ -196,7 +203,7 @@ class HfLayout(Layout):
             _decoder_layer(t, i, c)
         t.add("model.norm.weight", (hidden,))
         if not c["tie_word_embeddings"]:
-            t.add("lm_head.weight", (vocab, hidden))
+            t.linear("lm_head", vocab, hidden, quantized=False)
         if variant.endswith("-mtp"):
             for i in range(layers, layers + c["num_nextn_predict_layers"]):
                 _decoder_layer(t, i, c)

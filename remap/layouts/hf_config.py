@@ -3,7 +3,8 @@
 The namespace is HF DeepSeek-V3's config.json key names (CONFIG_KEYS); `normalised_config` builds
 it from any layout's reading, so the layouts cannot drift apart. `read_transformers_config` is the
 `hf` layout's reading: the defaults and aliases of transformers' own config classes (5.23) for
-every model type the layout accepts (MODEL_TYPES).
+every model type the layout accepts (MODEL_TYPES). quantization_config is read by
+remap.layouts.hf_fp8 (the FP8 forms).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
+from remap.layouts.hf_fp8 import fp8_scheme, read_quantization_config
 
 # The keys spec expressions see, whichever layout read the config.
 CONFIG_KEYS = (
@@ -155,7 +157,13 @@ _ALIASES = {
     "deepseek_v32": {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts"},
     "mistral4": {"num_local_experts": "n_routed_experts"},
 }
-MODEL_TYPES = tuple(_TRANSFORMERS_DEFAULTS)
+# Model types transformers 5.23 has no class for whose checkpoints are DeepSeek-V3's, read and run
+# as the architecture named here: mlx-lm loads them with deepseek_v3 (mlx_lm.utils.MODEL_REMAPPING),
+# transformers' own Kimi-K2.5 config turns a kimi_k2 text_config into deepseek_v3, and Moonshot's
+# Kimi-K2 config.json names DeepseekV3ForCausalLM (its remote code is DeepSeek-V3's). The config
+# keeps its model_type: it is what tells engines which model it is.
+ARCHITECTURE_OF = {"kimi_k2": "deepseek_v3", "joyai_llm_flash": "deepseek_v3"}
+MODEL_TYPES = (*_TRANSFORMERS_DEFAULTS, *ARCHITECTURE_OF)
 # The router each class hard-codes, as (topk_method, scoring_func); V2's reads topk_method from the
 # config. V3 and V3.2: sigmoid scores, group top-k corrected by e_score_correction_bias. Mistral4:
 # softmax scores, groups ranked by their top-2 sum, no correction bias, which is none of
@@ -166,7 +174,6 @@ _ROUTING: dict[str, tuple[str | None, str]] = {
     "mistral4": (None, "softmax"),
 }
 
-DEFAULT_FP8_BLOCK = (128, 128)
 # Layer and expert counts multiply into the number of tensors a layout lists (the full
 # DeepSeek-V3: 62 layers x 256 experts). A hostile config.json saying 10**12 layers must be
 # refused before the listing, not exhaust memory making it; this allows 250x DeepSeek-V3.
@@ -206,19 +213,21 @@ def normalised_config(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json as transformers' config class of its model_type (MODEL_TYPES) reads it."""
+    """config.json as transformers' config class of its model_type (MODEL_TYPES) reads it; a
+    model type transformers has no class for (ARCHITECTURE_OF) as its architecture's class does."""
     model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or model_type not in _TRANSFORMERS_DEFAULTS:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise config_error(f"model_type is {model_type!r}", "model_type", " or ".join(MODEL_TYPES))
-    values = dict(_TRANSFORMERS_DEFAULTS[model_type])
-    for alias, key in _ALIASES[model_type].items():
+    architecture = ARCHITECTURE_OF.get(model_type, model_type)
+    values = dict(_TRANSFORMERS_DEFAULTS[architecture])
+    for alias, key in _ALIASES[architecture].items():
         if alias in raw and key not in raw:
             values[key] = raw[alias]
-    values.update((key, raw[key]) for key in _TRANSFORMERS_DEFAULTS[model_type] if key in raw)
-    if model_type == "deepseek_v32" and raw.get("mlp_layer_types") is not None:
+    values.update((key, raw[key]) for key in _TRANSFORMERS_DEFAULTS[architecture] if key in raw)
+    if architecture == "deepseek_v32" and raw.get("mlp_layer_types") is not None:
         # V3.2 builds each layer from mlp_layer_types (first_k_dense_replace only fills it in)
         values["first_k_dense_replace"] = _dense_prefix(raw["mlp_layer_types"], values["num_hidden_layers"])
-    topk_method, scoring_func = _ROUTING.get(model_type, (values.get("topk_method"), "softmax"))  # V2: its own
+    topk_method, scoring_func = _ROUTING.get(architecture, (values.get("topk_method"), "softmax"))  # V2: its own
     values.update(
         model_type=model_type,
         # transformers builds a MoE block at every layer from first_k_dense_replace on, whatever
@@ -228,7 +237,7 @@ def read_transformers_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         scoring_func=scoring_func,
         mlp_bias=values.get("mlp_bias", False),
         **{key: values.get(key) for key in INDEXER_KEYS},
-        quantization_config=_quantization_config(raw.get("quantization_config")),
+        quantization_config=read_quantization_config(raw.get("quantization_config")),
     )
     for key in ("n_routed_experts", "n_shared_experts"):  # transformers' MoE block needs both
         if values[key] is None:
@@ -246,21 +255,6 @@ def _dense_prefix(types: Any, layers: Any) -> int:
     return dense
 
 
-def _quantization_config(value: Any) -> dict[str, Any] | None:
-    """null, or an object whose weight_block_size (default 128 x 128) is two positive integers."""
-    if value is None:
-        return None
-    block = (value.get("weight_block_size") or DEFAULT_FP8_BLOCK) if isinstance(value, dict) else None
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_count(b) and b > 0 for b in block)):
-        raise config_error(f"quantization_config is {value!r}", "quantization_config",
-                           'null, or an object with "weight_block_size": [rows, cols]')
-    return value
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def fp8_block(config: Mapping[str, Any]) -> tuple[int, int]:
-    block = (config.get("quantization_config") or {}).get("weight_block_size") or DEFAULT_FP8_BLOCK
-    return (int(block[0]), int(block[1]))
+def fp8_block(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The block of a config's FP8 scales; None where there is one per tensor or per channel."""
+    return fp8_scheme(config.get("quantization_config")).block

@@ -123,9 +123,9 @@ class Op:
             if key in cls.int_params or key == "input":
                 values[key] = evaluate_int(value, names)
             elif key in cls.list_params:
-                if isinstance(value, str):  # one expression giving the whole list
+                if isinstance(value, str):  # one expression giving the whole list (or null: none)
                     value = evaluate(value, names)
-                values[key] = tuple(evaluate_int(v, names) for v in _as_list(value))
+                values[key] = None if value is None else tuple(evaluate_int(v, names) for v in _as_list(value))
             else:  # words (claim, dtype, reason) are literal, never expressions
                 values[key] = value
         try:

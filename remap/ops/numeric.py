@@ -72,56 +72,88 @@ class Cast(Op):
         return [{"op": "cast", "dtype": raw["source"], "source": raw.get("dtype", "BF16"), "input": raw.get("input", 0)}]
 
 
+# Dtypes a scale may come in: floats as they are; E8M0 (a power of two per byte: DeepSeek's
+# ue8m0 format, MX scales) decodes exactly, and a U8 scale is E8M0 bytes, as transformers reads one.
+_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+
+
+def _scale_values(scale: np.ndarray) -> np.ndarray:
+    """A scale tensor's float32 values: 2^(byte - 127) for E8M0 bytes (0xFF is NaN)."""
+    if scale.dtype == np.uint8:
+        scale = scale.view(ml_dtypes.float8_e8m0fnu)
+    return scale.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class DequantFP8(Op):
-    """[e4m3 weight, f32 weight_scale_inv] -> weight in `dtype`: w * scale of its block.
+    """[e4m3 weight, its scale] -> weight in `dtype`: w * scale.
 
-    The scale tensor holds one factor per `block` tile, ceil(out/b0) x ceil(in/b1), so edges that
-    are not a multiple of the block use the last tile's scale (as DeepSeek's fp8_cast_bf16 and
-    mlx-lm do). Computed in float32 and rounded once to `dtype`.
+    With `block`, the scale holds one factor per block tile, ceil(out/b0) x ceil(in/b1), so edges
+    that are not a multiple of the block use the last tile's scale (DeepSeek's fp8_cast_bf16,
+    mlx-lm, transformers' weight_scale_inv). With `block: null` it broadcasts: one factor for the
+    tensor ([], [1], [1, 1]) or one per output row ([out, 1]) (compressed-tensors' and fbgemm's
+    weight_scale, transformers' per-tensor weight_scale_inv, mlx-lm's broadcasting dequant).
+    Computed in float32 and rounded once to `dtype` (through the scale's dtype first where that
+    is a 16-bit float, as compressed-tensors computes).
     """
 
     name = "dequant_fp8"
     list_params = ("block",)
-    block: tuple[int, ...] = (128, 128)
+    block: tuple[int, ...] | None = (128, 128)
     dtype: str = "BF16"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
-        if len(self.block) != 2 or min(self.block) < 1:
-            raise RemapError(f"dequant_fp8: block {list(self.block)}", expected="two positive sizes, e.g. [128, 128]")
+        if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
+            raise RemapError(f"dequant_fp8: block {list(self.block)}",
+                             expected="two positive sizes, e.g. [128, 128], or null (a broadcasting scale)")
 
     def types(self, inputs: list[TensorType]) -> list[TensorType]:
         if self.input + 1 >= len(inputs):
-            raise RemapError("dequant_fp8 needs the weight and its weight_scale_inv as consecutive inputs")
+            raise RemapError("dequant_fp8 needs the weight and its scale as consecutive inputs")
         w, s = inputs[self.input], inputs[self.input + 1]
         if w.dtype != "F8_E4M3" or len(w.shape) != 2:
             raise RemapError(f"dequant_fp8: weight is {w.dtype} {list(w.shape)}", expected="a 2-D F8_E4M3 tensor")
-        blocks = tuple(-(-n // b) for n, b in zip(w.shape, self.block))
-        if s.shape != blocks:
-            raise RemapError(
-                f"dequant_fp8: scale shape {list(s.shape)} for weight {list(w.shape)}",
-                expected=f"{list(blocks)} (blocks of {list(self.block)})",
-            )
+        if s.dtype not in _SCALE_DTYPES:
+            raise RemapError(f"dequant_fp8: scale is {s.dtype}", expected=" or ".join(_SCALE_DTYPES))
+        if s.shape not in self._scale_shapes(w.shape):
+            wanted = " or ".join(str(list(shape)) for shape in self._scale_shapes(w.shape))
+            how = f"blocks of {list(self.block)}" if self.block else "one per tensor or per output row"
+            raise RemapError(f"dequant_fp8: scale shape {list(s.shape)} for weight {list(w.shape)}",
+                             expected=f"{wanted} ({how})")
         return [*inputs[: self.input], TensorType(w.shape, self.dtype), *inputs[self.input + 2 :]]
 
+    def _scale_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        if self.block is not None:
+            return (tuple(-(-n // b) for n, b in zip(shape, self.block)),)
+        return (), (1,), (1, 1), (shape[0], 1)
+
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        w, s = arrays[self.input], arrays[self.input + 1]
+        w, s = arrays[self.input], _scale_values(arrays[self.input + 1])
+        # A 16-bit float scale: the product rounds to its dtype first, as compressed-tensors
+        # computes in the scale's dtype (for bf16 the same bits: 4 x 8 significant bits are exact)
+        narrow = arrays[self.input + 1].dtype
+        narrow = narrow if narrow in (np.float16, ml_dtypes.bfloat16) else None
         rows, cols = w.shape
-        b0, b1 = self.block
+        b0, b1 = self.block or (128, cols)
         out = np.empty((rows, cols), dtypes.numpy_dtype(self.dtype))
         # One band of b0 rows at a time (they share a row of scales), so the float32 values stay
         # in cache between decoding, scaling and rounding; edge tiles use their own scale.
         for k, start in enumerate(range(0, rows, b0)):
             band = _decode_e4m3(w[start : start + b0])
-            band *= np.repeat(s[k].astype(np.float32), b1)[:cols]
-            out[start : start + b0] = band  # rounded once, to nearest even
+            if self.block is not None:
+                band *= np.repeat(s[k], b1)[:cols]
+            else:  # a [1, 1] or [rows, 1] column: this band's rows
+                band *= s.reshape(-1, 1)[start : start + b0] if s.size == rows and s.size > 1 else s.reshape(())
+            out[start : start + b0] = band if narrow is None else band.astype(narrow)  # rounded to nearest even
         return [*arrays[: self.input], out, *arrays[self.input + 2 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
-        if self.dtype == "F32":
-            return None
-        return Loss("rounding", f"fp8 x block scale rounded to {self.dtype}")
+        scale = inputs[self.input + 1].dtype if self.input + 1 < len(inputs) else "F32"
+        if self.dtype == "F32" and scale not in ("BF16", "F16"):
+            return None  # the float32 product, as every runtime computes it
+        kind = "block scale" if self.block is not None else "scale"
+        return Loss("rounding", f"fp8 x {kind} rounded to {self.dtype if self.dtype != 'F32' else scale}")
 
 
 @dataclass(frozen=True)

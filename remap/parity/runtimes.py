@@ -3,12 +3,14 @@ names the one that runs it (hf: transformers, mlx: mlx-lm, scratch: the referenc
 
 | runtime                | what loads and runs the checkpoint                                        |
 |------------------------|---------------------------------------------------------------------------|
-| `transformers_runtime` | `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...)¹        |
+| `transformers_runtime` | `AutoModelForCausalLM.from_pretrained` (DeepseekV3ForCausalLM, ...)¹ ²      |
 | `scratch_runtime`      | remap's reference `ScratchModel` (remap/parity/scratch_model.py)            |
 | `mlx_runtime`          | `mlx_lm.utils.load_model`, the class mlx-lm itself picks                    |
 
 ¹ or, for a model AutoModelForCausalLM does not map (transformers 5.23: mistral4), the causal-LM
 class config.json's `architectures` names (Mistral4ForCausalLM).
+² a model type transformers has no class for whose files are DeepSeek-V3's (kimi_k2) loads into
+DeepseekV3ForCausalLM with its config.json read as DeepseekV3Config.
 
 `Runtime.forward(ids)` returns the logits and the hidden states that layer localisation
 compares: the embedding output, then the output of every decoder layer, all *before* the final
@@ -95,8 +97,10 @@ def transformers_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
     path = _directory(checkpoint, "transformers")
     with _no_progress_bars():
         try:
-            model_class = _causal_lm_class(path)
-            model, info = model_class.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
+            config = _transformers_config(path)
+            model_class = _causal_lm_class(path, config)
+            model, info = model_class.from_pretrained(path, config=config, dtype=getattr(torch, dtype),
+                                                      output_loading_info=True)
         except ImportError as exc:  # e.g. an FP8 checkpoint: transformers' quantizer needs accelerate
             raise RemapError(f"transformers cannot load it: {exc}", file=str(path)) from None
     # transformers fills what a checkpoint lacks with random values: that is not this checkpoint
@@ -129,14 +133,31 @@ def transformers_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
     return Runtime(name, model.config.vocab_size, forward)
 
 
-def _causal_lm_class(path: Path):
+def _transformers_config(path: Path):
+    """The checkpoint's config as transformers reads it; a model type transformers has no class
+    for whose files are DeepSeek-V3's (Kimi-K2: the hf layout's ARCHITECTURE_OF) as the config of
+    that architecture, as transformers' own Kimi-K2.5 reads its kimi_k2 text model."""
+    import json
+
+    from transformers import AutoConfig
+
+    from remap.layouts.hf_config import ARCHITECTURE_OF
+
+    raw = json.loads((path / "config.json").read_text())
+    architecture = ARCHITECTURE_OF.get(raw.get("model_type"))
+    if architecture is None:
+        return AutoConfig.from_pretrained(path)
+    # auto_map names the remote code of the release, which runs the same architecture
+    return AutoConfig.for_model(architecture, **{k: v for k, v in raw.items() if k not in ("model_type", "auto_map")})
+
+
+def _causal_lm_class(path: Path, config):
     """AutoModelForCausalLM where it maps the checkpoint's config class; transformers 5.23 leaves
     mistral4 out of that mapping (its other auto mappings name Mistral4ForCausalLM), so otherwise
     the causal-LM class config.json's `architectures` names."""
     import transformers
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # the mapping AutoModelForCausalLM goes by
         return AutoModelForCausalLM
     for name in config.architectures or ():
