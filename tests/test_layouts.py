@@ -498,7 +498,7 @@ def test_deepseek_holds_hf_tensors_renamed(name):
     hf_config, config = HF.read_config(raw), DEEPSEEK.read_config(raw)
     hf, ours = HF.expected(hf_config, "bf16").values(), DEEPSEEK.expected(config, "bf16").values()
     assert Counter(t.shape for t in ours) == Counter(t.shape for t in hf)
-    # with FP8 the dtypes agree too (bf16 files differ in the router bias: DeepSeek's is always float32)
+    # with FP8 the dtypes agree too (the router bias float32 in both, as the releases hold it)
     hf, ours = HF.expected(hf_config, "fp8").values(), DEEPSEEK.expected(config, "fp8").values()
     assert Counter((t.shape, t.dtype) for t in ours) == Counter((t.shape, t.dtype) for t in hf)
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from remap.errors import RemapError
-from remap.layouts.base import F32, Expected, FilePlan, Layout, Placement, Sections
+from remap.layouts.base import F32, FLOAT, Expected, FilePlan, Layout, Placement, Sections
 from remap.layouts.hf import (
     ExpectedTensors,
     config_error,
@@ -165,7 +165,9 @@ def _block(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
     experts, width = c["n_routed_experts"], c["moe_intermediate_size"]
     t.add(f"{p}.ffn.gate.weight", (experts, hidden))
     if c["topk_method"] == "noaux_tc":
-        t.add(f"{p}.ffn.gate.bias", (experts,), F32)
+        # convert.py copies the file's dtype: float32 in the FP8 releases, any float (bf16 from a
+        # bf16 save_pretrained) otherwise; model.py loads either into its float32 parameter
+        t.add(f"{p}.ffn.gate.bias", (experts,), F32 if t.scheme else FLOAT)
     for e in range(experts):
         _mlp(t, f"{p}.ffn.experts.{e}", hidden, width)
     _mlp(t, f"{p}.ffn.shared_experts", hidden, width * c["n_shared_experts"])
