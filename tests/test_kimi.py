@@ -65,7 +65,7 @@ def test_inspect_detects_kimi(kimi, variant):
     assert f"layout: hf ({variant})" in run.stdout and "model_type=kimi_k2" in run.stdout
 
 
-def _mlx_lm_convert(source: Path, out: Path, monkeypatch) -> Path:
+def _mlx_lm_convert(source: Path, out: Path, monkeypatch, **options) -> Path:
     """mlx_lm.convert, but for its tokenizer: transformers' AutoTokenizer builds the model's config
     first and cannot for kimi_k2 without Moonshot's remote code (test below), so the fixtures'
     tokenizer is loaded by its own class. Weights and config.json are mlx-lm's doing."""
@@ -74,7 +74,7 @@ def _mlx_lm_convert(source: Path, out: Path, monkeypatch) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     monkeypatch.setattr(tokenizer_utils, "AutoTokenizer", PreTrainedTokenizerFast)
-    mlx_convert(hf_path=str(source), mlx_path=str(out), dtype="bfloat16")
+    mlx_convert(hf_path=str(source), mlx_path=str(out), dtype="bfloat16", **options)
     return out
 
 
@@ -99,6 +99,20 @@ def test_kimi_converts_to_what_mlx_lm_convert_writes(kimi, tmp_path, monkeypatch
     assert {k: v for k, v in their_config.items() if k != "quantization_config"} == ours
     assert ours["model_type"] == "kimi_k2" and ours["rope_scaling"] == KIMI_K2["rope_scaling"]
     assert ours["rope_theta"] == KIMI_K2["rope_theta"] and "quantization_config" not in ours
+
+
+def test_kimi_quantizes_to_what_mlx_lm_convert_q_writes_and_returns_to_hf_byte_for_byte(kimi, tmp_path, monkeypatch):
+    run = cli("convert", kimi["bf16"], tmp_path / "q4", "--spec", "hf-to-mlx", "-q", "--quantize", "4")
+    assert run.returncode == 0, run.stdout + run.stderr
+    theirs = _mlx_lm_convert(kimi["bf16"], tmp_path / "theirs", monkeypatch, quantize=True, q_bits=4)
+    a, b = api.open_source(tmp_path / "q4"), api.open_source(theirs)
+    assert set(a.tensors) == set(b.tensors)
+    assert [n for n in b.tensors if bytes(a.read_bytes(n)) != bytes(b.read_bytes(n))] == []
+    assert cli("convert", kimi["bf16"], tmp_path / "mlx", "--spec", "hf-to-mlx", "-q").returncode == 0
+    assert cli("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "mlx-to-hf", "-q").returncode == 0
+    back, source = api.open_source(tmp_path / "hf"), api.open_source(kimi["bf16"])
+    assert set(back.tensors) == set(source.tensors)
+    assert [n for n in source.tensors if bytes(back.read_bytes(n)) != bytes(source.read_bytes(n))] == []
 
 
 def _converted(source: Path, spec: str, out: Path) -> Path:
