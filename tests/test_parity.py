@@ -462,3 +462,25 @@ def test_parity_of_a_finished_quantized_conversion_replays_its_recipe(tmp_path):
     assert any(stage == "mlx-quantize" for stage, _ in rules)
     shown = _remap("parity", FIXTURES / "hf-bf16", out)
     assert shown.returncode == 1 and "layer 1 shared gate read from up" in shown.stdout
+
+
+def test_a_drift_with_a_lossless_conversion_is_put_on_the_runtimes(monkeypatch):
+    """hf-to-mlx only moves bytes: if the runtimes then disagree (here mlx-lm is made to, by a
+    planted shift of its logits), parity says the runtimes differ by themselves, not the spec."""
+    from remap.parity import runtimes
+    from remap.render.parity import _verdict
+
+    real = runtimes.mlx_runtime
+
+    def shifted(checkpoint, dtype):
+        runtime = real(checkpoint, dtype)
+        forward = runtime.forward
+        runtime.forward = lambda ids: runtimes.Forward(forward(ids).logits + 0.5, forward(ids).hidden)
+        return runtime
+
+    monkeypatch.setattr(runtimes, "mlx_runtime", shifted)
+    result = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx")
+    assert not result.ok and result.runtimes_disagree and result.divergence == "head"
+    assert "compute this model differently by themselves" in _verdict(result)
+    lossy = run_parity(FIXTURES / "scratch-trained", spec="scratch-to-mlx-exact")
+    assert not lossy.ok and not lossy.runtimes_disagree  # claims break: the spec is to blame

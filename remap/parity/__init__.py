@@ -67,6 +67,9 @@ class ParityResult:
     claims: list[Loss] = field(default_factory=list)  # on failure: the spec's claims that break, or lose by design
     # on failure: of those, the ones whose rules made the first diverging section: where the drift starts
     starts_in: list[Loss] = field(default_factory=list)
+    # on failure of a conversion that loses nothing (every step moves bytes, every claim holds on the
+    # source): the drift is the two runtimes' own computation, not the spec's doing
+    runtimes_disagree: bool = False
     seconds: float = 0.0
     remap_version: str = __version__
 
@@ -186,6 +189,8 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
         result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
         behind = {(ref.stage, ref.rule) for ref in result.rules}
         result.starts_in = [loss for loss in result.claims if (loss.stage, loss.rule) in behind]
+        lossless = all(loss.claim in ("zero", "redundant", "unused") and loss.holds is not False for loss in measured)
+        result.runtimes_disagree = lossless and sides[0].weights == sides[1].weights
     return result
 
 

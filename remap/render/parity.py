@@ -78,7 +78,11 @@ def _verdict(result: ParityResult) -> str:
     if result.ok:
         return f"PASS: all {len(result.checks)} checks within tolerance"
     first = result.failures[0]
-    return f"FAIL: {len(result.failures)} of {len(result.checks)} checks out of tolerance, e.g. {first.describe()}"
+    verdict = f"FAIL: {len(result.failures)} of {len(result.checks)} checks out of tolerance, e.g. {first.describe()}"
+    if result.runtimes_disagree:
+        verdict += (f". The conversion loses nothing (every step moves the same bytes, every claim holds): "
+                    f"{result.source.runtime} and {result.target.runtime} compute this model differently by themselves")
+    return verdict
 
 
 # -- rich -----------------------------------------------------------------------------------------
