@@ -42,13 +42,13 @@ def main() -> None:
     jobs = [
         ("bf16 -> MLX 4-bit", "bf16-3L",
          ("mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
-         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-to-mlx", "--quantize", "4", "-q"])),
+         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-to-mlx", "--quantize", "4", "--quiet"])),
         ("FP8 -> MLX bf16", "fp8-5L",
          ("mlx_lm.convert", [*mlx_lm, "--hf-path", "{src}"]),
-         ("remap convert", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "-q"])),
+         ("remap convert", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "--quiet"])),
         ("FP8 -> MLX 4-bit", "fp8-5L",
          ("mlx_lm.convert -q", [*mlx_lm, "--hf-path", "{src}", "-q", "--q-bits", "4", "--q-group-size", "64"]),
-         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "--quantize", "4", "-q"])),
+         ("remap convert --quantize 4", [remap, "convert", "{src}", str(out), "--spec", "hf-fp8-to-mlx", "--quantize", "4", "--quiet"])),
     ]
     print("| job | source | tool | wall (s) | peak RSS (MB) | speed-up |")
     print("|---|---|---|---|---|---|")

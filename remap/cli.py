@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 a check failed (report not OK, parity drift), 2 bad input (a
 RemapError: one line saying which file / tensor / rule and what was expected; --debug for the
-traceback).
+traceback). Every flag is checked before any work.
 """
 
 from __future__ import annotations
@@ -13,24 +13,65 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
-from remap.render import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from remap import __version__, api
+from remap import __version__, api, flags
 from remap.errors import RemapError
 from remap.execute import check_destination
-from remap.names import collapse
 from remap.expr import evaluate
+from remap.render import escape
+from remap.render.listing import render_inspect, render_specs, render_verify
 from remap.render.report import render_json, render_markdown, render_rich
+from remap.render.table import FittingConsole
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Options that may stand alone, as mlx_lm.convert's -q does and `inspect --json` always did; alone,
+# each takes this value. (typer builds options through its own click, which has no flag_value.)
+BARE = {"--json": "-", "--quantize": "", "-Q": ""}
+
+
+def _bare_values(args: List[str], options: set) -> List[str]:
+    """`args` with the value a BARE option takes alone put in after it (the end, another option)."""
+    out: List[str] = []
+    for k, arg in enumerate(args):
+        if arg == "--":
+            return out + args[k:]
+        out.append(arg)
+        following = args[k + 1] if k + 1 < len(args) else None
+        if arg in BARE and arg in options and (following is None or (following.startswith("-") and following != "-")):
+            out.append(BARE[arg])
+    return out
+
+
+class _Flags:
+    """--help shows `<bool>` after every flag in typer 0.29 (its type column): flags take no
+    value, so they show none; and the BARE options may stand alone."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _bare_values(list(args), {o for p in self.get_params(ctx) for o in p.opts}))
+
+
+class _Command(_Flags, TyperCommand):
+    pass
+
+
+class _Group(_Flags, TyperGroup):
+    pass
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Plan, convert, verify and parity-check DeepSeek-V3-family checkpoints.")
-console = Console()
-err = Console(stderr=True)
+console = FittingConsole()
+err = FittingConsole(stderr=True)
 _state = {"debug": False}
 
 
@@ -59,71 +100,55 @@ def _params(values: List[str], flag: str = "--param") -> dict[str, Any]:
 SpecOption = typer.Option(..., "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file.")
 InverseOption = typer.Option(False, "--inverse", help="Run the spec backwards.")
 VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g. mlx: embed_q | kv_b_proj).")
-DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to this dtype (bf16, f16, f32).")
+DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to bfloat16, float16 or float32 (or bf16, f16, f32), as mlx_lm.convert --dtype does.")
 ParamOption = typer.Option([], "--param", "-p", help="Spec parameter KEY=VALUE (repeatable).")
 RevisionOption = typer.Option(None, "--revision", help="Hub revision (branch, tag, commit) for a repo id.")
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Let a .pt/.bin file hold Python objects: runs their pickle code, so only for a file you trust.")
-QuantizeOption = typer.Option(None, "--quantize", "-Q", help="MLX targets: quantize as mlx-lm does, to this many bits (2-8) or by a mixed recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).")
-GroupOption = typer.Option(64, "--q-group-size", help="With --quantize: the group size (32, 64, 128).")
+QOption = typer.Option(False, "-q", help="MLX targets: quantize as mlx_lm.convert -q does: --q-bits (default 4), --q-group-size (default 64), or --quant-predicate.")
+QuantizeOption = typer.Option(None, "--quantize", "-Q", metavar="[BITS|RECIPE]", help="MLX targets: quantize; alone as -q, BITS as --q-bits, RECIPE as --quant-predicate.")
+BitsOption = typer.Option(None, "--q-bits", help=f"Bits per weight: {flags.BITS} (what mlx.core.quantize takes). Implies -q.")
+GroupOption = typer.Option(None, "--q-group-size", help=f"Weights per scale and bias: {flags.GROUPS} (default 64). Implies -q.")
+PredicateOption = typer.Option(None, "--quant-predicate", metavar="RECIPE", help=f"mlx-lm's mixed-bit recipe: {flags.RECIPES}. Implies -q.")
 CheckDataOption = typer.Option(None, "--check-data/--no-check-data", help="Measure every claim on the bytes, the sizes of unused and rounded data too (default: the claims data can break, zero and redundant; --no-check-data: headers only).")
 NonfiniteOption = typer.Option(False, "--allow-nonfinite", help="Let quantization take NaN and Inf weights (refused otherwise: they spread over their groups); --check-data then lists where they are.")
 SetOption = typer.Option([], "--set", help="Override a key of the source's config.json (or of the one read off the shapes) KEY=VALUE (repeatable).")
 
 
-def _emit_report(report, *, full: bool, json_file: Optional[Path], markdown_file: Optional[Path]) -> None:
-    render_rich(report, console, full=full)
-    if json_file:
-        json_file.write_text(render_json(report) + "\n")
-    if markdown_file:
-        markdown_file.write_text(render_markdown(report, full=full))
+def JsonOption(what: str) -> Any:
+    return typer.Option(None, "--json", metavar="[PATH|-]", help=f"Write {what} as JSON to PATH; - or alone: to stdout, and nothing else there.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     checkpoint: str = typer.Argument(..., help="Directory, .safetensors file, .pt/.bin, or hub repo id."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    json_file: Optional[str] = JsonOption("the summary and every tensor"),
     full: bool = typer.Option(False, "--full", help="One row per tensor (no collapsing of layer indices)."),
     revision: Optional[str] = RevisionOption,
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """What a checkpoint is: its tensors, the detected layout and variant, its config."""
-    ckpt = api.open_source(checkpoint, revision=revision, allow_pickle=allow_pickle)
-    tensors = ckpt.tensors
-    detection = api.identify(ckpt)
-    summary = {
-        "source": ckpt.source,
-        "files": list(ckpt.files),
-        "tensors": len(tensors),
-        "bytes": sum(t.nbytes for t in tensors.values()),
-        "layout": detection.layout,
-        "variant": detection.variant,
-        "mp": ckpt.ranks,  # model-parallel ranks, put together into the tensors listed
-        "detail": detection.describe(),
-        "config": {k: v for k, v in (detection.config or ckpt.config or {}).items() if not isinstance(v, (dict, list))},
-        "config_source": "tensor shapes" if detection.inferred else "config.json" if ckpt.config is not None else None,
-        "assumed": list(_assumed(detection)),
-    }
-    if as_json:
-        summary["tensor_list"] = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
-        print(json.dumps(summary, indent=2))
-    else:
-        table = Table(title=f"{ckpt.source}: {len(tensors)} tensors, {summary['bytes'] / 2**20:.1f} MiB", header_style="bold")
-        for column in ("tensor", "shape", "dtype", "MiB"):
-            table.add_column(column, overflow="fold")
-        items = sorted(tensors.values(), key=lambda t: _natural(t.name))
-        groups = [(t.name, [t]) for t in items] if full else collapse(items, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype))
-        for name, members in groups:
-            t = members[0]
-            table.add_row(escape(name), str(list(t.shape)), t.dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
-        console.print(table)
-        shown = ", ".join(f"{k}={v}" for k, v in summary["config"].items() if k in _CONFIG_SUMMARY)
-        console.print(f"config: {escape(shown) or '(no config.json)'}")
-        if detection.inferred:
-            assumed = ", ".join(f"{k}={detection.raw_config[k]}" for k in summary["assumed"])
-            console.print("config read off the tensors' shapes (no config.json)"
-                          + (f"; assumed {assumed}: override with --set KEY=VALUE" if assumed else ""), soft_wrap=True)
-        mp = f", mp={ckpt.ranks} (model-parallel files, read as whole tensors)" if ckpt.ranks > 1 else ""
-        console.print(f"layout: [bold]{detection.describe()}[/]{mp}" if detection.layout else f"[red]layout: {detection.describe()}[/]")
+    outputs = flags.Outputs(json=json_file)
+    with outputs.working():
+        ckpt = api.open_source(checkpoint, revision=revision, allow_pickle=allow_pickle)
+        tensors = ckpt.tensors
+        detection = api.identify(ckpt)
+        summary = {
+            "source": ckpt.source,
+            "files": list(ckpt.files),
+            "tensors": len(tensors),
+            "bytes": sum(t.nbytes for t in tensors.values()),
+            "layout": detection.layout,
+            "variant": detection.variant,
+            "mp": ckpt.ranks,  # model-parallel ranks, put together into the tensors listed
+            "detail": detection.describe(),
+            "config": {k: v for k, v in (detection.config or ckpt.config or {}).items() if not isinstance(v, (dict, list))},
+            "config_source": "tensor shapes" if detection.inferred else "config.json" if ckpt.config is not None else None,
+            "assumed": list(_assumed(detection)),
+        }
+        if not outputs.piped:
+            render_inspect(summary, list(tensors.values()), detection, console, full=full)
+    tensor_list = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
+    outputs.write(json=lambda: json.dumps({**summary, "tensor_list": tensor_list}, indent=2) + "\n")
     if detection.layout is None:
         raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
 
@@ -135,16 +160,7 @@ def _assumed(detection) -> tuple[str, ...]:
     return get_layout(detection.layout).assumed if detection.inferred else ()
 
 
-_CONFIG_SUMMARY = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                   "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "vocab_size")
-
-
-def _natural(name: str):
-    from remap.plan import natural_key
-    return natural_key(name)
-
-
-@app.command()
+@app.command(cls=_Command)
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
     spec: str = SpecOption,
@@ -155,24 +171,32 @@ def report(
     settings: List[str] = SetOption,
     allow_nonfinite: bool = NonfiniteOption,
     check_data: Optional[bool] = CheckDataOption,
+    q: bool = QOption,
     quantize: Optional[str] = QuantizeOption,
-    q_group_size: int = GroupOption,
+    q_bits: Optional[int] = BitsOption,
+    q_group_size: Optional[int] = GroupOption,
+    quant_predicate: Optional[str] = PredicateOption,
     full: bool = typer.Option(False, "--full", help="One row per tensor."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown here."),
+    json_file: Optional[str] = JsonOption("the report (schemas/report.schema.json)"),
+    markdown_file: Optional[str] = typer.Option(None, "--markdown", metavar="PATH|-", help="Write the report as Markdown to PATH (- : stdout)."),
     revision: Optional[str] = RevisionOption,
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
-                          dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                          quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle)
-    result = api.report(plan, ckpt, check=check_data)
-    _emit_report(result, full=full, json_file=json_file, markdown_file=markdown_file)
+    quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
+    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file)
+    with outputs.working():
+        plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
+                              dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
+                              quantize=quantization, group_size=group_size, allow_pickle=allow_pickle)
+        result = api.report(plan, ckpt, check=check_data)
+        if not outputs.piped:
+            render_rich(result, console, full=full)
+    outputs.write(json=lambda: render_json(result) + "\n", markdown=lambda: render_markdown(result, full=full))
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     src: str = typer.Argument(..., help="Source checkpoint: directory, file, or hub repo id."),
     dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
@@ -183,28 +207,34 @@ def convert(
     param: List[str] = ParamOption,
     settings: List[str] = SetOption,
     allow_nonfinite: bool = NonfiniteOption,
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file: bytes, or with KB, MB, GB, TB (5GB)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Steps computed in parallel."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the report; write nothing (exit 2 where convert would refuse DST)."),
     check_data: Optional[bool] = CheckDataOption,
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Convert even where the data breaks a claim (the report and manifest record each break and its size)."),
+    q: bool = QOption,
     quantize: Optional[str] = QuantizeOption,
-    q_group_size: int = GroupOption,
+    q_bits: Optional[int] = BitsOption,
+    q_group_size: Optional[int] = GroupOption,
+    quant_predicate: Optional[str] = PredicateOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="sha256 of every output file in the manifest (one extra pass over the data)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print the report only when it is not OK."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print the report only when it is not OK (-q quantizes, as in mlx_lm.convert)."),
     revision: Optional[str] = RevisionOption,
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
+    quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
+    dtype = flags.cast("--dtype", dtype)
+    flags.shard_size_flag(max_shard_size)
     plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
                           dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                          quantize=quantize, group_size=q_group_size, max_shard_size=max_shard_size,
+                          quantize=quantization, group_size=group_size, max_shard_size=max_shard_size,
                           allow_pickle=allow_pickle)
-    check_destination(dst, ckpt)  # before the report prints: a refused output needs no report
+    _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
     result = api.report(plan, ckpt, check=check_data)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
@@ -228,12 +258,22 @@ def convert(
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
 
 
+def _check_destination(dst: Path, ckpt, *, force: bool, resume: bool, dry_run: bool) -> None:
+    """Before the report prints: a refused output needs no report, and a dry run says it would be refused."""
+    try:
+        check_destination(dst, ckpt, force=force, resume=resume)
+    except RemapError as exc:
+        if dry_run:
+            exc.message = f"convert would refuse it (--dry-run wrote nothing): {exc.message}"
+        raise
+
+
 def _coverage(result) -> str:
     from remap.render.report import coverage_line
     return coverage_line(result).split(" -> ")[0]
 
 
-@app.command()
+@app.command(cls=_Command)
 def invert(
     spec: str = typer.Argument(..., help="Spec to invert (bundled name or file)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
@@ -247,19 +287,22 @@ def invert(
         print(text, end="")
 
 
-@app.command()
-def verify(dst: Path = typer.Argument(..., help="A directory written by `remap convert`.")) -> None:
+@app.command(cls=_Command)
+def verify(
+    dst: Path = typer.Argument(..., help="A directory written by `remap convert`."),
+    json_file: Optional[str] = JsonOption("the result"),
+) -> None:
     """Re-check a converted checkpoint: every file's sha256 and every tensor's header."""
-    result = api.verify(dst)
-    for problem in result.problems:
-        console.print(f"[red]problem:[/] {escape(problem)}")
-    status = ("[green]OK[/]" if result.hashed else "[yellow]OK, headers only[/]") if result.ok else "[red]NOT OK[/]"
-    evidence = f" ({'; '.join(result.evidence)})" if result.evidence else ""
-    console.print(f"{status}: {result.checked_files} files, {result.checked_tensors} tensors checked{escape(evidence)}")
+    outputs = flags.Outputs(json=json_file)
+    with outputs.working():
+        result = api.verify(dst)
+        if not outputs.piped:
+            render_verify(result, console)
+    outputs.write(json=lambda: json.dumps({"dst": str(dst), **result.to_dict()}, indent=2) + "\n")
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def parity(
     src: str = typer.Argument(..., help="Source checkpoint, run by the runtime of its layout (transformers, ScratchModel, mlx-lm)."),
     dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
@@ -269,12 +312,15 @@ def parity(
     param: List[str] = ParamOption,
     settings: List[str] = SetOption,
     torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Run SRC with your own PyTorch model code: a .py file defining build(config, state_dict) and forward(model, input_ids), optionally layers(model)."),
+    q: bool = QOption,
     quantize: Optional[str] = QuantizeOption,
-    q_group_size: int = GroupOption,
+    q_bits: Optional[int] = BitsOption,
+    q_group_size: Optional[int] = GroupOption,
+    quant_predicate: Optional[str] = PredicateOption,
     tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per sequence."),
     batch: int = typer.Option(2, "--batch", min=1, help="Sequences."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype on both sides: float32 | bfloat16 | float16."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype on both sides: float32, bfloat16 or float16 (or f32, bf16, f16)."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Largest |logit difference|, as a fraction of max |source logit|."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Lowest mean cosine similarity of the logits."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Lowest fraction of positions whose top-1 token agrees."),
@@ -282,9 +328,9 @@ def parity(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest mean KL(source || target), in nats."),
     max_hidden_error: Optional[float] = typer.Option(None, "--max-hidden-error", help="Largest |difference| of a hidden state, as a fraction of its max |source value|."),
     max_hidden_rms: Optional[float] = typer.Option(None, "--max-hidden-rms", help="Largest RMS difference of a hidden state, as a fraction of its RMS."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
-    junit_file: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML here (one testcase per check)."),
-    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Also write the result as Markdown here."),
+    json_file: Optional[str] = JsonOption("the result (schemas/parity.schema.json)"),
+    junit_file: Optional[str] = typer.Option(None, "--junit", metavar="PATH|-", help="Write JUnit XML to PATH, one testcase per check (- : stdout)."),
+    markdown_file: Optional[str] = typer.Option(None, "--markdown", metavar="PATH|-", help="Write the result as Markdown to PATH (- : stdout)."),
     revision: Optional[str] = RevisionOption,
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
@@ -292,29 +338,25 @@ def parity(
     from remap.parity import run_parity
     from remap.render.parity import render_json, render_junit, render_markdown, render_rich
 
+    quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
+    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
-    result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
-                        settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
-                        quantize=quantize, group_size=q_group_size, allow_pickle=allow_pickle,
-                        tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
-    render_rich(result, console)
-    for path, render in ((json_file, render_json), (junit_file, render_junit), (markdown_file, render_markdown)):
-        if path:
-            path.write_text(render(result))
+    with outputs.working():
+        result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
+                            settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
+                            quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,
+                            tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
+        if not outputs.piped:
+            render_rich(result, console)
+    outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command()
-def specs() -> None:
-    """List the bundled mapping specs."""
-    table = Table(header_style="bold")
-    for column in ("spec", "from", "to", "description"):
-        table.add_column(column, overflow="fold")
-    for path in bundled_specs():
-        s = load_spec(path)
-        table.add_row(s.name, s.source_layout, s.target_layout, s.description.strip())
-    console.print(table)
+@app.command(cls=_Command)
+def specs(full: bool = typer.Option(False, "--full", help="Each spec's whole description.")) -> None:
+    """List the bundled mapping specs: name, from -> to, what each does."""
+    render_specs([load_spec(path) for path in bundled_specs()], console, full=full)
 
 
 def run() -> None:

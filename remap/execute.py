@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
-from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_overlap
+from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_existing, refuse_overlap
 from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import sha256_file
 from remap.io.textfiles import read_json
@@ -126,13 +126,17 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
     return files
 
 
-def check_destination(dst: str | Path, checkpoint: Checkpoint) -> None:
+def check_destination(dst: str | Path, checkpoint: Checkpoint, *, force: bool | None = None,
+                      resume: bool = False) -> None:
     """Refuse, before any work, an output that overlaps what the conversion reads, or a path the
-    system cannot hold (a name too long, a parent that is a file)."""
+    system cannot hold (a name too long, a parent that is a file); given `force`, also an existing
+    output (or `.partial`) that convert(force=force, resume=resume) would refuse."""
     with disk_errors(dst):
         for path in (Path(dst), Path(f"{dst}{PARTIAL_SUFFIX}")):
             path.exists()  # raises for a name too long, a loop of links, no permission
     refuse_overlap(dst, _source_paths(checkpoint))
+    if force is not None:
+        refuse_existing(dst, force=force, resume=resume, ours=_made_by_remap)
 
 
 def _made_by_remap(path: Path) -> bool:

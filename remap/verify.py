@@ -10,7 +10,7 @@ which checks ran.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from remap.errors import RemapError
@@ -31,6 +31,9 @@ class Verification:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
 
 
 def verify(dst: str | Path) -> Verification:

@@ -231,7 +231,7 @@ def test_more_shards_than_open_files_allowed(tiny_hf, tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
 
     run = subprocess.run([*REMAP, "convert", str(tiny_hf), str(tmp_path / "out"), "--spec", "hf-to-mlx",
-                          "--max-shard-size", "2KB", "-q"], capture_output=True, text=True, preexec_fn=few_files)
+                          "--max-shard-size", "2KB", "--quiet"], capture_output=True, text=True, preexec_fn=few_files)
     assert run.returncode == 0, run.stderr
     shards = list((tmp_path / "out").glob("model-*.safetensors"))
     assert len(shards) > 32

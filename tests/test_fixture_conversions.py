@@ -111,7 +111,7 @@ def test_inverted_spec_file_from_the_cli_converts_mlx_back(tmp_path):
     from tests.test_convert import remap
 
     remap("invert", "hf-to-mlx", "-o", tmp_path / "mlx-to-hf.yaml")
-    remap("convert", FIXTURES / "mlx", tmp_path / "hf", "--spec", tmp_path / "mlx-to-hf.yaml", "-q")
+    remap("convert", FIXTURES / "mlx", tmp_path / "hf", "--spec", tmp_path / "mlx-to-hf.yaml", "--quiet")
     assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(FIXTURES / "hf-bf16/model.safetensors")
 
 
@@ -131,7 +131,7 @@ def test_convert_from_a_hub_repo_in_the_local_cache(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     run = subprocess.run([sys.executable, "-m", "remap.cli", "convert", "deepseek-tiny/hf-bf16", str(tmp_path / "mlx"),
-                          "--spec", "hf-to-mlx", "--revision", "main", "-q"], capture_output=True, text=True, env=env)
+                          "--spec", "hf-to-mlx", "--revision", "main", "--quiet"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "mlx/remap-manifest.json").read_text())
     assert manifest["source"] == "deepseek-tiny/hf-bf16" and manifest["source_revision"] == commit
@@ -291,7 +291,7 @@ def test_mistral4_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(tmp
     from tests.test_convert import remap
 
     source = tiny_mistral4(name)
-    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "-q")
+    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "--quiet")
     theirs = _mlx_lm_convert(source, tmp_path / "theirs")
     _same_tensors(tmp_path / "ours", theirs)
     config = lambda path: json.loads((path / "config.json").read_text())
@@ -299,7 +299,7 @@ def test_mistral4_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(tmp
     assert ("lm_head.weight" in api.open_source(theirs).tensors) == (name == "untied")
     _mlx_generates(tmp_path / "ours")
 
-    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "-q")
+    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "--quiet")
     assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(source / "model.safetensors")
     assert config(tmp_path / "hf") == config(source)
     _transformers_loads(tmp_path / "hf", Mistral4ForCausalLM)
@@ -345,7 +345,7 @@ def test_deepseek_v2_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(
     from tests.test_convert import remap
 
     source = tiny_deepseek_v2(name)
-    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "-q")
+    remap("convert", source, tmp_path / "ours", "--spec", "hf-to-mlx", "--quiet")
     theirs = _mlx_lm_convert(source, tmp_path / "theirs")
     _same_tensors(tmp_path / "ours", theirs)
     assert _mlx_config(tmp_path / "ours") == _mlx_config(theirs)
@@ -354,7 +354,7 @@ def test_deepseek_v2_hf_to_mlx_writes_what_mlx_lm_convert_writes_and_comes_back(
     assert not any(".embed_q." in n or "e_score_correction_bias" in n for n in tensors)
     _mlx_generates(tmp_path / "ours")
 
-    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "-q")
+    remap("convert", theirs, tmp_path / "hf", "--spec", "mlx-to-hf", "--quiet")
     assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(source / "model.safetensors")
     _transformers_loads(tmp_path / "hf", DeepseekV2ForCausalLM)
 

@@ -89,7 +89,7 @@ def test_mlx_lm_convert_cannot_load_kimis_tokenizer_without_moonshots_code(kimi,
 def test_kimi_converts_to_what_mlx_lm_convert_writes(kimi, tmp_path, monkeypatch, variant, spec):
     """Tensors byte for byte, the model type and the yarn scaling kept; the FP8 quantization_config
     is gone from ours (mlx-lm's convert leaves it in, over dequantized weights)."""
-    run = cli("convert", kimi[variant], tmp_path / "ours", "--spec", spec, "-q")
+    run = cli("convert", kimi[variant], tmp_path / "ours", "--spec", spec, "--quiet")
     assert run.returncode == 0, run.stdout + run.stderr
     theirs = _mlx_lm_convert(kimi[variant], tmp_path / "theirs", monkeypatch)
     a, b = api.open_source(tmp_path / "ours"), api.open_source(theirs)
@@ -102,14 +102,14 @@ def test_kimi_converts_to_what_mlx_lm_convert_writes(kimi, tmp_path, monkeypatch
 
 
 def test_kimi_quantizes_to_what_mlx_lm_convert_q_writes_and_returns_to_hf_byte_for_byte(kimi, tmp_path, monkeypatch):
-    run = cli("convert", kimi["bf16"], tmp_path / "q4", "--spec", "hf-to-mlx", "-q", "--quantize", "4")
+    run = cli("convert", kimi["bf16"], tmp_path / "q4", "--spec", "hf-to-mlx", "--quiet", "--quantize", "4")
     assert run.returncode == 0, run.stdout + run.stderr
     theirs = _mlx_lm_convert(kimi["bf16"], tmp_path / "theirs", monkeypatch, quantize=True, q_bits=4)
     a, b = api.open_source(tmp_path / "q4"), api.open_source(theirs)
     assert set(a.tensors) == set(b.tensors)
     assert [n for n in b.tensors if bytes(a.read_bytes(n)) != bytes(b.read_bytes(n))] == []
-    assert cli("convert", kimi["bf16"], tmp_path / "mlx", "--spec", "hf-to-mlx", "-q").returncode == 0
-    assert cli("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "mlx-to-hf", "-q").returncode == 0
+    assert cli("convert", kimi["bf16"], tmp_path / "mlx", "--spec", "hf-to-mlx", "--quiet").returncode == 0
+    assert cli("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "mlx-to-hf", "--quiet").returncode == 0
     back, source = api.open_source(tmp_path / "hf"), api.open_source(kimi["bf16"])
     assert set(back.tensors) == set(source.tensors)
     assert [n for n in source.tensors if bytes(back.read_bytes(n)) != bytes(source.read_bytes(n))] == []

@@ -71,7 +71,7 @@ def test_back_to_hf_from_any_mp_is_the_same_file(deepseek, tmp_path):
     """The inverse reads the ranks as one: mp 1, 2 and 4 give the same hf file, the source's byte
     for byte, and a second round trip gives it back again."""
     for mp, path in deepseek.items():
-        remap("convert", path, tmp_path / f"back{mp}", "--spec", "hf-to-deepseek", "--inverse", "-q")
+        remap("convert", path, tmp_path / f"back{mp}", "--spec", "hf-to-deepseek", "--inverse", "--quiet")
     back = tmp_path / "back2/model.safetensors"
     assert sha256_file(back) == sha256_file(tmp_path / "back1/model.safetensors") == sha256_file(
         tmp_path / "back4/model.safetensors")

@@ -298,7 +298,7 @@ def test_hf_mlx_hf_round_trip_is_bit_exact_and_parity_identical(tmp_path):
     original = FIXTURES / "hf-bf16"
     plan, checkpoint = api.plan(original, "hf-to-mlx")
     api.convert(plan, checkpoint, tmp_path / "mlx")
-    inverted = _remap("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "hf-to-mlx", "--inverse", "-q")
+    inverted = _remap("convert", tmp_path / "mlx", tmp_path / "hf", "--spec", "hf-to-mlx", "--inverse", "--quiet")
     assert inverted.returncode == 0, inverted.stderr
     assert sha256_file(tmp_path / "hf/model.safetensors") == sha256_file(original / "model.safetensors")
 
@@ -451,7 +451,7 @@ def test_parity_of_a_finished_quantized_conversion_replays_its_recipe(tmp_path):
     assert done.returncode == 0, done.stderr
     recipe = json.loads((out / "remap-manifest.json").read_text())["recipe"]
     assert recipe == {"source": str((FIXTURES / "hf-bf16").resolve()), "spec": str(spec.resolve()), "inverse": False,
-                      "variant": "embed_q", "params": {}, "settings": {}, "quantize": "4", "group_size": 32, "dtype": None,
+                      "variant": "embed_q", "params": {}, "settings": {}, "quantize": 4, "group_size": 32, "dtype": None,
                       "max_shard_size": "5GB", "revision": None, "allow_nonfinite": False}
     result = run_parity(FIXTURES / "hf-bf16", out)
     assert result.spec == "hf-to-mlx-shared-swapped+4bit" and result.profile == "quantized"

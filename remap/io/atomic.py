@@ -79,6 +79,13 @@ def atomic_output(
         _fsync(dst.parent)
 
 
+def refuse_existing(dst: str | os.PathLike, *, force: bool = False, resume: bool = False,
+                    ours: Callable[[Path], bool] = _empty) -> None:
+    """What atomic_output would refuse about an existing `dst` or `.partial`, said before any work."""
+    dst = Path(os.path.abspath(dst))
+    _check_existing(dst, dst.with_name(dst.name + PARTIAL_SUFFIX), force, resume, ours)
+
+
 def _check_existing(dst: Path, partial: Path, force: bool, resume: bool, ours: Callable[[Path], bool]) -> None:
     if dst.exists() or dst.is_symlink():
         if not force:

@@ -6,6 +6,7 @@ Knows names, dtypes and shapes only, never bytes: ShardWriter (writer.py) writes
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,22 @@ class ShardPlan:
         return sum(entry.nbytes for entry in self.entries)
 
 
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's (decimal, as save_pretrained)
+
+
+def shard_size(value: int | str) -> int:
+    """Bytes, from a number of bytes (int or digits) or a number and a unit: '5GB', '1.5GB', '500mb'."""
+    text = str(value).strip()
+    unit = text[-2:].upper() if text[-2:].upper() in SIZE_UNITS else ""
+    try:
+        size = float(text[:len(text) - len(unit)]) * SIZE_UNITS.get(unit, 1)
+    except ValueError:
+        size = math.nan
+    if isinstance(value, bool) or not (math.isfinite(size) and size >= 1):
+        raise RemapError(f"bad shard size {value!r}", expected="a positive number of bytes, or of KB, MB, GB or TB: a size like '5GB'")
+    return int(size)
+
+
 def plan_shards(entries: Iterable[EntryLike], max_shard_size: int | str = "5GB") -> list[ShardPlan]:
     """Split tensors into files as transformers' save_pretrained does, with huggingface_hub's own
     splitter: shards filled in the given order; a tensor bigger than `max_shard_size` gets a shard
@@ -59,15 +76,12 @@ def plan_shards(entries: Iterable[EntryLike], max_shard_size: int | str = "5GB")
         if entry.name in by_name:
             raise RemapError("two output tensors have this name", tensor=entry.name)
         by_name[entry.name] = entry
-    try:
-        split = split_state_dict_into_shards_factory(
-            by_name,
-            get_storage_size=lambda entry: entry.nbytes,
-            filename_pattern="model{suffix}.safetensors",
-            max_shard_size=max_shard_size,
-        )
-    except ValueError as e:
-        raise RemapError(f"bad shard size {max_shard_size!r}: {e}", expected="bytes, or a size like '5GB'") from e
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda entry: entry.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=shard_size(max_shard_size),
+    )
     return [
         ShardPlan(file, tuple(by_name[name] for name in names)) for file, names in split.filename_to_tensors.items()
     ]

@@ -201,13 +201,19 @@ class MlxLayout(Layout):
         record_quantization(config, steps)
 
     def quantization(self, quantize: int | str, group_size: int) -> tuple[str, dict[str, Any], str]:
-        """mlx-lm's affine quantization: bits, or one of its mixed recipes by name."""
+        """mlx-lm's affine quantization: bits, or one of its mixed recipes by name; bits and group
+        size are those mlx.core.quantize takes."""
+        from remap.ops.quant import MLX_BITS, MLX_GROUP_SIZES
+
         if str(quantize) in MIXED_RECIPES:
             (bits, high_bits), label = MIXED_RECIPES[str(quantize)], str(quantize)
-        elif isinstance(quantize, int) or str(quantize).isdigit():
+        elif str(quantize).isdigit() and int(quantize) in MLX_BITS:
             bits, high_bits, label = int(quantize), 0, f"{int(quantize)}bit"
         else:
-            raise RemapError(f"--quantize {quantize!r}", expected="bits (2-8) or a mixed recipe: " + ", ".join(MIXED_RECIPES))
+            raise RemapError(f"--quantize {quantize!r}", expected=f"bits ({', '.join(map(str, MLX_BITS))}) "
+                             f"or a mixed recipe ({', '.join(MIXED_RECIPES)})")
+        if group_size not in MLX_GROUP_SIZES:
+            raise RemapError(f"--q-group-size {group_size!r}", expected=", ".join(map(str, MLX_GROUP_SIZES)))
         return "mlx-quantize", {"bits": bits, "group_size": group_size, "high_bits": high_bits}, label
 
     def runtime(self, checkpoint, dtype: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 from remap.render import escape
-from rich.table import Table
+from remap.render.table import print_table
 
 from remap.parity import ParityResult
 from remap.parity.compare import LABELS, Check, RuleRef
@@ -95,31 +95,21 @@ def render_rich(result: ParityResult, console: Console) -> None:
     console.print(f"  target  {escape(_side(result, 'target'))}")
     console.print(f"  {escape(_setup(result))}")
 
-    table = Table(title="logits", header_style="bold", title_justify="left")
-    for column in ("metric", "value", "tolerance", ""):
-        table.add_column(column)
-    for label, value, limit, check in _logit_rows(result):
-        table.add_row(escape(label), escape(value), escape(limit), _status(check and check.ok))
-    console.print(table)
-
-    table = Table(title="hidden states (before the final norm)", header_style="bold", title_justify="left")
-    for column in HIDDEN_COLUMNS:
-        table.add_column(column)
+    print_table(console, ("metric", "value", "tolerance", ""),
+                [(escape(label), escape(value), escape(limit), _status(check and check.ok))
+                 for label, value, limit, check in _logit_rows(result)], title="logits")
+    rows = []
     for section, metrics in result.hidden.items():
         mark = " [red]<- first divergence[/]" if section == result.divergence else ""
-        table.add_row(section, *_hidden_values(metrics), _status(_hidden_status(result, section)) + mark)
-    console.print(table)
+        rows.append((escape(section), *_hidden_values(metrics), _status(_hidden_status(result, section)) + mark))
+    print_table(console, HIDDEN_COLUMNS, rows, title="hidden states (before the final norm)")
 
     if result.divergence:
         console.print(f"[red]first divergence[/]: [bold]{result.divergence}[/]")
         if result.rules:
-            table = Table(title=f"spec rules that made the {result.divergence} tensors", header_style="bold",
-                          title_justify="left")
-            for column in ("stage", "rule", "where", "tensors"):
-                table.add_column(column, overflow="fold")
-            for ref in result.rules:
-                table.add_row(escape(ref.stage), escape(ref.rule), escape(_where(ref)), "\n".join(escape(t) for t in ref.tensors))
-            console.print(table)
+            print_table(console, ("stage", "rule", "where", "tensors"),
+                        [(escape(ref.stage), escape(ref.rule), escape(_where(ref)), "\n".join(escape(t) for t in ref.tensors))
+                         for ref in result.rules], title=f"spec rules that made the {result.divergence} tensors")
         elif result.spec is None:
             console.print(f"  ({NO_SPEC})")
         for loss in result.starts_in:

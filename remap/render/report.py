@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 from remap.render import escape
-from rich.table import Table
+from remap.render.table import print_table
 
 from remap.names import collapse
 from remap.report import Report, Row
@@ -44,36 +44,37 @@ def coverage_line(report: Report) -> str:
 def render_rich(report: Report, console: Console, *, full: bool = False) -> None:
     src, tgt = report.source, report.target
     console.print(f"[bold]{escape(report.spec)}[/]: {src['layout']} ({src['variant']}) -> {tgt['layout']} ({tgt['variant']})")
-    table = Table(show_lines=False, header_style="bold")
-    for column in ("target tensor", "shape", "dtype", "from", "ops", "status"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for name, sources, row in _collapsed_rows(report.rows, full):
-        status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(escape(name), str(row.shape), row.dtype, "\n".join(escape(s) for s in _from_column(name, sources)),
-                      " > ".join(row.ops), status)
-    console.print(table)
+        status = "[green]ok[/]" if row.status == "ok" else f"[red]{escape(row.status)}[/]"
+        rows.append((escape(name), str(row.shape), row.dtype, "\n".join(escape(s) for s in _from_column(name, sources)),
+                     " > ".join(row.ops), status))
+    print_table(console, ("target tensor", "shape", "dtype", "from", "ops", "status"), rows)
     for m in report.missing:
         console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
     console.print(coverage_line(report))
     if report.unmatched:
         console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
     if report.losses:
-        stages = {loss.stage for loss in report.losses} | {report.spec}
-        losses = Table(title="what the conversion discards or rounds", header_style="bold")
-        for column in ("rule", "claim", "what", "x", "measured", "exact when"):
-            losses.add_column(column, overflow="fold")
-        for loss in report.losses:
-            measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
-            if loss.holds is False:
-                measured = f"[red]{measured} LOSSY[/]" + (f"\nat {escape(loss.where)}" if loss.where else "")
-            elif loss.holds:
-                measured = f"[green]{measured} holds[/]"
-            rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
-            losses.add_row(escape(rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason))
-        console.print(losses)
+        print_table(console, ("rule", "claim", "what", "x", "measured", "exact when"), _loss_rows(report),
+                    title="what the conversion discards or rounds")
     for problem in report.problems:
         console.print(f"[red]problem:[/] {escape(problem)}")
     console.print(f"[green]{escape(report.verdict)}[/]" if report.ok else "[red]NOT OK[/]")
+
+
+def _loss_rows(report: Report) -> list[tuple[str, ...]]:
+    stages = {loss.stage for loss in report.losses} | {report.spec}
+    rows = []
+    for loss in report.losses:
+        measured = "" if loss.magnitude is None else f"max |x| {loss.magnitude:.3g}"
+        if loss.holds is False:
+            measured = f"[red]{measured} LOSSY[/]" + (f"\nat {escape(loss.where)}" if loss.where else "")
+        elif loss.holds:
+            measured = f"[green]{measured} holds[/]"
+        rule = loss.rule if len(stages) == 1 else f"{loss.stage}: {loss.rule}"
+        rows.append((escape(rule), loss.claim, escape(loss.what), str(loss.count), measured, escape(loss.reason)))
+    return rows
 
 
 def render_json(report: Report) -> str:
