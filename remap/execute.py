@@ -140,8 +140,16 @@ def check_destination(dst: str | Path, checkpoint: Checkpoint, *, force: bool | 
 
 
 def _made_by_remap(path: Path) -> bool:
-    """A directory remap wrote (its manifest) or was writing (its resume record)."""
-    return (path / MANIFEST).is_file() or (path / RESUME).is_file()
+    """A directory remap wrote, holding nothing its manifest does not name (a file a user put
+    there since would be lost to --force), or one it was writing (its resume record, or that
+    record's temporary when a run was killed while writing it)."""
+    if (path / MANIFEST).is_file():
+        try:
+            listed = read_json(path / MANIFEST, "manifest").get("files")
+        except (RemapError, AttributeError):  # unreadable, or not an object
+            return False
+        return isinstance(listed, dict) and all(name in listed or name in (MANIFEST, RESUME) for name in os.listdir(path))
+    return (path / RESUME).is_file() or (path / f"{RESUME}{INCOMPLETE_SUFFIX}").is_file()
 
 
 def _source_paths(checkpoint: Checkpoint) -> list[Path]:

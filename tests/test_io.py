@@ -655,7 +655,10 @@ def test_atomic_output_failure_keeps_partial_for_resume(tmp_path, failure):
     with pytest.raises(RemapError, match="--resume"):
         with atomic_output(dst):
             pass
-    with atomic_output(dst, resume=True) as work:
+    with pytest.raises(RemapError, match="continues only its own"):  # nothing says it is the caller's
+        with atomic_output(dst, resume=True):
+            pass
+    with atomic_output(dst, resume=True, ours=lambda path: True) as work:  # convert knows by its resume record
         assert shard_is_complete(work / "model-00001-of-00002.safetensors", [("a", "F32", (1,))])
         assert [p.name for p in work.iterdir()] == ["model-00001-of-00002.safetensors"]  # the interrupted one is gone
     assert (dst / "model-00001-of-00002.safetensors").exists()

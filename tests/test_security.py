@@ -305,3 +305,78 @@ def test_verify_refuses_a_report_whose_rows_are_not_objects(tmp_path):
     (out / "remap-manifest.json").write_text(json.dumps(manifest))
     run = cli("verify", out)
     assert run.returncode == 2 and "its rows are not the report's" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_force_and_resume_touch_only_what_remap_made(tmp_path):
+    """A user's folder named DST.replaced beside DST survives --force; a planted DST.partial
+    symlink or a user's own DST.partial folder is refused by --resume; a file a user added to a
+    finished DST (not in its manifest) stops --force from deleting it."""
+    keep = tmp_path / "out.replaced"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    for _ in range(2):  # the second run replaces the first's output
+        assert cli("convert", FIXTURE, tmp_path / "out", "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0
+    assert (keep / "mine.txt").read_text() == "mine" and [p.name for p in keep.iterdir()] == ["mine.txt"]
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("victim")
+    (tmp_path / "link.partial").symlink_to(victim, target_is_directory=True)
+    (tmp_path / "user.partial").mkdir()
+    (tmp_path / "user.partial" / "notes.txt").write_text("notes")
+    for name in ("link", "user"):
+        run = cli("convert", FIXTURE, tmp_path / name, "--spec", "hf-to-mlx", "--resume", "--quiet")
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and f"{name}.partial" in run.stderr, run.stderr
+        assert not (tmp_path / name).exists()
+    assert (tmp_path / "link.partial").is_symlink() and [p.name for p in victim.iterdir()] == ["data.txt"]
+    assert [p.name for p in (tmp_path / "user.partial").iterdir()] == ["notes.txt"]
+
+    (tmp_path / "out" / "notes.txt").write_text("added later")
+    run = cli("convert", FIXTURE, tmp_path / "out", "--spec", "hf-to-mlx", "--force", "--quiet")
+    assert run.returncode == 2 and "not one remap wrote" in run.stderr
+    assert (tmp_path / "out" / "notes.txt").read_text() == "added later"
+
+
+def _with_header(source: Path, edit) -> None:
+    """Rewrite model.safetensors' JSON header text with `edit` (the data section unchanged)."""
+    path = source / "model.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = edit(raw[8 : 8 + length].decode()).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + length :])
+
+
+HUGE = "9" * 5000  # past Python's 4300-digit limit for int(str)
+
+
+def test_integers_of_thousands_of_digits_are_one_line_errors(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    _with_header(source, lambda text: text.replace('"shape":[64]', f'"shape":[{HUGE}]', 1))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("remap: 1\nname: x\nfrom: hf\nto: mlx\nrules:\n"
+                    f"  - {{to: model.norm.weight, from: model.norm.weight, ops: [{{op: slice, axis: 0, start: {HUGE}}}]}}\n")
+    for args, says in ((["inspect", source], "header is not valid JSON"),
+                       (["report", FIXTURE, "--spec", spec], "invalid YAML"),
+                       (["invert", spec, "-o", tmp_path / "inv.yaml"], "invalid YAML")):
+        run = cli(*args)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and says in run.stderr, (args, run.stderr)
+        assert "4300 digits" in run.stderr
+    assert not (tmp_path / "inv.yaml").exists()
+
+
+def test_a_fifo_where_a_torch_file_or_tokenizer_is_expected_does_not_block(tmp_path):
+    os.mkfifo(tmp_path / "model.pt")
+    run = subprocess.run([sys.executable, "-m", "remap.cli", "inspect", str(tmp_path / "model.pt")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and "not a regular file" in run.stderr and run.stderr.count("\n") == 1
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    (source / "tokenizer.json").unlink()
+    os.mkfifo(source / "tokenizer.json")
+    (source / "tokenizer_config.json").unlink()
+    (source / "tokenizer_config.json").symlink_to("/dev/zero")
+    run = subprocess.run([sys.executable, "-m", "remap.cli", "convert", str(source), str(tmp_path / "out"), "--spec",
+                          "hf-to-mlx", "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr  # not tokenizer files: not copied
+    assert not any(p.name.startswith("tokenizer") for p in (tmp_path / "out").iterdir())

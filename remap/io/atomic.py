@@ -97,6 +97,9 @@ def _check_existing(dst: Path, partial: Path, force: bool, resume: bool, ours: C
         return
     if partial.is_symlink() or not partial.is_dir():
         raise RemapError("is not a directory remap made", file=str(partial), expected="remove it yourself, then run again")
+    if resume and not (_empty(partial) or ours(partial)):
+        raise RemapError("partial output that is not remap's: --resume continues only its own", file=str(partial),
+                         expected="remove it yourself, then run again")
     if resume:
         return
     if not force:

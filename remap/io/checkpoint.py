@@ -14,6 +14,7 @@ import mmap
 import os
 import pickle
 import re
+import stat
 import zipfile
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -339,6 +340,9 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
 def _open_torch(src: str, path: Path, allow_pickle: bool) -> Checkpoint:
     import torch
 
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block is_zipfile's open forever
+        raise RemapError("is not a regular file (a directory, FIFO or device)", file=src,
+                         expected="a state dict saved by torch.save")
     if not zipfile.is_zipfile(path):
         raise RemapError(
             "not a torch.save zip archive (corrupt, or the legacy pre-1.6 format)",

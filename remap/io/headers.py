@@ -128,8 +128,8 @@ def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
         raise RemapError(f"header is not UTF-8 text (byte {e.start})", file=str(path), expected=expected) from e
     except DuplicateKey as e:
         raise RemapError(f"header names '{e}' twice", file=str(path), expected="unique names") from e
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise RemapError(f"header is not valid JSON: {e}", file=str(path), expected=expected) from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and integers of thousands of digits
+        raise RemapError(f"header is not valid JSON: {e}", file=str(path), expected=expected) from None
     if not isinstance(header, dict):
         raise RemapError(f"header is a JSON {type(header).__name__}", file=str(path), expected=expected)
     return header

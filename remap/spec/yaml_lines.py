@@ -58,6 +58,8 @@ def load(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except RecursionError:  # PyYAML composes recursively: thousands of nested `[` end here
         raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's int() refuses it)
+        raise yaml.YAMLError(str(exc)) from None
 
 
 def line_of(document: Any, path: list) -> int:
