@@ -259,6 +259,7 @@ def _src_with(tmp_path: Path, name: str, make) -> Path:
     ("config.json", lambda p: p.mkdir(), "not a regular file"),
     ("config.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested deeper than any real file"),
     ("config.json", lambda p: p.write_text('{"hidden_size": ' + "9" * 5000 + "}"), "not valid JSON"),
+    ("config.json", lambda p: p.write_text('{"model_type": "deepseek_v3", "rope_theta": NaN}'), "NaN is not a number"),
 ])
 def test_hostile_files_beside_the_weights_are_one_line_errors(tmp_path, name, make, says):
     source = _src_with(tmp_path, name, make)

@@ -47,11 +47,19 @@ def read_json(path: str | os.PathLike, kind: str, *, pairs: Callable[[list], Any
     """A JSON file of `kind`, parsed; `pairs` is json's object_pairs_hook (e.g. to refuse
     duplicate keys)."""
     data = read_bounded(path, kind)
+    # NaN / Infinity are Python's extension, not JSON: a config holding one would build a model
+    # that computes NaN, and be copied on into the output's config.json. remap's own files (a
+    # report may measure a NaN) keep them.
+    constant = _not_a_number if kind in ("config", "index") else None
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
     except UnicodeDecodeError as exc:
         raise RemapError(f"not UTF-8 text: {exc.reason}", file=str(path), expected="a JSON object") from None
     except RecursionError:
         raise RemapError("nested deeper than any real file", file=str(path), expected="a JSON object") from None
     except ValueError as exc:  # JSONDecodeError, and integers of thousands of digits
         raise RemapError(f"not valid JSON: {exc}", file=str(path), expected="a JSON object") from None
+
+
+def _not_a_number(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON has")
