@@ -132,6 +132,23 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(source, reference, tmp_path):
     assert checksums(dst) == reference
 
 
+def test_resume_leaves_finished_shards_alone(source, reference, tmp_path):
+    """Final bytes alone cannot tell a resume that skips finished shards from one that writes them
+    all again: a finished shard keeps its inode and modification time through the resumed run."""
+    dst, partial = tmp_path / "out", tmp_path / "out.partial"
+    process = convert(source, dst)
+    wait_for_shards(process, partial, 10)
+    process.kill()
+    process.wait()
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in partial.iterdir() if p.suffix == ".safetensors"}
+    assert len(finished) >= 10
+    time.sleep(0.05)  # a rewrite would then carry a later mtime even on a coarse clock
+    finish(convert(source, dst, "--resume"))
+    assert checksums(dst) == reference
+    after = {name: ((dst / name).stat().st_ino, (dst / name).stat().st_mtime_ns) for name in finished}
+    assert after == finished
+
+
 def test_resume_rewrites_a_damaged_shard(source, reference, tmp_path):
     """A finished shard whose size or header no longer matches is written again."""
     dst, partial = tmp_path / "out", tmp_path / "out.partial"
