@@ -279,6 +279,7 @@ def invert(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
 ) -> None:
     """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert."""
+    flags.output("--output", str(output) if output else None, reads=flags.spec_file(spec))
     text = dump_spec(invert_document(load_spec(spec)))
     if output:
         output.write_text(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from remap import dtypes
 from remap.errors import RemapError
@@ -69,20 +69,30 @@ def cast(flag: str, value: Optional[str]) -> Optional[str]:
     return CASTS[name]
 
 
-def output(flag: str, value: Optional[str]) -> Optional[str]:
+def output(flag: str, value: Optional[str], reads: Iterable[Path] = ()) -> Optional[str]:
     """`-` (stdout), or a file to write once the work is done, checked now: a parity run of
-    minutes should not end on a typo, nor overwrite the checkpoint it read."""
+    minutes should not end on a typo, nor overwrite the checkpoint it read (or `reads`)."""
     if value is None or value == "-":
         return value
     path = Path(value)
+    if path.is_file() and any(read.is_file() and path.samefile(read) for read in reads):
+        raise RemapError(f"{flag} {value}: is a file this command reads", expected="a new file, or - for stdout")
     if path.is_dir():
         raise RemapError(f"{flag} {value}: is a directory", expected="a file path, or - for stdout")
     if not path.parent.is_dir():
         raise RemapError(f"{flag} {value}: No such file or directory: {path.parent}",
                          expected="a file in an existing directory, or - for stdout")
-    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") and path.exists():
+    if path.exists() and (path.suffix in (".safetensors", ".pt", ".pth", ".bin") or _beside_weights(path)):
         raise RemapError(f"{flag} {value}: would overwrite a checkpoint file", expected="a new file, or - for stdout")
     return value
+
+
+def _beside_weights(path: Path) -> bool:
+    """A file in a checkpoint's folder (its config.json, tokenizer, index, manifest): remap reads
+    those and never writes over them."""
+    folder = path.parent
+    return any(folder.glob("*.safetensors")) or any((folder / name).exists() for name in (
+        "model.safetensors.index.json", "remap-manifest.json"))
 
 
 class Outputs:
@@ -117,3 +127,13 @@ def shard_size_flag(value: str) -> None:
         shard_size(value)
     except RemapError as exc:
         raise RemapError(f"--max-shard-size {value!r}", expected=exc.expected) from None
+
+
+def spec_file(name_or_path: str) -> list[Path]:
+    """The file a spec argument names ([] when it names none: the loader says so)."""
+    from remap.spec.load import resolve
+
+    try:
+        return [resolve(name_or_path)]
+    except RemapError:
+        return []

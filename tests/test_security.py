@@ -381,3 +381,21 @@ def test_a_fifo_where_a_torch_file_or_tokenizer_is_expected_does_not_block(tmp_p
                           "hf-to-mlx", "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr  # not tokenizer files: not copied
     assert not any(p.name.startswith("tokenizer") for p in (tmp_path / "out").iterdir())
+
+
+def test_report_files_never_overwrite_what_the_command_reads(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(FIXTURE, source)
+    spec = tmp_path / "spec.yaml"
+    shutil.copy(PACKAGE / "mappings" / "hf-to-mlx.yaml", spec)
+    before, spec_text = digests(source), spec.read_text()
+    for args in (["report", source, "--spec", "hf-to-mlx", "--json", source / "config.json"],
+                 ["inspect", source, "--json", source / "tokenizer.json"],
+                 ["invert", "hf-to-mlx", "-o", source / "config.json"],
+                 ["invert", spec, "-o", spec]):
+        run = cli(*args)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, (args, run.stderr)
+        assert "would overwrite a checkpoint file" in run.stderr or "is a file this command reads" in run.stderr
+    assert digests(source) == before and spec.read_text() == spec_text
+    assert cli("invert", spec, "-o", tmp_path / "inverse.yaml").returncode == 0  # a new file: fine
+    assert cli("invert", spec, "-o", tmp_path / "inverse.yaml").returncode == 0  # and its own again
