@@ -8,6 +8,9 @@ byte-level tokenizer so mlx_lm.convert accepts the directory.
     python bench/synthetic_hf.py OUT --layers 2      # ~2.1 GB (1 dense + 1 MoE layer)
     python bench/synthetic_hf.py OUT --layers 6      # ~6.6 GB
     python bench/synthetic_hf.py OUT --layers 5 --fp8  # ~3.2 GB, the official FP8 form (e4m3 + 128x128 scales)
+
+FP8 weights are quantized as the release's are: per 128x128 block, the largest magnitude maps to
+448 (e4m3's largest finite value), so every code is finite.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -51,6 +55,37 @@ def tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}))
 
 
+def values(name: str, shape: tuple[int, ...], noise: np.ndarray) -> np.ndarray:
+    """Random values, drawn from a pool at an offset the name decides (generating 3e9 fresh normals
+    would dominate; the name, so that a weight's block scales can be computed from it anywhere)."""
+    offset = zlib.crc32(name.encode()) % noise.size
+    return np.resize(np.roll(noise, offset), math.prod(shape)).reshape(shape)
+
+
+def fp8_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(e4m3 codes, float32 scale per 128x128 block) of a 2-D weight, as DeepSeek's release
+    quantizes: each block's largest magnitude maps to 448, e4m3's largest finite value, so every
+    code is finite."""
+    rows, cols = weight.shape
+    padded = np.zeros((-(-rows // 128) * 128, -(-cols // 128) * 128), np.float32)
+    padded[:rows, :cols] = weight
+    blocks = padded.reshape(padded.shape[0] // 128, 128, padded.shape[1] // 128, 128)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / 448
+    codes = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols]
+    return codes.astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)
+
+
+def tensor(name: str, dtype: str, shapes: dict[str, tuple[int, ...]], noise: np.ndarray) -> np.ndarray:
+    """The values of tensor `name` (`shapes`: every tensor's shape, for a scale's weight)."""
+    if dtype == "F8_E4M3":
+        return fp8_blocks(values(name, shapes[name], noise).astype(np.float32))[0]
+    if name.endswith(".weight_scale_inv"):  # the block scales of the weight of the same name
+        weight = name.removesuffix("_scale_inv")
+        return fp8_blocks(values(weight, shapes[weight], noise).astype(np.float32))[1]
+    data = values(name, shapes[name], noise)
+    return data.astype(np.float32) if dtype == "F32" else data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -66,20 +101,12 @@ def main() -> None:
     expected = hf.expected(hf.read_config(cfg), "fp8" if args.fp8 else "bf16")
     dtype = {"float": "BF16", "float8_e4m3fn": "F8_E4M3", "float32": "F32"}
     shards = plan_shards([(e.name, dtype[e.dtype], e.shape) for e in expected.values()], "5GB")
-    rng = np.random.default_rng(0)
-    noise = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    shapes = {entry.name: entry.shape for shard in shards for entry in shard.entries}
+    noise = (np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
     for shard in shards:
         with ShardWriter(args.out / shard.file, shard.entries, {"format": "pt"}) as writer:
             for entry in shard.entries:
-                count = math.prod(entry.shape)
-                offset = int(rng.integers(0, noise.size))
-                # random values, drawn from a pool: generating 3e9 fresh normals would dominate
-                data = np.resize(np.roll(noise, offset), count).reshape(entry.shape)
-                if entry.dtype == "F8_E4M3":  # codes spread over e4m3's range
-                    data = (data.astype(np.float32) * 10000).astype(ml_dtypes.float8_e4m3fn)
-                elif entry.dtype == "F32":  # block scales
-                    data = np.abs(data.astype(np.float32)) * 1e-3 + 1e-4
-                writer.write(entry.name, data)
+                writer.write(entry.name, tensor(entry.name, entry.dtype, shapes, noise))
     if len(shards) > 1:
         write_index(args.out, shards)
     (args.out / "config.json").write_text(json.dumps(cfg, indent=2))

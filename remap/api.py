@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from remap import execute
 from remap.errors import RemapError
+from remap.heap import paused_gc
 from remap.check import BREAKABLE, check_data
 from remap.conversion import Conversion
 from remap.io.assembled import assembled
@@ -29,6 +30,7 @@ from remap.verify import Verification
 from remap.verify import verify as _verify
 
 
+@paused_gc
 def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
     """The checkpoint at `src` as whole tensors: model-parallel files (a name in several files)
     are put together as the layout that cut them says."""
@@ -43,6 +45,7 @@ def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: b
     return checkpoint if found is None else assembled(checkpoint, found[1])
 
 
+@paused_gc
 def identify(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = None) -> Detection:
     """Which layout the checkpoint is; `settings` (--set) override keys of its config."""
     return detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, checkpoint.config, settings)
@@ -62,6 +65,7 @@ def quantized(spec: Spec, quantize: int | str, group_size: int = 64) -> tuple[Sp
     return composed, params
 
 
+@paused_gc
 def plan(
     src: str | Path | Checkpoint,
     spec: str | Path | Spec,
@@ -89,6 +93,7 @@ def plan(
     return plan_recipe(recipe, checkpoint, spec)
 
 
+@paused_gc
 def replay(recipe: Conversion, source: str | Path | Checkpoint | None = None) -> tuple[Plan, Checkpoint]:
     """Plan a recorded conversion again (from a manifest's recipe), on `source` or its own."""
     checkpoint = source if isinstance(source, Checkpoint) else open_source(source or recipe.source,
@@ -129,6 +134,7 @@ def source_config(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = N
     return {**raw, **(settings or {})}
 
 
+@paused_gc
 def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | None = False) -> Report:
     """The shape-verification report. `check`: True measures every claim on the bytes; None the
     claims the bytes can break (zero, redundant: what the CLI does by default); False none."""

@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 from remap import __version__, api, flags
 from remap.errors import RemapError
 from remap.execute import check_destination
+from remap.io.hashing import SHA256, TREE
 from remap.expr import evaluate
 from remap.render import escape
 from remap.render.listing import render_inspect, render_specs, render_verify
@@ -219,7 +220,8 @@ def convert(
     quant_predicate: Optional[str] = PredicateOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
-    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="sha256 of every output file in the manifest (one extra pass over the data)."),
+    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="A digest of every output file in the manifest (sha256 of 64 MiB chunks, hashed on every core as they are written)."),
+    sha256: bool = typer.Option(False, "--sha256", help="Plain sha256 of each whole file instead (the hub's LFS ids; serial per file, slower)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
     quiet: bool = typer.Option(False, "--quiet", help="Print the report only when it is not OK (-q quantizes, as in mlx_lm.convert)."),
@@ -250,6 +252,7 @@ def convert(
                       disable=not err.is_terminal) as bar:  # a bar is for eyes; in a log it is noise
             task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
             done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
+                               digest=SHA256 if sha256 else TREE,
                                progress=lambda n: bar.advance(task, n))
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)

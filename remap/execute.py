@@ -26,7 +26,7 @@ from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_existing, refuse_overlap
 from remap.io.checkpoint import Checkpoint
-from remap.io.hashing import sha256_file
+from remap.io.hashing import TREE, file_digest
 from remap.io.textfiles import read_json
 from remap.io.shards import ShardPlan, file_order, write_index
 from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
@@ -43,7 +43,7 @@ Progress = Callable[[int], None]  # called with bytes written
 @dataclass(frozen=True)
 class Result:
     dst: Path
-    files: dict[str, str]  # file -> sha256
+    files: dict[str, str]  # file -> its digest (by the manifest's `digest` algorithm)
     bytes_written: int
     seconds: float
 
@@ -60,6 +60,7 @@ def convert(
     resume: bool = False,
     sync: bool = False,
     checksums: bool = True,
+    digest: str = TREE,
     memory: int = 1 << 30,
     progress: Progress | None = None,
 ) -> Result:
@@ -84,11 +85,11 @@ def convert(
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
         # Shards are checksummed while they are written (ShardWriter hashes each file as its
-        # bytes land, in order); shards a resumed run kept are hashed in the background meanwhile.
-        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums)
+        # bytes land); shards a resumed run kept are hashed in the background meanwhile.
+        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums and digest)
         hasher = ThreadPoolExecutor(1)
-        digest = sha256_file if checksums else (lambda path: None)
-        kept = {s.file: hasher.submit(digest, out / s.file) for s in shards if s.file in done}
+        hash_file = (lambda path: file_digest(path, digest)) if checksums else (lambda path: None)
+        kept = {s.file: hasher.submit(hash_file, out / s.file) for s in shards if s.file in done}
         hashes: dict[str, str | None] = {}
         todo = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
         steps = _in_file_order(todo, shards, placements)
@@ -102,15 +103,16 @@ def convert(
             raise
         hashes.update((file, future.result()) for file, future in kept.items())
         hasher.shutdown()
-        files = _finish(out, plan, checkpoint, files_plan, report, hashes, digest,
-                        {**_manifest(plan, checkpoint, recipe), "checksums": checksums, "conversion": identity})
+        files = _finish(out, plan, checkpoint, files_plan, report, hashes, hash_file,
+                        {**_manifest(plan, checkpoint, recipe), "checksums": checksums,
+                         **({"digest": digest} if checksums else {}), "conversion": identity})
     return Result(Path(dst), files, total, time.perf_counter() - start)
 
 
 def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan, report: dict | None,
             hashes: dict[str, str | None], digest: Callable, manifest: dict) -> dict[str, str | None]:
     """Everything but the shards: index, config.json, tokenizer files, report, then the manifest
-    with every file's sha256 (last: its presence means the rest is complete)."""
+    with every file's digest (last: its presence means the rest is complete)."""
     if files_plan.index:
         write_index(out, files_plan.shards)
     _write_json(out / "config.json", plan.target_config)
@@ -164,7 +166,7 @@ class _Writers:
     """The shards still to write, each opened at its first piece and closed after its last: a
     1.3 TB output in 1 GB shards is over a thousand files, more than a process may hold open."""
 
-    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool, checksums: bool):
+    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool, checksums: bool | str):
         self._out, self._metadata, self._sync, self._checksums = out, metadata, sync, checksums
         self._shards = {s.file: s for s in shards}
         self._open: dict[str, ShardWriter] = {}
@@ -185,7 +187,7 @@ class _Writers:
         return self[file] if file in self else None
 
     def close(self, file: str) -> str | None:
-        """Finish a shard; its sha256 where checksums are on."""
+        """Finish a shard; its digest where checksums are on."""
         writer = self[file]
         writer.close()
         with self._lock:
@@ -201,7 +203,7 @@ class _Writers:
 
 def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
                progress) -> Iterator[tuple[str, str | None]]:
-    """Run the steps; yields each file, with its sha256, as soon as its last tensor is written and
+    """Run the steps; yields each file, with its digest, as soon as its last tensor is written and
     it is closed."""
     read = StagedReader(plan.stages, checkpoint.load)
     remaining = Counter(p.file for s in steps for o in s.outputs for p in placements[o.name] if p.file in writers)

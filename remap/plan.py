@@ -204,7 +204,12 @@ class Plan:
 
 def natural_key(name: str) -> tuple:
     """layers.2 sorts before layers.10."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+    parts: list = _DIGITS.split(name)  # text at even positions, digit runs at odd ones
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
+
+
+_DIGITS = re.compile(r"(\d+)")
 
 
 def _op_names(step: Step) -> list[str]:

@@ -155,42 +155,53 @@ class _Planner:
         self.shapes: dict[str, list[str]] = {}  # name shape (numbers as #) -> names, in order
         for name in self.names:
             self.shapes.setdefault(_INDEX.sub("#", name), []).append(name)
+        self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
 
     # -- rules ---------------------------------------------------------------------------
     def add(self, rule: Rule) -> None:
         {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
 
-    def _candidates(self, pattern: Pattern) -> list[str]:
-        """The names `pattern` could match. Names alike but for their layer / expert numbers share
-        a shape (`model.layers.#.mlp.experts.#.w1`); a pattern without literal digits or repeated
-        variables matches all of a shape or none of it, so one try per shape (~100 for the 92k
-        tensors of DeepSeek-V3) rules out most names before any regex runs on them."""
-        if any(c.isdigit() for c in _VARIABLE_TEXT.sub("", pattern.text)) or len(set(pattern.variables)) != len(
-                _VARIABLE_TEXT.findall(pattern.text)):
-            return self.names
-        return [n for members in self.shapes.values() if pattern.match(members[0]) is not None for n in members]
+    def _matches(self, pattern: Pattern) -> list[tuple[str, dict]]:
+        """(name, binding) of every source name `pattern` matches (shape by shape). Names alike but
+        for their layer / expert numbers share a shape (`model.layers.#.mlp.experts.#.w1`); a
+        pattern without literal digits (in its text or its word lists) or repeated variables
+        matches all of a shape or none of it, so one try per shape (~100 for the 92k tensors of
+        DeepSeek-V3) rules out most names before any regex runs on them."""
+        if any(c.isdigit() for c in _VARIABLE_TEXT.sub("", pattern.text)) or any(
+                c.isdigit() for kind in pattern.kinds().values() for c in kind) or len(
+                set(pattern.variables)) != len(_VARIABLE_TEXT.findall(pattern.text)):
+            return [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
+        found = []
+        for members in self.shapes.values():
+            if pattern.match(members[0]) is not None:
+                found += pattern.match_each(members)
+        return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
         """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
         tensor's) pass the rule's `when`."""
-        found = [(n, b) for n in self._candidates(pattern) if (b := pattern.match(n)) is not None]
+        found = self._matches(pattern)
         if rule.when is None:
             return found
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
         # experts ask the same `i < num_hidden_layers` 61 times, not 15,616).
         read = names_in(rule.when)
+        variables = [v for v in pattern.variables if v in read]
+        dtype, shape = "dtype" in read, "shape" in read
         tensors, decided = self.tensors, {}
         kept = []
         for name, binding in found:
-            scope = {k: v for k, v in binding.items() if k in read}
-            if "dtype" in read:
-                scope["dtype"] = tensors[name].dtype
-            if "shape" in read:
-                scope["shape"] = tensors[name].shape
-            key = tuple(sorted(scope.items()))
-            if key not in decided:
-                decided[key] = evaluate(rule.when, ChainMap(scope, self.namespace))
-            if decided[key]:
+            key = (*[binding[v] for v in variables], tensors[name].dtype if dtype else None,
+                   tensors[name].shape if shape else None)
+            verdict = decided.get(key)
+            if verdict is None:
+                scope = {v: binding[v] for v in variables}
+                if dtype:
+                    scope["dtype"] = tensors[name].dtype
+                if shape:
+                    scope["shape"] = tensors[name].shape
+                verdict = decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
+            if verdict:
                 kept.append((name, binding))
         return kept
 
@@ -270,6 +281,19 @@ class _Planner:
                                         losses=tuple(losses)))
 
     def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
+        """The output types of `ops` on `types` (and the ops with --dtype's casts added), adding
+        their losses to `losses`. Computed once per distinct ops, input types and cast choices:
+        45,808 experts of one shape ask the same question."""
+        casts = tuple(self.target.keeps_dtype(o) for o in outputs) if self.dtype else ()
+        key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
+        if key not in self.type_cache:
+            found: list[Loss] = []
+            self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
+        out, ops, found = self.type_cache[key]
+        losses.extend(found)
+        return list(out), ops
+
+    def _types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
         for op in ops:
             loss = op.loss(types)
             types = op.types(types)

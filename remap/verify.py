@@ -1,7 +1,8 @@
 """`remap verify DST`: re-check a converted checkpoint against what the conversion recorded.
 
-The manifest names every file with its sha256 and records the conversion's recipe. Verifying
-re-hashes the files, then checks every file's tensors (names, dtypes, shapes: per rank for
+The manifest names every file with its digest (the algorithm in `digest`: the sha256 tree of
+64 MiB chunks, or, in manifests from before it and with `convert --sha256`, plain sha256) and
+records the conversion's recipe. Verifying re-hashes the files, then checks every file's tensors (names, dtypes, shapes: per rank for
 model-parallel files) against the conversion replayed from the recipe on its source's headers,
 or, where the source cannot be opened here, against the report's rows. A checkpoint copied,
 synced or half-overwritten since is caught before a runtime loads garbage; `evidence` says
@@ -16,7 +17,7 @@ from pathlib import Path
 from remap.errors import RemapError
 from remap.execute import MANIFEST, REPORT
 from remap.io.checkpoint import open_checkpoint
-from remap.io.hashing import sha256_file
+from remap.io.hashing import ALGORITHMS, SHA256, file_digest
 from remap.io.textfiles import read_json
 
 
@@ -45,10 +46,14 @@ def verify(dst: str | Path) -> Verification:
         raise RemapError("manifest has no `files` map", file=str(dst / MANIFEST))
     # --no-checksums records it (older manifests: every digest null); a digest missing otherwise fails
     result.hashed = manifest.get("checksums", any(d is not None for d in listed.values())) is not False
-    result.evidence.append("every file's sha256" if result.hashed else
+    algorithm = manifest.get("digest", SHA256)  # manifests before the tree hash: plain sha256, unnamed
+    if result.hashed and algorithm not in ALGORITHMS:
+        raise RemapError(f"manifest names an unknown digest {algorithm!r}", file=str(dst / MANIFEST),
+                         expected=" or ".join(ALGORITHMS))
+    result.evidence.append(f"every file's {algorithm}" if result.hashed else
                            "no file's bytes: converted with --no-checksums, only names and headers are checked")
     for name, digest in sorted(listed.items()):
-        result.problems += _file_problems(dst, name, digest, result.hashed)
+        result.problems += _file_problems(dst, name, digest, algorithm if result.hashed else None)
         result.checked_files += 1
     extra = sorted(p.name for p in dst.iterdir() if p.name not in listed and p.name != MANIFEST)
     result.problems += [f"{name}{'/' if (dst / name).is_dir() else ''}: not in the manifest" for name in extra]
@@ -70,17 +75,17 @@ def verify(dst: str | Path) -> Verification:
     return result
 
 
-def _file_problems(dst: Path, name: str, digest, hashed: bool) -> list[str]:
+def _file_problems(dst: Path, name: str, digest, algorithm: str | None) -> list[str]:
     path = dst / name
     if Path(name).name != name:
         return [f"{name}: not a plain file name (refusing to look outside {dst})"]
     if not path.is_file():
         return [f"{name}: missing"]
-    if not hashed:
+    if algorithm is None:
         return []
     if not isinstance(digest, str):
-        return [f"{name}: the manifest records no sha256 for it"]
-    return [f"{name}: sha256 differs from the manifest"] if sha256_file(path) != digest else []
+        return [f"{name}: the manifest records no {algorithm} for it"]
+    return [f"{name}: {algorithm} differs from the manifest"] if file_digest(path, algorithm) != digest else []
 
 
 def _replayed(manifest: dict, dst: Path, result: Verification) -> dict[str, dict] | None:

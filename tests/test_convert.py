@@ -94,7 +94,10 @@ def test_manifest_lists_every_file_with_its_checksum(tiny_hf, tmp_path):
     manifest = json.loads((tmp_path / "mlx" / MANIFEST).read_text())
     files = {p.name for p in (tmp_path / "mlx").iterdir()} - {MANIFEST}
     assert set(manifest["files"]) == files
-    assert all(manifest["files"][f] == sha256_file(tmp_path / "mlx" / f) for f in files)
+    # the default digest, by its definition: one chunk of 64 MiB each here
+    assert manifest["digest"] == "sha256-tree-64MiB"
+    assert all(manifest["files"][f] == hashlib.sha256(bytes.fromhex(sha256_file(tmp_path / "mlx" / f))).hexdigest()
+               for f in files)
     assert manifest["spec"] == "hf-to-mlx" and manifest["source"] == str(tiny_hf)
 
 
@@ -184,7 +187,7 @@ def test_verify_catches_a_changed_byte_and_a_missing_file(tiny_hf, tmp_path):
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
     run = remap("verify", tmp_path / "mlx", check=False)
-    assert run.returncode == 1 and "model.safetensors: sha256 differs" in run.stdout
+    assert run.returncode == 1 and "model.safetensors: sha256-tree-64MiB differs" in run.stdout
     (tmp_path / "mlx/config.json").unlink()
     assert "config.json: missing" in remap("verify", tmp_path / "mlx", check=False).stdout
     assert remap("verify", tmp_path, check=False).returncode == 2
@@ -208,18 +211,43 @@ def test_verify_says_what_it_checked(tiny_hf, tmp_path):
     assert api.verify(tmp_path / "plain").hashed is False
 
     _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
-    assert "every file's sha256" in remap("verify", tmp_path / "mlx").stdout
+    assert "every file's sha256-tree-64MiB" in remap("verify", tmp_path / "mlx").stdout
     manifest_path = tmp_path / "mlx/remap-manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["config.json"] = None
     manifest_path.write_text(json.dumps(manifest))
     run = remap("verify", tmp_path / "mlx", check=False)
-    assert run.returncode == 1 and "config.json: the manifest records no sha256" in run.stdout
-    manifest["files"]["config.json"] = hashlib.sha256((tmp_path / "mlx/config.json").read_bytes()).hexdigest()
+    assert run.returncode == 1 and "config.json: the manifest records no sha256-tree-64MiB" in run.stdout
+    manifest["files"]["config.json"] = hashlib.sha256(
+        hashlib.sha256((tmp_path / "mlx/config.json").read_bytes()).digest()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
     (tmp_path / "mlx/extra").mkdir()
     run = remap("verify", tmp_path / "mlx", check=False)
     assert run.returncode == 1 and "extra/: not in the manifest" in run.stdout
+
+
+def test_verify_reads_old_plain_sha256_manifests_and_sha256_flag(tiny_hf, tmp_path):
+    """A manifest from before the tree hash (no `digest`, plain sha256 values) still verifies, and
+    still catches a flipped byte; `--sha256` writes such digests (the hub's LFS ids) on purpose."""
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    manifest_path = tmp_path / "mlx/remap-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["digest"]
+    manifest["files"] = {f: hashlib.sha256((tmp_path / "mlx" / f).read_bytes()).hexdigest() for f in manifest["files"]}
+    manifest_path.write_text(json.dumps(manifest))
+    assert "every file's sha256" in remap("verify", tmp_path / "mlx").stdout
+    _flip_last_byte(tmp_path / "mlx/model.safetensors")
+    run = remap("verify", tmp_path / "mlx", check=False)
+    assert run.returncode == 1 and "model.safetensors: sha256 differs" in run.stdout
+
+    remap("convert", tiny_hf, tmp_path / "lfs", "--spec", "hf-to-mlx", "--sha256", "--quiet")
+    manifest = json.loads((tmp_path / "lfs/remap-manifest.json").read_text())
+    assert manifest["digest"] == "sha256"
+    assert manifest["files"]["model.safetensors"] == hashlib.sha256((tmp_path / "lfs/model.safetensors").read_bytes()).hexdigest()
+    manifest["digest"] = "md5"
+    (tmp_path / "lfs/remap-manifest.json").write_text(json.dumps(manifest))
+    run = remap("verify", tmp_path / "lfs", check=False)
+    assert run.returncode == 2 and "unknown digest 'md5'" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_more_shards_than_open_files_allowed(tiny_hf, tmp_path):

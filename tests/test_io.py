@@ -514,6 +514,67 @@ def test_writer_checksum_is_the_files_sha256_whatever_the_order_and_threads(tmp_
     assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _tree_by_hand(data: bytes, chunk: int) -> str:
+    """The tree digest as its definition says: sha256 of the chunks' sha256 digests, in order."""
+    return hashlib.sha256(b"".join(hashlib.sha256(data[k:k + chunk]).digest()
+                                   for k in range(0, len(data), chunk))).hexdigest()
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
+def test_writer_tree_digest_whatever_the_order_and_threads(tmp_path, monkeypatch, order):
+    """With the tree hash, chunks are hashed as each fills, in any order, on the shared pool; the
+    digest equals the definition's, computed here from the finished file's bytes, and so does
+    tree_file's read-back of the finished file. (Chunks of 1000 bytes: many per file, a header
+    chunk and a short last one.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from remap.io import hashing
+
+    monkeypatch.setattr(hashing, "CHUNK", 1000)
+    stacked = RNG.standard_normal((16, 64, 33)).astype(np.float32)
+    small = RNG.standard_normal(5).astype(ml_dtypes.bfloat16)
+    pieces = [("experts", stacked[e], e * stacked[e].nbytes) for e in range(len(stacked))] + [("small", small, 0)]
+    pieces = {"in order": pieces, "reversed": pieces[::-1],
+              "shuffled": [pieces[i] for i in RNG.permutation(len(pieces))]}[order]
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, entries_of({"experts": stacked, "small": small}), {"format": "pt"},
+                        checksum=hashing.TREE)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
+    shard.close()
+    data = path.read_bytes()
+    assert len(data) > 100 * 1000 and len(data) % 1000
+    assert shard.sha256 == _tree_by_hand(data, 1000) == hashing.tree_file(path)
+    assert shard.sha256 != _tree_by_hand(data[:-1] + bytes([data[-1] ^ 1]), 1000)
+
+
+def test_tree_digest_of_small_and_empty_files(tmp_path):
+    """One chunk: sha256 of the file's sha256 (not the plain sha256, which the manifest names
+    apart); no bytes: sha256 of nothing."""
+    from remap.io import hashing
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1000))
+    plain = hashlib.sha256(path.read_bytes())
+    assert hashing.file_digest(path, "sha256-tree-64MiB") == hashlib.sha256(plain.digest()).hexdigest()
+    assert hashing.file_digest(path, "sha256") == plain.hexdigest()
+    path.write_bytes(b"")
+    assert hashing.tree_file(path) == hashlib.sha256(b"").hexdigest()
+
+
+def test_writer_tree_digest_that_cannot_read_back_fails_the_file(tmp_path, monkeypatch):
+    def broken(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, [("a", "F32", (4,))], checksum="sha256-tree-64MiB")
+    shard.write("a", np.ones(4, np.float32))
+    with pytest.raises(RemapError, match="Input/output error") as caught:
+        shard.close()
+    assert str(path) in str(caught.value) and list(tmp_path.iterdir()) == []
+
+
 def test_writer_checksum_that_cannot_read_back_fails_the_file(tmp_path, monkeypatch):
     """A hash that could not follow the writing (here: the read-back fails) never yields a digest
     of part of the file: close() raises, naming the file, and leaves nothing under its name."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from remap.errors import RemapError
 from remap.io.atomic import disk_errors
-from remap.io.hashing import FollowingHash
+from remap.io.hashing import SHA256, following_hash
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
@@ -67,9 +67,9 @@ class ShardWriter:
     byte of every tensor was written exactly once: a file under its final name is complete,
     which is what resuming an interrupted conversion relies on.
 
-    With `checksum`, the file's sha256 (`.sha256` after close) is computed while it is written:
-    whenever the bytes written from the start of the file grow, the new ones are read back (from
-    the page cache) and hashed, so a file written roughly in order costs no extra pass at the end.
+    With `checksum` (True: sha256; or an algorithm of remap.io.hashing), the file's digest
+    (`.sha256` after close, whatever the algorithm) is computed while it is written: bytes are read
+    back (from the page cache) and hashed as they land, so the file costs no extra pass at the end.
     Safe to call from several threads at once.
 
         with ShardWriter(out / plan.file, plan.entries, {"format": "pt"}) as shard:
@@ -84,7 +84,7 @@ class ShardWriter:
         metadata: dict[str, str] | None = None,
         *,
         sync: bool = False,
-        checksum: bool = False,
+        checksum: bool | str = False,
     ):
         self.path = Path(path)
         self.sync = sync  # fsync before naming the file: survives power loss, not only a crash
@@ -93,7 +93,7 @@ class ShardWriter:
         header, self._spans, file_size = _layout(entries, metadata)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._lock = threading.Lock()  # guards the written ranges
-        self._hash: FollowingHash | None = None
+        self._hash = None
         self.sha256: str | None = None
         self._incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
         self._fd: int | None = None
@@ -104,7 +104,8 @@ class ShardWriter:
                 # final size from the start (sparse until written), so pieces can land at any offset
                 os.ftruncate(self._fd, file_size)
                 if checksum:
-                    self._hash = FollowingHash(self.path, self._fd, file_size, len(header))
+                    algorithm = SHA256 if checksum is True else checksum
+                    self._hash = following_hash(algorithm, self.path, self._fd, file_size, len(header))
         except BaseException:
             self._abandon()
             raise

@@ -76,6 +76,19 @@ class Pattern:
         # so that fill(match(name)) gives back name.
         return {k: int(v) if k in self._indices else v for k, v in m.groupdict().items()}
 
+    def match_each(self, names: list[str]) -> list[tuple[str, dict[str, int | str]]]:
+        """(name, match(name)) for each of `names` that matches: match() without its substring
+        pre-tests, for names already known to be alike (the planner's name shapes)."""
+        full, indices, found = self._regex.fullmatch, self._indices, []
+        for name in names:
+            m = full(name)
+            if m is not None:
+                binding = m.groupdict()
+                for k in indices:
+                    binding[k] = int(binding[k])
+                found.append((name, binding))
+        return found
+
     def fill(self, values: Mapping[str, int | str]) -> str:
         missing = [v for v in self.variables if v not in values]
         if missing:
