@@ -332,6 +332,8 @@ def parity(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest mean KL(source || target), in nats."),
     max_hidden_error: Optional[float] = typer.Option(None, "--max-hidden-error", help="Largest |difference| of a hidden state, as a fraction of its max |source value|."),
     max_hidden_rms: Optional[float] = typer.Option(None, "--max-hidden-rms", help="Largest RMS difference of a hidden state, as a fraction of its RMS."),
+    stream: bool = typer.Option(False, "--stream", help="Run both sides one decoder layer at a time, loading only that layer (and the routed experts the tokens pick)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help="Stream when both models whole would need more than SIZE (e.g. 8GB) [default: 80% of the memory available]."),
     json_file: Optional[str] = JsonOption("the result (schemas/parity.schema.json)"),
     junit_file: Optional[str] = typer.Option(None, "--junit", metavar="PATH|-", help="Write JUnit XML to PATH, one testcase per check (- : stdout)."),
     markdown_file: Optional[str] = typer.Option(None, "--markdown", metavar="PATH|-", help="Write the result as Markdown to PATH (- : stdout)."),
@@ -350,7 +352,8 @@ def parity(
         result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
                             settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
                             quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,
-                            tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits)
+                            tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits, stream=stream,
+                            memory_budget=memory_budget)
         if not outputs.piped:
             render_rich(result, console)
     outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))

@@ -33,6 +33,8 @@ from remap.io.checkpoint import Checkpoint
 from remap.parity import runtimes
 from remap.parity.compare import (PROFILES, Check, RuleRef, Tolerances, checks, first_divergence, hidden_metrics,
                                   hidden_names, logit_metrics, profile_for, rules_behind, weight_precision)
+from remap.parity.stream import (Streamed, budget_bytes, default_budget, peak_rss, run_streamed, size_text, streamed_side,
+                                 whole_model_bytes)
 from remap.plan import Plan
 from remap.report import Loss
 
@@ -70,6 +72,9 @@ class ParityResult:
     # on failure of a conversion that loses nothing (every step moves bytes, every claim holds on the
     # source): the drift is the two runtimes' own computation, not the spec's doing
     runtimes_disagree: bool = False
+    # layer-streamed runs (parity/stream.py): what was streamed, and what its source-fed half found
+    streamed: Streamed | None = None
+    peak_rss: int = 0  # the process's resident-memory high-water mark at the end, in bytes
     seconds: float = 0.0
     remap_version: str = __version__
 
@@ -113,6 +118,8 @@ def run_parity(
     seed: int = 0,
     dtype: str = "float32",
     tolerances: Mapping[str, float | None] | None = None,
+    stream: bool = False,
+    memory_budget: int | str | None = None,
 ) -> ParityResult:
     """Run SRC and its conversion on the same tokens and compare them.
 
@@ -122,9 +129,15 @@ def run_parity(
     mlx-quantize stage, as for `remap convert`). `tolerances` overrides fields of the default
     profile (compare.Tolerances). `torch_model` runs SRC with the user's own model code
     (runtimes.user_torch_runtime) instead of its layout's runtime; `settings` override keys of
-    SRC's config (or of the one read off its shapes).
+    SRC's config (or of the one read off its shapes). `stream` runs both sides one decoder layer
+    at a time (parity/stream.py); without it they stream when loading both whole would take more
+    than `memory_budget` (bytes, or a size like "8GB"; default: stream.default_budget()).
     """
     start = time.perf_counter()
+    if memory_budget is not None:
+        budget_bytes(memory_budget)  # a bad size is refused before any work
+    if stream and torch_model:
+        raise RemapError("--torch-model runs your model whole", expected="no --stream with --torch-model")
     source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     if spec is None and dst is None:
         raise RemapError("nothing to compare the source with", expected="a converted DST, or --spec to convert SRC")
@@ -135,7 +148,7 @@ def run_parity(
     elif (recipe := _recorded_recipe(Path(dst), str(src))) is not None:
         plan, source = api.plan_recipe(recipe, source)  # the conversion that made DST, replayed on SRC
     options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {},
-                   torch_model=torch_model)
+                   torch_model=torch_model, stream=stream, memory_budget=memory_budget)
     if dst is not None:
         result = _compare(source, api.open_source(dst), plan, **options)
     else:
@@ -149,28 +162,60 @@ def run_parity(
             result = _compare(source, api.open_source(converted), plan, **options)
             result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
     result.seconds = time.perf_counter() - start
+    result.peak_rss = peak_rss()
     return result
 
 
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
-             dtype: str, tolerances: Mapping[str, float | None], torch_model: str | Path | None) -> ParityResult:
+             dtype: str, tolerances: Mapping[str, float | None], torch_model: str | Path | None, stream: bool,
+             memory_budget: int | str | None) -> ParityResult:
     checkpoints = (source, target)
     found = [_layout(source, plan and plan.source_layout), _layout(target, plan and plan.target_layout)]
-    models = [runtimes.user_torch_runtime(Path(torch_model), source, dtype) if torch_model
-              else runtimes.load(found[0][0], source, dtype), runtimes.load(found[1][0], target, dtype)]
+    reason = _stream_reason(checkpoints, [layout for layout, _ in found], dtype, stream, memory_budget, torch_model)
+    if reason:
+        models = [streamed_side(layout, checkpoint, dtype) for (layout, _), checkpoint in zip(found, checkpoints)]
+    else:
+        models = [runtimes.user_torch_runtime(Path(torch_model), source, dtype) if torch_model
+                  else runtimes.load(found[0][0], source, dtype), runtimes.load(found[1][0], target, dtype)]
     sides = [Side(checkpoint.source, layout, variant, model.name, _weights(checkpoint))
              for checkpoint, (layout, variant), model in zip(checkpoints, found, models)]
     if models[0].vocab_size != models[1].vocab_size:
         raise RemapError(f"vocabularies differ: {models[0].vocab_size} (source) and {models[1].vocab_size} (target)",
                          expected="the same vocab_size on both sides")
     ids = token_ids(models[0].vocab_size, tokens, batch, seed)
-    ours, theirs = (model.forward(ids) for model in models)
+    streamed = None
+    if reason:
+        ours, theirs, streamed = run_streamed(*models, ids, reason)
+    else:
+        ours, theirs = (model.forward(ids) for model in models)
     if not (ours.hidden and theirs.hidden):  # a user model without layers(): the logits alone
         ours, theirs = (replace(side, hidden=[]) for side in (ours, theirs))
     elif len(ours.hidden) != len(theirs.hidden):
         raise RemapError(f"{len(ours.hidden) - 1} decoder layers (source) and {len(theirs.hidden) - 1} (target)",
                          expected="the same num_hidden_layers on both sides")
+    result = _judge(sides, plan, ours, theirs, dtype=dtype, tokens=tokens, batch=batch, seed=seed,
+                    tolerances=tolerances)
+    result.streamed = streamed
+    if not result.ok and plan is not None:
+        _explain(result, plan, source)
+    return result
 
+
+def _stream_reason(checkpoints: tuple[Checkpoint, Checkpoint], layouts: list[str], dtype: str, stream: bool,
+                   memory_budget: int | str | None, torch_model: str | Path | None) -> str | None:
+    """Why this run streams (None: it loads both models whole)."""
+    if stream:
+        return "--stream"
+    budget = default_budget() if memory_budget is None else budget_bytes(memory_budget)
+    need = whole_model_bytes(checkpoints, dtype)
+    if need <= budget or torch_model or not all(layout in ("hf", "mlx") for layout in layouts):
+        return None
+    return f"both models whole need ~{size_text(need)} in {dtype}, over the memory budget of {size_text(budget)}"
+
+
+def _judge(sides: list[Side], plan: Plan | None, ours, theirs, *, dtype: str, tokens: int, batch: int, seed: int,
+           tolerances: Mapping[str, float | None]) -> ParityResult:
+    """Metrics, checks and the first divergence of two forward passes."""
     profile = profile_for(sides[0].weights, sides[1].weights, dtype)
     try:
         limits = PROFILES[profile].override(tolerances)
@@ -184,14 +229,17 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
                           logits, hidden, results, divergence=first_divergence(results, names) if names else None)
     if result.divergence is not None and plan is not None:
         result.rules = rules_behind(plan, result.divergence)
-    if not result.ok and plan is not None:
-        measured = api.report(plan, source, check=True).losses
-        result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
-        behind = {(ref.stage, ref.rule) for ref in result.rules}
-        result.starts_in = [loss for loss in result.claims if (loss.stage, loss.rule) in behind]
-        lossless = all(loss.claim in ("zero", "redundant", "unused") and loss.holds is not False for loss in measured)
-        result.runtimes_disagree = lossless and sides[0].weights == sides[1].weights
     return result
+
+
+def _explain(result: ParityResult, plan: Plan, source: Checkpoint) -> None:
+    """On failure: the spec's claims measured on the source, and whether the runtimes are to blame."""
+    measured = api.report(plan, source, check=True).losses
+    result.claims = [loss for loss in measured if loss.holds is False or loss.claim in ("lossy", "rounding")]
+    behind = {(ref.stage, ref.rule) for ref in result.rules}
+    result.starts_in = [loss for loss in result.claims if (loss.stage, loss.rule) in behind]
+    lossless = all(loss.claim in ("zero", "redundant", "unused") and loss.holds is not False for loss in measured)
+    result.runtimes_disagree = lossless and result.source.weights == result.target.weights
 
 
 def _layout(checkpoint: Checkpoint, planned: str | None) -> tuple[str, str | None]:

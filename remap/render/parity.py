@@ -16,6 +16,7 @@ from remap.render.table import print_table
 
 from remap.parity import ParityResult
 from remap.parity.compare import LABELS, Check, RuleRef
+from remap.parity.stream import size_text
 from remap.report import Loss
 
 
@@ -42,6 +43,23 @@ def _setup(result: ParityResult) -> str:
     spec = f"spec {result.spec}; " if result.spec else ""
     return (f"{spec}{result.batch} x {result.tokens} tokens (seed {result.seed}) computed in {result.dtype}; "
             f"{result.profile} tolerances; {result.seconds:.1f}s")
+
+
+def _streaming(result: ParityResult) -> list[str]:
+    """For a layer-streamed run: what it loaded and its peak memory, then any layer whose two
+    routers pick different experts on the same input (the source's hidden state)."""
+    info = result.streamed
+    if info is None:
+        return []
+    loaded = [f"{layer} {ours}/{theirs}" for layer, (ours, theirs) in info.experts.items()]
+    lines = [f"streamed one decoder layer at a time ({info.reason}); read {size_text(info.bytes_read[0])} of the "
+             f"source, {size_text(info.bytes_read[1])} of the target; peak RSS {size_text(result.peak_rss)}"
+             + (f"; routed experts loaded (source/target): {', '.join(loaded)}" if loaded else "")]
+    for r in info.routing:
+        lines.append(f"layer {r['layer']}: the routers pick different experts for {r['tokens']} of {r['of']} tokens "
+                     f"given the same input (first: token {r['first_token']}); only the source picks experts "
+                     f"{r['source_only']}, only the target {r['target_only']}")
+    return lines
 
 
 def _logit_rows(result: ParityResult) -> list[tuple[str, str, str, Check | None]]:
@@ -94,6 +112,8 @@ def render_rich(result: ParityResult, console: Console) -> None:
     console.print(f"  source  {escape(_side(result, 'source'))}")
     console.print(f"  target  {escape(_side(result, 'target'))}")
     console.print(f"  {escape(_setup(result))}")
+    for line in _streaming(result):
+        console.print(f"  {escape(line)}")
 
     print_table(console, ("metric", "value", "tolerance", ""),
                 [(escape(label), escape(value), escape(limit), _status(check and check.ok))
@@ -169,7 +189,8 @@ def render_junit(result: ParityResult) -> str:
                           time=f"{result.seconds:.3f}", timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     properties = ET.SubElement(suite, "properties")
     for name, value in (("source", _side(result, "source")), ("target", _side(result, "target")),
-                        ("spec", result.spec or ""), ("setup", _setup(result))):
+                        ("spec", result.spec or ""), ("setup", _setup(result)),
+                        *(("streamed", line) for line in _streaming(result))):
         ET.SubElement(properties, "property", name=name, value=value)
     detail = _failure_detail(result)
     for check in result.checks:
@@ -195,7 +216,8 @@ def _failure_detail(result: ParityResult) -> str:
 
 def render_markdown(result: ParityResult) -> str:
     lines = [f"## remap parity: {'PASS' if result.ok else 'FAIL'}", "",
-             f"- source: {_side(result, 'source')}", f"- target: {_side(result, 'target')}", f"- {_setup(result)}", "",
+             f"- source: {_side(result, 'source')}", f"- target: {_side(result, 'target')}", f"- {_setup(result)}",
+             *(f"- {line}" for line in _streaming(result)), "",
              _row("logits", "value", "tolerance", ""), _rule(4)]
     lines += [_row(label, value, limit, _md_status(check and check.ok)) for label, value, limit, check in _logit_rows(result)]
     lines += ["", _row("hidden state " + HIDDEN_COLUMNS[0], *HIDDEN_COLUMNS[1:]), _rule(len(HIDDEN_COLUMNS))]
