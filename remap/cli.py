@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperCommand, TyperGroup
 
-from remap import __version__, api, flags
+from remap import __version__, api, flags, route
 from remap.errors import RemapError
 from remap.execute import check_destination
 from remap.expr import evaluate
@@ -97,7 +97,8 @@ def _params(values: List[str], flag: str = "--param") -> dict[str, Any]:
     return params
 
 
-SpecOption = typer.Option(..., "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file.")
+SpecOption = typer.Option(None, "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file (wins over --to).")
+ToOption = typer.Option(None, "--to", metavar="LAYOUT", help="Target layout (hf, mlx, deepseek, scratch): remap reads what SRC is and picks the bundled spec.")
 InverseOption = typer.Option(False, "--inverse", help="Run the spec backwards.")
 VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g. mlx: embed_q | kv_b_proj).")
 DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to bfloat16, float16 or float32 (or bf16, f16, f32), as mlx_lm.convert --dtype does.")
@@ -163,7 +164,8 @@ def _assumed(detection) -> tuple[str, ...]:
 @app.command(cls=_Command)
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
-    spec: str = SpecOption,
+    spec: Optional[str] = SpecOption,
+    to: Optional[str] = ToOption,
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
@@ -185,11 +187,15 @@ def report(
     """Plan a conversion from headers alone and verify it against the target layout."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file)
+    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    flags.layout("--to", to)
     with outputs.working():
-        plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
-                              dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                              quantize=quantization, group_size=group_size, allow_pickle=allow_pickle)
+        ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+        spec, inverse = _route(ckpt, spec, to, inverse, route_options)
+        plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
+                              quantize=quantization, group_size=group_size, **route_options)
         result = api.report(plan, ckpt, check=check_data)
+        _check_fit(ckpt, spec, inverse, result, route_options)
         if not outputs.piped:
             render_rich(result, console, full=full)
     outputs.write(json=lambda: render_json(result) + "\n", markdown=lambda: render_markdown(result, full=full))
@@ -200,7 +206,8 @@ def report(
 def convert(
     src: str = typer.Argument(..., help="Source checkpoint: directory, file, or hub repo id."),
     dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
-    spec: str = SpecOption,
+    spec: Optional[str] = SpecOption,
+    to: Optional[str] = ToOption,
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
@@ -230,12 +237,15 @@ def convert(
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype = flags.cast("--dtype", dtype)
     flags.shard_size_flag(max_shard_size)
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
-                          dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                          quantize=quantization, group_size=group_size, max_shard_size=max_shard_size,
-                          allow_pickle=allow_pickle)
+    flags.layout("--to", to)
+    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+    spec, inverse = _route(ckpt, spec, to, inverse, route_options)
+    plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
+                          quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
     result = api.report(plan, ckpt, check=check_data)
+    _check_fit(ckpt, spec, inverse, result, route_options)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
     lossy_by_choice = allow_lossy and result.only_claims_broken
@@ -256,6 +266,27 @@ def convert(
         raise typer.Exit(130) from None
     console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
+
+
+def _route(ckpt, spec: Optional[str], to: Optional[str], inverse: bool, options: dict) -> tuple[str, bool]:
+    """The spec to run: --spec when given (refused when it reads another layout than SRC is),
+    else the bundled route --to picks for what SRC is."""
+    if spec is None:
+        if to is None:
+            raise RemapError("no spec to convert with", expected="--spec SPEC, or --to LAYOUT to let remap pick it")
+        picked = route.pick(ckpt, to, **options)
+        return picked.spec, picked.inverse
+    loaded = api.load(spec, inverse=inverse)
+    if to is not None and loaded.target_layout != to:
+        raise RemapError(f"--spec {spec} writes {loaded.target_layout}, not --to {to}", expected="one of them, or both agreeing")
+    route.check_layout(ckpt, spec, inverse, **options)
+    return spec, inverse
+
+
+def _check_fit(ckpt, spec: str, inverse: bool, result, options: dict) -> None:
+    """A report that fails on structure while a bundled spec fits: one line naming it."""
+    structural = result.problems if not result.only_claims_broken else []
+    route.check_fit(ckpt, spec, inverse, structural[:1], **options)
 
 
 def _check_destination(dst: Path, ckpt, *, force: bool, resume: bool, dry_run: bool) -> None:
@@ -307,6 +338,7 @@ def parity(
     src: str = typer.Argument(..., help="Source checkpoint, run by the runtime of its layout (transformers, ScratchModel, mlx-lm)."),
     dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
     spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Spec that converts SRC (without DST), or that made DST (names the rules behind a divergence; default: DST's manifest)."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="LAYOUT", help="Without DST: convert SRC to this layout by the bundled spec remap picks for it."),
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     param: List[str] = ParamOption,
@@ -342,7 +374,15 @@ def parity(
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
+    flags.layout("--to", to)
+    if to is not None and dst is not None:
+        raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
+        if dst is None and (spec is not None or to is not None):
+            route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+            source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+            spec, inverse = _route(source, spec, to, inverse, route_options)
+            route.check_spec(source, spec, inverse, **route_options)
         result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
                             settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
                             quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,

@@ -117,3 +117,12 @@ def shard_size_flag(value: str) -> None:
         shard_size(value)
     except RemapError as exc:
         raise RemapError(f"--max-shard-size {value!r}", expected=exc.expected) from None
+
+
+def layout(flag: str, value: Optional[str]) -> Optional[str]:
+    """A layout remap knows (--to), checked before the source is opened."""
+    from remap.layouts import LAYOUTS
+
+    if value is not None and value not in LAYOUTS:
+        raise RemapError(f"{flag} {value!r}", expected=f"a layout: {listed(LAYOUTS)}")
+    return value
