@@ -24,6 +24,7 @@ from remap.render import escape
 from remap.render.listing import render_inspect, render_specs, render_verify
 from remap.render.report import render_json, render_markdown, render_rich
 from remap.render.table import FittingConsole
+from remap.inverse_check import check_inverse
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 
@@ -309,8 +310,11 @@ def invert(
     spec: str = typer.Argument(..., help="Spec to invert (bundled name or file)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
 ) -> None:
-    """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert."""
-    text = dump_spec(invert_document(load_spec(spec)))
+    """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert and
+    why a whole inverse cannot run on the layout it reads."""
+    forward = load_spec(spec)
+    check_inverse(forward)
+    text = dump_spec(invert_document(forward))
     if output:
         output.write_text(text)
         console.print(f"wrote {output}")
