@@ -192,11 +192,11 @@ def report(
     flags.layout("--to", to)
     with outputs.working():
         ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-        spec, inverse = _route(ckpt, spec, to, inverse, route_options)
+        spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
         plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                               quantize=quantization, group_size=group_size, **route_options)
         result = api.report(plan, ckpt, check=check_data)
-        _check_fit(ckpt, spec, inverse, result, route_options)
+        route.check_report(ckpt, spec, inverse, result, **route_options)
         if not outputs.piped:
             render_rich(result, console, full=full)
     outputs.write(json=lambda: render_json(result) + "\n", markdown=lambda: render_markdown(result, full=full))
@@ -241,12 +241,12 @@ def convert(
     flags.layout("--to", to)
     route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
     ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-    spec, inverse = _route(ckpt, spec, to, inverse, route_options)
+    spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
     plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                           quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
     result = api.report(plan, ckpt, check=check_data)
-    _check_fit(ckpt, spec, inverse, result, route_options)
+    route.check_report(ckpt, spec, inverse, result, **route_options)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
     lossy_by_choice = allow_lossy and result.only_claims_broken
@@ -267,27 +267,6 @@ def convert(
         raise typer.Exit(130) from None
     console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
-
-
-def _route(ckpt, spec: Optional[str], to: Optional[str], inverse: bool, options: dict) -> tuple[str, bool]:
-    """The spec to run: --spec when given (refused when it reads another layout than SRC is),
-    else the bundled route --to picks for what SRC is."""
-    if spec is None:
-        if to is None:
-            raise RemapError("no spec to convert with", expected="--spec SPEC, or --to LAYOUT to let remap pick it")
-        picked = route.pick(ckpt, to, **options)
-        return picked.spec, picked.inverse
-    loaded = api.load(spec, inverse=inverse)
-    if to is not None and loaded.target_layout != to:
-        raise RemapError(f"--spec {spec} writes {loaded.target_layout}, not --to {to}", expected="one of them, or both agreeing")
-    route.check_layout(ckpt, spec, inverse, **options)
-    return spec, inverse
-
-
-def _check_fit(ckpt, spec: str, inverse: bool, result, options: dict) -> None:
-    """A report that fails on structure while a bundled spec fits: one line naming it."""
-    structural = result.problems if not result.only_claims_broken else []
-    route.check_fit(ckpt, spec, inverse, structural[:1], **options)
 
 
 def _check_destination(dst: Path, ckpt, *, force: bool, resume: bool, dry_run: bool) -> None:
@@ -385,7 +364,7 @@ def parity(
         if dst is None and (spec is not None or to is not None):
             route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
             source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-            spec, inverse = _route(source, spec, to, inverse, route_options)
+            spec, inverse = route.resolve(source, spec, to, inverse, **route_options)
             route.check_spec(source, spec, inverse, **route_options)
         result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
                             settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,

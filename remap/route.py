@@ -138,3 +138,23 @@ def check_spec(checkpoint: Checkpoint, spec: Any, inverse: bool, **options: Any)
     loaded = api.load(spec, inverse=inverse)
     why = misfit(Route(str(spec), inverse, loaded.source_layout, loaded.target_layout, 1), checkpoint, **options)
     check_fit(checkpoint, spec, inverse, [why] if why else [], **options)
+
+
+def resolve(checkpoint: Checkpoint, spec: Any, to: str | None, inverse: bool, **options: Any) -> tuple[Any, bool]:
+    """(spec, inverse) to run: --spec when given (refused when it reads another layout than the
+    source is, or writes another than --to), else the route --to picks for what the source is."""
+    if spec is None:
+        if to is None:
+            raise RemapError("no spec to convert with", expected="--spec SPEC, or --to LAYOUT to let remap pick it")
+        picked = pick(checkpoint, to, **options)
+        return picked.spec, picked.inverse
+    loaded = api.load(spec, inverse=inverse)
+    if to is not None and loaded.target_layout != to:
+        raise RemapError(f"--spec {spec} writes {loaded.target_layout}, not --to {to}", expected="one of them, or both agreeing")
+    check_layout(checkpoint, spec, inverse, **options)
+    return spec, inverse
+
+
+def check_report(checkpoint: Checkpoint, spec: Any, inverse: bool, report: Any, **options: Any) -> None:
+    """check_fit on a report already built: its structural problems, not claims the data breaks."""
+    check_fit(checkpoint, spec, inverse, [] if report.only_claims_broken else report.problems[:1], **options)
