@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperCommand, TyperGroup
 
-from remap import __version__, api, flags
+from remap import __version__, api, flags, route
 from remap.errors import RemapError
 from remap.execute import check_destination
 from remap.io.hashing import SHA256, TREE
@@ -25,6 +25,7 @@ from remap.render import escape
 from remap.render.listing import render_inspect, render_specs, render_verify
 from remap.render.report import render_json, render_markdown, render_rich
 from remap.render.table import FittingConsole
+from remap.inverse_check import check_inverse
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 
@@ -98,7 +99,8 @@ def _params(values: List[str], flag: str = "--param") -> dict[str, Any]:
     return params
 
 
-SpecOption = typer.Option(..., "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file.")
+SpecOption = typer.Option(None, "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file (wins over --to).")
+ToOption = typer.Option(None, "--to", metavar="LAYOUT", help="Target layout (hf, mlx, deepseek, scratch): remap reads what SRC is and picks the bundled spec.")
 InverseOption = typer.Option(False, "--inverse", help="Run the spec backwards.")
 VariantOption = typer.Option(None, "--variant", help="Target layout variant (e.g. mlx: embed_q | kv_b_proj).")
 DtypeOption = typer.Option(None, "--dtype", help="Cast floating outputs to bfloat16, float16 or float32 (or bf16, f16, f32), as mlx_lm.convert --dtype does.")
@@ -164,7 +166,8 @@ def _assumed(detection) -> tuple[str, ...]:
 @app.command(cls=_Command)
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
-    spec: str = SpecOption,
+    spec: Optional[str] = SpecOption,
+    to: Optional[str] = ToOption,
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
@@ -186,11 +189,15 @@ def report(
     """Plan a conversion from headers alone and verify it against the target layout."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file)
+    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    flags.layout("--to", to)
     with outputs.working():
-        plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
-                              dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                              quantize=quantization, group_size=group_size, allow_pickle=allow_pickle)
+        ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+        spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
+        plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
+                              quantize=quantization, group_size=group_size, **route_options)
         result = api.report(plan, ckpt, check=check_data)
+        route.check_report(ckpt, spec, inverse, result, **route_options)
         if not outputs.piped:
             render_rich(result, console, full=full)
     outputs.write(json=lambda: render_json(result) + "\n", markdown=lambda: render_markdown(result, full=full))
@@ -201,7 +208,8 @@ def report(
 def convert(
     src: str = typer.Argument(..., help="Source checkpoint: directory, file, or hub repo id."),
     dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
-    spec: str = SpecOption,
+    spec: Optional[str] = SpecOption,
+    to: Optional[str] = ToOption,
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     dtype: Optional[str] = DtypeOption,
@@ -232,12 +240,15 @@ def convert(
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype = flags.cast("--dtype", dtype)
     flags.shard_size_flag(max_shard_size)
-    plan, ckpt = api.plan(src, spec, inverse=inverse, params=_params(param), settings=_params(settings, "--set"),
-                          dtype=dtype, variant=variant, revision=revision, allow_nonfinite=allow_nonfinite,
-                          quantize=quantization, group_size=group_size, max_shard_size=max_shard_size,
-                          allow_pickle=allow_pickle)
+    flags.layout("--to", to)
+    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+    spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
+    plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
+                          quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
     result = api.report(plan, ckpt, check=check_data)
+    route.check_report(ckpt, spec, inverse, result, **route_options)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
     lossy_by_choice = allow_lossy and result.only_claims_broken
@@ -281,9 +292,12 @@ def invert(
     spec: str = typer.Argument(..., help="Spec to invert (bundled name or file)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
 ) -> None:
-    """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert."""
+    """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert and
+    why a whole inverse cannot run on the layout it reads."""
     flags.output("--output", str(output) if output else None, reads=flags.spec_file(spec))
-    text = dump_spec(invert_document(load_spec(spec)))
+    forward = load_spec(spec)
+    check_inverse(forward)
+    text = dump_spec(invert_document(forward))
     if output:
         output.write_text(text)
         console.print(f"wrote {output}")
@@ -311,6 +325,7 @@ def parity(
     src: str = typer.Argument(..., help="Source checkpoint, run by the runtime of its layout (transformers, ScratchModel, mlx-lm)."),
     dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
     spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Spec that converts SRC (without DST), or that made DST (names the rules behind a divergence; default: DST's manifest)."),
+    to: Optional[str] = typer.Option(None, "--to", metavar="LAYOUT", help="Without DST: convert SRC to this layout by the bundled spec remap picks for it."),
     inverse: bool = InverseOption,
     variant: Optional[str] = VariantOption,
     param: List[str] = ParamOption,
@@ -348,7 +363,15 @@ def parity(
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
+    flags.layout("--to", to)
+    if to is not None and dst is not None:
+        raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
+        if dst is None and (spec is not None or to is not None):
+            route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+            source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
+            spec, inverse = route.resolve(source, spec, to, inverse, **route_options)
+            route.check_spec(source, spec, inverse, **route_options)
         result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
                             settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
                             quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,

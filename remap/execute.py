@@ -29,6 +29,7 @@ from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import TREE, file_digest
 from remap.io.textfiles import read_json
 from remap.io.shards import ShardPlan, file_order, write_index
+from remap.io.mlx_safetensors import write_index as write_mlx_index
 from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
 from remap.layouts.base import FilePlan
@@ -72,7 +73,7 @@ def convert(
         recipe = dataclasses.replace(recipe, max_shard_size=max_shard_size)
     target = get_layout(plan.target_layout)
     metadata = {"format": target.format}
-    files_plan = target.files(plan.outputs, max_shard_size, plan.names)
+    files_plan = target.plan_files(plan.outputs, max_shard_size, plan.names, plan.target_config)
     shards, placements = files_plan.shards, files_plan.placements
     total = sum(shard.nbytes for shard in shards)
 
@@ -81,18 +82,19 @@ def convert(
     with disk_errors(f"{dst}{PARTIAL_SUFFIX}"), atomic_output(dst, force=force, resume=resume, sync=sync,
                                                               ours=_made_by_remap) as out:
         _claim_partial(out, identity, resume)
-        done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata)}
+        done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata, files_plan.style)}
         if progress:
             progress(sum(s.nbytes for s in shards if s.file in done))
         # Shards are checksummed while they are written (ShardWriter hashes each file as its
         # bytes land); shards a resumed run kept are hashed in the background meanwhile.
-        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums and digest)
+        writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums and digest,
+                           files_plan.style)
         hasher = ThreadPoolExecutor(1)
         hash_file = (lambda path: file_digest(path, digest)) if checksums else (lambda path: None)
         kept = {s.file: hasher.submit(hash_file, out / s.file) for s in shards if s.file in done}
         hashes: dict[str, str | None] = {}
         todo = [s for s in plan.steps if any(p.file in writers for o in s.outputs for p in placements[o.name])]
-        steps = _in_file_order(todo, shards, placements)
+        steps = _in_file_order(todo, shards, placements, files_plan.style)
         finished = _run_steps(plan, checkpoint, steps, writers, placements, workers, memory, progress)
         try:
             hashes.update(finished)
@@ -113,7 +115,9 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
             hashes: dict[str, str | None], digest: Callable, manifest: dict) -> dict[str, str | None]:
     """Everything but the shards: index, config.json, tokenizer files, report, then the manifest
     with every file's digest (last: its presence means the rest is complete)."""
-    if files_plan.index:
+    if files_plan.style == "mlx":
+        write_mlx_index(out, files_plan.shards, files_plan.parameters)
+    elif files_plan.index:
         write_index(out, files_plan.shards)
     _write_json(out / "config.json", plan.target_config)
     for path in checkpoint.extra_files:
@@ -166,8 +170,9 @@ class _Writers:
     """The shards still to write, each opened at its first piece and closed after its last: a
     1.3 TB output in 1 GB shards is over a thousand files, more than a process may hold open."""
 
-    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool, checksums: bool | str):
-        self._out, self._metadata, self._sync, self._checksums = out, metadata, sync, checksums
+    def __init__(self, out: Path, shards: list[ShardPlan], metadata: dict, sync: bool, checksums: bool | str,
+                 style: str):
+        self._out, self._metadata, self._sync, self._checksums, self._style = out, metadata, sync, checksums, style
         self._shards = {s.file: s for s in shards}
         self._open: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()  # steps run in threads; two may reach a new shard at once
@@ -180,7 +185,7 @@ class _Writers:
             if file not in self._open:
                 shard = self._shards[file]
                 self._open[file] = ShardWriter(self._out / file, shard.entries, self._metadata, sync=self._sync,
-                                               checksum=self._checksums)
+                                               checksum=self._checksums, style=self._style)
             return self._open[file]
 
     def get(self, file: str) -> ShardWriter | None:
@@ -280,12 +285,12 @@ def _in_threads(steps: list[Step], run: Callable[[Step], None], need: Callable[[
             yield finished
 
 
-def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements) -> list[Step]:
+def _in_file_order(steps: list[Step], shards: list[ShardPlan], placements, style: str) -> list[Step]:
     """Steps ordered by where their first bytes land (file, then offset), so each file fills
     from its start: it is hashed as it is written, and finishes (and can close) early."""
     where: dict[tuple[str, str], tuple[int, int]] = {}
     for rank, shard in enumerate(shards):
-        for offset, entry in enumerate(file_order(shard.entries)):
+        for offset, entry in enumerate(shard.entries if style == "mlx" else file_order(shard.entries)):
             where[shard.file, entry.name] = (rank, offset)
     return sorted(steps, key=lambda step: min(where[p.file, o.name] for o in step.outputs for p in placements[o.name]))
 

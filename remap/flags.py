@@ -137,3 +137,12 @@ def spec_file(name_or_path: str) -> list[Path]:
         return [resolve(name_or_path)]
     except RemapError:
         return []
+
+
+def layout(flag: str, value: Optional[str]) -> Optional[str]:
+    """A layout remap knows (--to), checked before the source is opened."""
+    from remap.layouts import LAYOUTS
+
+    if value is not None and value not in LAYOUTS:
+        raise RemapError(f"{flag} {value!r}", expected=f"a layout: {listed(LAYOUTS)}")
+    return value

@@ -103,7 +103,7 @@ def _replayed(manifest: dict, dst: Path, result: Verification) -> dict[str, dict
     except RemapError as exc:
         result.evidence.append(f"the recipe could not be replayed ({exc})")
         return None
-    files = get_layout(plan.target_layout).files(plan.outputs, recipe.max_shard_size, plan.names)
+    files = get_layout(plan.target_layout).plan_files(plan.outputs, recipe.max_shard_size, plan.names, plan.target_config)
     result.evidence.append(f"tensors against {recipe.spec} replayed on {recipe.source}")
     return {shard.file: {e.name: (list(e.shape), e.dtype) for e in shard.entries} for shard in files.shards}
 

@@ -158,7 +158,7 @@ def test_unmatched_source_tensor_refuses_to_convert(tiny_hf, tmp_path):
     (["--spec", "no-such-spec"], "no spec file 'no-such-spec'"),
     (["--spec", "hf-to-mlx", "--variant", "int3"], "no variant 'int3'"),
     (["--spec", "hf-to-mlx", "--param", "mp=2"], "unknown parameter 'mp'"),
-    (["--spec", "scratch-to-mlx"], "model_type"),
+    (["--spec", "scratch-to-mlx"], "is hf (bf16), not scratch as scratch-to-mlx reads"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_hf, tmp_path, args, message):
     run = remap("convert", tiny_hf, tmp_path / "out", *args, check=False)

@@ -20,6 +20,7 @@ import numpy as np
 from remap.errors import RemapError
 from remap.io.atomic import disk_errors
 from remap.io.hashing import SHA256, following_hash
+from remap.io.mlx_safetensors import header as mlx_header
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
@@ -28,7 +29,7 @@ INCOMPLETE_SUFFIX = ".incomplete"
 
 
 def _layout(
-    entries: Iterable[TensorEntry], metadata: dict[str, str] | None
+    entries: Iterable[TensorEntry], metadata: dict[str, str] | None, style: str = "safetensors"
 ) -> tuple[bytes, dict[str, tuple[int, int]], int]:
     """The file's header (length prefix included), each tensor's absolute byte span, and the
     file size.
@@ -40,6 +41,8 @@ def _layout(
     """
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise RemapError(f"metadata {metadata!r} is not a map of strings", expected='{"format": "pt"}')
+    if style == "mlx":  # as mx.save_safetensors: bytes in the given order (remap/io/mlx_safetensors.py)
+        return mlx_header(entries, metadata)
     entries = file_order(entries)
     spans: dict[str, tuple[int, int]] = {}
     offset = 0
@@ -70,7 +73,8 @@ class ShardWriter:
     With `checksum` (True: sha256; or an algorithm of remap.io.hashing), the file's digest
     (`.sha256` after close, whatever the algorithm) is computed while it is written: bytes are read
     back (from the page cache) and hashed as they land, so the file costs no extra pass at the end.
-    Safe to call from several threads at once.
+    Safe to call from several threads at once. `style` "mlx" lays the file out as mx.save_safetensors
+    does (entries' bytes in the given order).
 
         with ShardWriter(out / plan.file, plan.entries, {"format": "pt"}) as shard:
             for e, expert in enumerate(experts):
@@ -85,12 +89,13 @@ class ShardWriter:
         *,
         sync: bool = False,
         checksum: bool | str = False,
+        style: str = "safetensors",
     ):
         self.path = Path(path)
         self.sync = sync  # fsync before naming the file: survives power loss, not only a crash
         entries = [checked_entry(entry) for entry in entries]
         self._dtypes = {entry.name: entry.dtype for entry in entries}
-        header, self._spans, file_size = _layout(entries, metadata)
+        header, self._spans, file_size = _layout(entries, metadata, style)
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._lock = threading.Lock()  # guards the written ranges
         self._hash = None
@@ -208,12 +213,13 @@ class ShardWriter:
 
 
 def shard_is_complete(
-    path: str | os.PathLike, entries: Iterable[EntryLike], metadata: dict[str, str] | None = None
+    path: str | os.PathLike, entries: Iterable[EntryLike], metadata: dict[str, str] | None = None,
+    style: str = "safetensors",
 ) -> bool:
     """Whether `path` is the finished file ShardWriter makes for these entries (same header and
     size), so a resumed run can skip it. Only ShardWriter.close() names a file, after checking
     every byte was written; the data itself is not re-read."""
-    header, _, file_size = _layout([checked_entry(entry) for entry in entries], metadata)
+    header, _, file_size = _layout([checked_entry(entry) for entry in entries], metadata, style)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

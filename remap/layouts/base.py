@@ -81,6 +81,8 @@ class FilePlan:
     shards: list["ShardPlan"]
     placements: dict[str, list[Placement]]
     index: bool = False
+    style: str = "safetensors"  # how each file is laid out (remap/io/writer.py); "mlx": as mlx writes
+    parameters: int | None = None  # the index's total_parameters, where the runtime writes one
 
 
 class Layout:
@@ -135,6 +137,12 @@ class Layout:
     def keeps_dtype(self, name: str) -> bool:
         """True where `--dtype` must leave a floating tensor as it is (a float32 scale)."""
         return False
+
+    def plan_files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any],
+                   config: Mapping[str, Any]) -> FilePlan:
+        """`files`, for a layout whose file scheme also needs the config.json written beside them
+        (mlx: the order of mlx-lm's model parameters). What every command calls."""
+        return self.files(outputs, max_shard_size, names)
 
     def files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> FilePlan:
         """How outputs (name, shape, dtype) are cut into files. Default: transformers' scheme,

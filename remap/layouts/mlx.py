@@ -44,7 +44,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.layouts.base import FLOAT, U32, Expected, Layout
+from remap.layouts.base import FLOAT, U32, Expected, FilePlan, Layout
 from remap.layouts.hf import TRANSFORMERS_SECTIONS, config_error
 
 # Re-exported: tests and tools import the config reading from here.
@@ -199,6 +199,12 @@ class MlxLayout(Layout):
 
     def record(self, config: dict[str, Any], steps) -> None:
         record_quantization(config, steps)
+
+    def plan_files(self, outputs, max_shard_size, names, config) -> FilePlan:
+        """As mlx_lm.convert writes them, byte for byte (remap/layouts/mlx_files.py)."""
+        from remap.layouts.mlx_files import plan_files
+
+        return plan_files(outputs, max_shard_size, config)
 
     def quantization(self, quantize: int | str, group_size: int) -> tuple[str, dict[str, Any], str]:
         """mlx-lm's affine quantization: bits, or one of its mixed recipes by name; bits and group
