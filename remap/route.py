@@ -107,8 +107,9 @@ def check_layout(checkpoint: Checkpoint, spec: Any, inverse: bool, **options: An
 def check_fit(checkpoint: Checkpoint, spec: Any, inverse: bool, problems: list[str], **options: Any) -> None:
     """A spec of the source's layout whose plan still does not fit it (an FP8 source and a spec for
     bf16) is refused when a bundled spec does fit: the user picked the wrong one, and the fit one
-    is all they need to know. With no better spec, the full report shows what is wrong."""
-    if not problems:
+    is all they need to know. With no better spec, or with a spec file of the user's own (one being
+    written), the full report shows what is wrong."""
+    if not problems or str(spec) not in {r.spec for r in routes()}:
         return
     loaded = api.load(spec, inverse=inverse)
     layout, what = source_layout(checkpoint, options.get("settings"))

@@ -25,6 +25,7 @@ import yaml
 
 import remap
 from remap import api
+from remap.io.hashing import file_digest
 from remap.io.headers import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +158,8 @@ def test_tensor_names_never_become_file_names(tmp_path):
 
     api.convert(plan, checkpoint, tmp_path / "out")
 
-    expected = {"model.safetensors", "config.json", "remap-manifest.json", "tokenizer.json", "tokenizer_config.json"}
+    expected = {"model.safetensors", "model.safetensors.index.json", "config.json", "remap-manifest.json",
+                "tokenizer.json", "tokenizer_config.json"}
     assert set(os.listdir(tmp_path / "out")) == expected
     assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in expected}
     assert set(read_header(tmp_path / "out/model.safetensors")[0]) == set(names)
@@ -195,7 +197,7 @@ def test_verify_refuses_manifest_entries_outside_dst(tmp_path, monkeypatch):
     import remap.verify
 
     hashed = []
-    monkeypatch.setattr(remap.verify, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or "")
+    monkeypatch.setattr(remap.verify, "file_digest", lambda path, algorithm: hashed.append(Path(path).resolve()) or "")
     api.verify(tmp_path / "out")
     assert hashed and all(path.parent == (tmp_path / "out").resolve() for path in hashed)
 
@@ -301,7 +303,7 @@ def test_verify_refuses_a_report_whose_rows_are_not_objects(tmp_path):
     report["rows"] = [1, 2, 3]
     (out / "remap-report.json").write_text(json.dumps(report))
     manifest = json.loads((out / "remap-manifest.json").read_text())
-    manifest["files"]["remap-report.json"] = hashlib.sha256((out / "remap-report.json").read_bytes()).hexdigest()
+    manifest["files"]["remap-report.json"] = file_digest(out / "remap-report.json", manifest["digest"])
     del manifest["recipe"]  # an older manifest: verify falls back to the report's rows
     (out / "remap-manifest.json").write_text(json.dumps(manifest))
     run = cli("verify", out)
