@@ -1,6 +1,6 @@
 """A synthetic DeepSeek-V3-shaped HF checkpoint, written tensor by tensor (no model is built).
 
-Shapes come from remap's `hf` layout for a mid-size config (hidden 2048, 64 routed experts of
+Shapes come from remap's `hf` layout for a mid-size config (hidden 2048, 64 routed experts (`--experts`) of
 width 1408, kv_lora_rank 512, vocab 102400); the number of layers sets the size. Values are
 random bf16 (N(0, 0.02)), sharded as save_pretrained would (5 GB files + index), with a tiny
 byte-level tokenizer so mlx_lm.convert accepts the directory.
@@ -29,12 +29,12 @@ from remap.io.writer import ShardWriter
 from remap.layouts import get_layout
 
 
-def config(layers: int) -> dict:
+def config(layers: int, experts: int = 64) -> dict:
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 102400,
         "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
         "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6, "kv_lora_rank": 512,
+        "n_shared_experts": 2, "n_routed_experts": experts, "num_experts_per_tok": 6, "kv_lora_rank": 512,
         "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
         "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
@@ -90,10 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer")
     parser.add_argument("--fp8", action="store_true", help="e4m3 weights + float32 weight_scale_inv, as released")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = config(args.layers)
+    cfg = config(args.layers, args.experts)
     if args.fp8:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [128, 128]}

@@ -310,7 +310,7 @@ def verify(
     dst: Path = typer.Argument(..., help="A directory written by `remap convert`."),
     json_file: Optional[str] = JsonOption("the result"),
 ) -> None:
-    """Re-check a converted checkpoint: every file's sha256 and every tensor's header."""
+    """Re-check a converted checkpoint: every file's digest (as its manifest names it) and every tensor's header."""
     outputs = flags.Outputs(json=json_file)
     with outputs.working():
         result = api.verify(dst)

@@ -1,0 +1,157 @@
+"""The speed table in one command: remap beside the floor each job has, runs interleaved, medians.
+
+    python bench/run_all.py [--work /tmp/remap-bench] [--runs 3] [--only plan convert quant]
+
+Jobs (inputs are made on first use and checked finite; outputs deleted between runs):
+  plan     `remap report --spec hf-fp8-to-mlx` and `remap inspect` on the header-only stand-ins of
+           DeepSeek-V3 (91,991 tensors) and Kimi-K2 (139,583), beside a fresh Python that lists
+           every tensor and shape of the same files with the safetensors library (the floor)
+  convert  hf -> mlx of 1.6, 5.6 and 13 GB synthetic bf16 models: remap (default, and
+           --no-checksums) beside `cp -r`, `python -c pass` and `mlx_lm.convert`
+  quant    bf16 -> 4-bit, FP8 -> bf16 and FP8 -> 4-bit MLX, remap beside `mlx_lm.convert`
+Within a job every tool runs once per round, rounds repeated --runs times, so a slow spell of a
+shared machine hits every tool alike. Each row ends with its goal and whether this run met it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+REMAP = str(Path(PYTHON).with_name("remap"))
+FLOOR = """import sys, pathlib
+from safetensors import safe_open
+n = 0
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(path, "np") as f:
+        for name in f.keys():
+            f.get_slice(name).get_shape()
+            n += 1
+print(n)
+"""
+
+
+@dataclass
+class Run:
+    wall: float  # seconds
+    rss: float  # peak resident MB, the largest process of the command's tree (/usr/bin/time -v)
+
+
+def timed(command: list[str]) -> Run:
+    run = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    if run.returncode:  # a failed run's time means nothing
+        raise SystemExit(f"{' '.join(command)} exited {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}")
+    fields = dict(line.strip().rsplit(": ", 1) for line in run.stderr.splitlines() if ": " in line)
+    minutes, seconds = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")[-2:]
+    return Run(60 * float(minutes) + float(seconds), int(fields["Maximum resident set size (kbytes)"]) / 1024)
+
+
+def interleaved(tools: dict[str, list[str]], runs: int, clean: Path | None = None) -> dict[str, Run]:
+    """Median wall and RSS of each tool, the tools taking turns round by round."""
+    results: dict[str, list[Run]] = {tool: [] for tool in tools}
+    for _ in range(runs):
+        for tool, command in tools.items():
+            if clean:
+                shutil.rmtree(clean, ignore_errors=True)
+            results[tool].append(timed(command))
+    if clean:
+        shutil.rmtree(clean, ignore_errors=True)
+    return {tool: Run(statistics.median(r.wall for r in rs), statistics.median(r.rss for r in rs))
+            for tool, rs in results.items()}
+
+
+def row(job: str, remap: Run, reference: str, ref: Run, ratio: float, goal: str, met: bool) -> None:
+    print(f"| {job} | {remap.wall:.2f} s, {remap.rss:.0f} MB | {reference}: {ref.wall:.2f} s | {ratio:.2f}x "
+          f"| {goal} | {'met' if met else 'NOT met'} |", flush=True)
+
+
+def made(path: Path, script: str, *args: str) -> Path:
+    """`path`, written by bench/`script` unless it is there, then checked finite."""
+    if not (path / "config.json").exists():
+        subprocess.run([PYTHON, str(HERE / script), str(path), *args], check=True, stdout=subprocess.DEVNULL)
+        if script == "synthetic_hf.py":
+            subprocess.run([PYTHON, str(HERE / "check_finite.py"), str(path)], check=True)
+    subprocess.run(["cat", *map(str, path.glob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the cache
+    return path
+
+
+def plan_jobs(work: Path, runs: int) -> None:
+    per_tensor = {}
+    for model, tensors in (("deepseek-v3", 91_991), ("kimi-k2", 139_583)):
+        src = str(made(work / f"{model}-standin", "full_v3_standin.py", "--model", model))
+        got = interleaved({"floor": [PYTHON, "-c", FLOOR, src],
+                           "report": [REMAP, "report", src, "--spec", "hf-fp8-to-mlx", "--json", "/dev/null"],
+                           "inspect": [REMAP, "inspect", src, "--json", "/dev/null"]}, runs)
+        for tool in ("report", "inspect"):
+            ratio = got[tool].wall / got["floor"].wall
+            row(f"`{tool}` {model} stand-in ({tensors:,} tensors)", got[tool], "safetensors floor", got["floor"],
+                ratio, "<= 4x", ratio <= 4)
+        per_tensor[model] = got["report"].wall / tensors * 1000
+    growth = per_tensor["kimi-k2"] / per_tensor["deepseek-v3"]
+    print(f"| `report` per 1k tensors, Kimi-K2 / DeepSeek-V3 | {per_tensor['kimi-k2']:.3f} / "
+          f"{per_tensor['deepseek-v3']:.3f} s | | {growth:.2f}x | linear (<= 1.2x) | {'met' if growth <= 1.2 else 'NOT met'} |")
+
+
+def convert_jobs(work: Path, runs: int) -> None:
+    out = work / "out"
+    for label, layers, experts in (("1.6 GB", 2, 32), ("5.6 GB", 5, 64), ("13 GB", 11, 64)):
+        src = str(made(work / f"bf16-{layers}L-{experts}e", "synthetic_hf.py", "--layers", str(layers), "--experts", str(experts)))
+        remap = [REMAP, "convert", src, str(out), "--spec", "hf-to-mlx", "--quiet"]
+        got = interleaved({"cp": ["cp", "-r", src, str(out)], "python": [PYTHON, "-c", "pass"], "remap": remap,
+                           "bare": [*remap, "--no-checksums"],
+                           "mlx_lm": [PYTHON, "-m", "mlx_lm", "convert", "--hf-path", src, "--mlx-path", str(out)]},
+                          runs, clean=out)
+        floor = got["cp"].wall + (got["python"].wall if label == "1.6 GB" else 0)
+        reference = "cp -r" + (" + python -c pass" if label == "1.6 GB" else "")
+        ratio, rss_met = got["remap"].wall / floor, got["remap"].rss <= 150
+        if label == "13 GB":  # its goal is memory alone: flat with the model's size
+            row(f"hf -> mlx {label}", got["remap"], reference, Run(floor, 0), ratio, "RSS <= 150 MB", rss_met)
+        else:
+            row(f"hf -> mlx {label}", got["remap"], reference, Run(floor, 0), ratio, "<= 1.25x, RSS <= 150 MB",
+                ratio <= 1.25 and rss_met)
+            gain = got["remap"].wall / got["bare"].wall
+            row(f"hf -> mlx {label} --no-checksums", got["bare"], "remap default", got["remap"], gain,
+                "default <= 1.10x of it", gain <= 1.10)
+        speedup = got["mlx_lm"].wall / got["remap"].wall
+        print(f"| hf -> mlx {label}: mlx_lm.convert, for scale | | {got['mlx_lm'].wall:.2f} s, {got['mlx_lm'].rss:.0f} MB "
+              f"| remap {speedup:.2f}x faster | | |", flush=True)
+
+
+def quant_jobs(work: Path, runs: int) -> None:
+    out = work / "out"
+    bf16 = str(made(work / "bf16-3L-64e", "synthetic_hf.py", "--layers", "3", "--experts", "64"))
+    fp8 = str(made(work / "fp8-5L-64e", "synthetic_hf.py", "--layers", "5", "--experts", "64", "--fp8"))
+    q4 = ["-q", "--q-bits", "4", "--q-group-size", "64"]
+    for job, src, spec, flags in (("bf16 -> MLX 4-bit", bf16, "hf-to-mlx", q4), ("FP8 -> MLX bf16", fp8, "hf-fp8-to-mlx", []),
+                                  ("FP8 -> MLX 4-bit", fp8, "hf-fp8-to-mlx", q4)):
+        got = interleaved({"remap": [REMAP, "convert", src, str(out), "--spec", spec, "--quiet", *flags],
+                           "mlx_lm": [PYTHON, "-m", "mlx_lm", "convert", "--hf-path", src, "--mlx-path", str(out), *flags]},
+                          runs, clean=out)
+        speedup = got["mlx_lm"].wall / got["remap"].wall
+        row(job, got["remap"], "mlx_lm.convert", got["mlx_lm"], speedup, ">= 2.5x faster, <= 1 GB",
+            speedup >= 2.5 and got["remap"].rss <= 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/remap-bench"))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=["plan", "convert", "quant"], default=["plan", "convert", "quant"])
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    print("| job | remap (median wall, peak RSS) | reference | ratio | goal | this run |")
+    print("|---|---|---|---|---|---|")
+    jobs = {"plan": plan_jobs, "convert": convert_jobs, "quant": quant_jobs}
+    for name in args.only:
+        jobs[name](args.work, args.runs)
+
+
+if __name__ == "__main__":
+    main()
