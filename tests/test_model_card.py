@@ -84,6 +84,8 @@ def test_parity_replaces_its_section_and_verify_still_passes(tmp_path):
     assert "parity result is recorded" in record_parity(dst, "## remap parity: FAIL\n\nsecond run\n")
     after = (dst / CARD).read_text()
     assert "### remap parity: FAIL\n\nsecond run" in after and "first run" not in after
+    record_parity(dst, f"## remap parity: FAIL\n\n`{PARITY_END}` a tensor name from a file\n")
+    assert record_parity(dst, "## remap parity: PASS\n\nthird run\n") and "a tensor name" not in (dst / CARD).read_text()
     outside = lambda text: text.split(PARITY_START)[0] + text.split(PARITY_END)[1]
     assert outside(after) == outside(before)
     assert api.verify(dst).ok

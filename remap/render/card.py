@@ -48,14 +48,15 @@ def render_card(manifest: Mapping[str, Any], report: Mapping[str, Any] | None, *
     else:
         lines += ["DST: this directory, or its hub repo id once uploaded.", "", f"```{usage[0]}", usage[1].rstrip("\n"),
                   "```", ""]
-    return "\n".join(lines)
+    # text from files (tensor names, paths) cannot open a comment that would hide or fake a marker
+    return "\n".join(line if line in (PARITY_START, PARITY_END) else _safe(line) for line in lines)
 
 
 def with_parity(card: str, section: str) -> str | None:
     """`card` with its parity section replaced by `section` (Markdown); None when it has none."""
     if not _PARITY.search(card):
         return None
-    nested = re.sub(r"^(#+) ", r"\1# ", section.strip(), flags=re.M)  # under the card's own "## Parity"
+    nested = re.sub(r"^(#+) ", r"\1# ", _safe(section.strip()), flags=re.M)  # under the card's own "## Parity"
     return _PARITY.sub(lambda _: f"{PARITY_START}\n{nested}\n{PARITY_END}", card, count=1)
 
 
@@ -134,6 +135,10 @@ def _hub_id(source: Any) -> bool:
     """A hub repo id rather than a path: recorded as given, where a local path is absolute."""
     text = str(source or "")
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith(("/", "."))
+
+
+def _safe(text: str) -> str:
+    return text.replace("<!--", "&lt;!--")
 
 
 def _row(*cells: str) -> str:
