@@ -18,6 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from remap import __version__, api, flags, route
 from remap.errors import RemapError
 from remap.execute import check_destination
+from remap.model_card import record_parity
 from remap.io.hashing import SHA256, TREE
 from remap.render import escape
 from remap.render.listing import render_inspect, render_specs, render_verify
@@ -227,9 +228,7 @@ def convert(
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
-    dtype = flags.cast("--dtype", dtype)
-    flags.shard_size_flag(max_shard_size)
-    flags.layout("--to", to)
+    dtype, _, _ = flags.cast("--dtype", dtype), flags.shard_size_flag(max_shard_size), flags.layout("--to", to)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
@@ -342,7 +341,6 @@ def parity(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
-    from remap.model_card import record_parity
     from remap.parity import run_parity
     from remap.render.parity import render_json, render_junit, render_markdown, render_rich
 
@@ -350,21 +348,19 @@ def parity(
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
-    flags.layout("--to", to)
-    if to is not None and dst is not None:
+    route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
+    if flags.layout("--to", to) is not None and dst is not None:
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
         if dst is None and (spec is not None or to is not None):
-            route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
             source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
             spec, inverse = route.resolve(source, spec, to, inverse, **route_options)
             route.check_spec(source, spec, inverse, **route_options)
-        with step_bar(err, "parity", enabled=not outputs.piped) as step:
-            result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=flags.pairs(param),
-                                settings=flags.pairs(settings, "--set"), torch_model=torch_model, revision=revision,
-                                quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,
-                                tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits, stream=stream,
-                                memory_budget=memory_budget, progress=step)
+        with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
+            result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
+                                quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
+                                batch=batch, seed=seed, dtype=dtype, tolerances=limits, stream=stream,
+                                memory_budget=memory_budget, progress=step, **route_options)
         if not outputs.piped:
             render_rich(result, console)
     outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))

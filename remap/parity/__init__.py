@@ -152,22 +152,25 @@ def run_parity(
     step = Steps(progress, 0 if dst is not None else 1)
     options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {},
                    torch_model=torch_model, stream=stream, memory_budget=memory_budget, step=step)
-    if dst is not None:
-        result = _compare(source, api.open_source(dst), plan, **options)
-    else:
-        report = api.report(plan, source)
-        if not report.ok:
-            raise RemapError(f"the conversion would not be valid: {report.problems[0]}",
-                             expected="a spec whose `remap report` is OK")
-        with tempfile.TemporaryDirectory(prefix="remap-parity-") as tmp:
-            converted = Path(tmp) / "target"
-            step(f"converting {source.source} by {plan.name}")
-            api.convert(plan, source, converted, report=report.to_dict(), checksums=False)
-            result = _compare(source, api.open_source(converted), plan, **options)
-            result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
+    result = _compare(source, api.open_source(dst), plan, **options) if dst is not None else _converted(source, plan, options)
     step.finish()
     result.seconds = time.perf_counter() - start
     result.peak_rss = peak_rss()
+    return result
+
+
+def _converted(source: Checkpoint, plan: Plan, options: dict) -> ParityResult:
+    """Parity against `plan` carried out on `source` into a temporary directory."""
+    report = api.report(plan, source)
+    if not report.ok:
+        raise RemapError(f"the conversion would not be valid: {report.problems[0]}",
+                         expected="a spec whose `remap report` is OK")
+    with tempfile.TemporaryDirectory(prefix="remap-parity-") as tmp:
+        converted = Path(tmp) / "target"
+        options["step"](f"converting {source.source} by {plan.name}")
+        api.convert(plan, source, converted, report=report.to_dict(), checksums=False)
+        result = _compare(source, api.open_source(converted), plan, **options)
+    result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
     return result
 
 
