@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from remap import execute
 from remap.errors import RemapError
 from remap.heap import paused_gc
-from remap.check import BREAKABLE, check_data
+from remap.check import BREAKABLE, Progress, check_data
 from remap.conversion import Conversion
 from remap.io.assembled import assembled
 from remap.io.checkpoint import Checkpoint, open_checkpoint
@@ -135,13 +135,15 @@ def source_config(checkpoint: Checkpoint, settings: Mapping[str, Any] | None = N
 
 
 @paused_gc
-def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | None = False) -> Report:
+def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | None = False,
+           progress: Progress | None = None) -> Report:
     """The shape-verification report. `check`: True measures every claim on the bytes; None the
-    claims the bytes can break (zero, redundant: what the CLI does by default); False none."""
+    claims the bytes can break (zero, redundant: what the CLI does by default); False none.
+    `progress(tensor, done, total)` is told each tensor measured."""
     if checkpoint is None or check is False:
         return build_report(plan, None)
     claims = None if check else BREAKABLE
-    return build_report(plan, check_data(plan, checkpoint.read, claims), measured=claims)
+    return build_report(plan, check_data(plan, checkpoint.read, claims, progress), measured=claims)
 
 
 def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:

@@ -8,7 +8,7 @@ not matter, so a report can say *how* lossy a conversion is, not only that it mi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from remap.fills import difference
 from remap.ops import Finding
 from remap.ops.base import max_abs
 from remap.plan import Dropped, Plan
+
+
+Progress = Callable[[str, int, int], None]  # (what is read now, items done, items in all)
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,26 @@ def drop_finding(drop: Dropped, read: Reader) -> Finding:
 BREAKABLE = ("zero", "redundant")
 
 
-def check_data(plan: Plan, read_source: Reader, claims: Collection[str] | None = None) -> list[RuleFinding]:
+def check_data(plan: Plan, read_source: Reader, claims: Collection[str] | None = None,
+               progress: Progress | None = None) -> list[RuleFinding]:
     """Every claim of every stage (or those of the kinds in `claims`), measured. Steps without
-    such claims read nothing."""
-    findings: list[RuleFinding] = []
+    such claims read nothing. `progress` is told each tensor read, with how many of how many."""
     wanted = (lambda claim: True) if claims is None else (lambda claim: claim in claims)
+    work = []  # (stage index, a drop or a step), listed first so that progress knows the total
     for k, stage in enumerate(plan.stages):
-        read = StagedReader(plan.stages[: k + 1], read_source)
-        for drop in stage.dropped:
-            if wanted(drop.claim):
-                findings.append(RuleFinding(stage.name, drop.rule, drop.name, drop_finding(drop, read)))
-        for step in stage.steps:
-            if step.groups and any(wanted(loss.claim) for loss in step.losses):
-                for finding in step_findings(step, read):
-                    if wanted(finding.claim):
-                        findings.append(RuleFinding(stage.name, step.rule, step.groups[0][0], finding))
+        work += [(k, drop) for drop in stage.dropped if wanted(drop.claim)]
+        work += [(k, step) for step in stage.steps if step.groups and any(wanted(loss.claim) for loss in step.losses)]
+    readers = [StagedReader(plan.stages[: k + 1], read_source) for k in range(len(plan.stages))]
+    findings: list[RuleFinding] = []
+    for done, (k, item) in enumerate(work):
+        stage, read = plan.stages[k], readers[k]
+        if progress:
+            progress(item.name if isinstance(item, Dropped) else item.groups[0][0], done, len(work))
+        if isinstance(item, Dropped):
+            findings.append(RuleFinding(stage.name, item.rule, item.name, drop_finding(item, read)))
+            continue
+        findings += [RuleFinding(stage.name, item.rule, item.groups[0][0], finding)
+                     for finding in step_findings(item, read) if wanted(finding.claim)]
+    if progress and work:
+        progress("done", len(work), len(work))
     return findings

@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperCommand, TyperGroup
 
 from remap import __version__, api, flags, route
 from remap.errors import RemapError
 from remap.execute import check_destination
+from remap.model_card import record_parity
 from remap.io.hashing import SHA256, TREE
-from remap.expr import evaluate
 from remap.render import escape
 from remap.render.listing import render_inspect, render_specs, render_verify
+from remap.render.progress import byte_bar, step_bar
 from remap.render.report import render_json, render_markdown, render_rich
 from remap.render.table import FittingConsole
 from remap.inverse_check import check_inverse
@@ -86,17 +86,6 @@ def main(
     if version:
         console.print(f"remap {__version__}")
         raise typer.Exit(0)
-
-
-def _params(values: List[str], flag: str = "--param") -> dict[str, Any]:
-    """KEY=VALUE pairs: numbers, true / false / null as such, anything else as text."""
-    params = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RemapError(f"{flag} {item!r}", expected="KEY=VALUE")
-        params[key] = evaluate(value, {}) if value[:1].isdigit() or value in ("true", "false", "null") else value
-    return params
 
 
 SpecOption = typer.Option(None, "--spec", "-s", help="A bundled spec name (see `remap specs`) or a YAML file (wins over --to).")
@@ -189,14 +178,15 @@ def report(
     """Plan a conversion from headers alone and verify it against the target layout."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file)
-    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     flags.layout("--to", to)
     with outputs.working():
         ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
         spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
         plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                               quantize=quantization, group_size=group_size, **route_options)
-        result = api.report(plan, ckpt, check=check_data)
+        with step_bar(err, "measuring claims", enabled=not outputs.piped) as step:
+            result = api.report(plan, ckpt, check=check_data, progress=step)
         route.check_report(ckpt, spec, inverse, result, **route_options)
         if not outputs.piped:
             render_rich(result, console, full=full)
@@ -238,16 +228,15 @@ def convert(
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
-    dtype = flags.cast("--dtype", dtype)
-    flags.shard_size_flag(max_shard_size)
-    flags.layout("--to", to)
-    route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
+    dtype, _, _ = flags.cast("--dtype", dtype), flags.shard_size_flag(max_shard_size), flags.layout("--to", to)
+    route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
     plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                           quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
-    result = api.report(plan, ckpt, check=check_data)
+    with step_bar(err, "measuring claims", enabled=not quiet) as step:
+        result = api.report(plan, ckpt, check=check_data, progress=step)
     route.check_report(ckpt, spec, inverse, result, **route_options)
     if not quiet or dry_run or not result.ok:
         render_rich(result, console, full=full)
@@ -258,13 +247,9 @@ def convert(
             err.print(f"[red]not converting[/]: {escape(result.problems[0])}{hint}", soft_wrap=True)
         raise typer.Exit(0 if result.ok else 1)
     try:
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=err, transient=True,
-                      disable=not err.is_terminal) as bar:  # a bar is for eyes; in a log it is noise
-            task = bar.add_task(f"{plan.name} -> {dst}", total=result.coverage["target_bytes"])
+        with byte_bar(err, f"{plan.name} -> {dst}", result.coverage["target_bytes"]) as advance:
             done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
-                               digest=SHA256 if sha256 else TREE,
-                               progress=lambda n: bar.advance(task, n))
+                               digest=SHA256 if sha256 else TREE, progress=advance)
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -363,23 +348,24 @@ def parity(
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
-    flags.layout("--to", to)
-    if to is not None and dst is not None:
+    route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
+    if flags.layout("--to", to) is not None and dst is not None:
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
         if dst is None and (spec is not None or to is not None):
-            route_options = dict(params=_params(param), settings=_params(settings, "--set"), variant=variant)
             source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
             spec, inverse = route.resolve(source, spec, to, inverse, **route_options)
             route.check_spec(source, spec, inverse, **route_options)
-        result = run_parity(src, dst, spec=spec, inverse=inverse, variant=variant, params=_params(param),
-                            settings=_params(settings, "--set"), torch_model=torch_model, revision=revision,
-                            quantize=quantization, group_size=group_size, allow_pickle=allow_pickle,
-                            tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=limits, stream=stream,
-                            memory_budget=memory_budget)
+        with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
+            result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
+                                quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
+                                batch=batch, seed=seed, dtype=dtype, tolerances=limits, stream=stream,
+                                memory_budget=memory_budget, progress=step, **route_options)
         if not outputs.piped:
             render_rich(result, console)
     outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))
+    if dst is not None and (recorded := record_parity(dst, render_markdown(result))):
+        err.print(escape(recorded), soft_wrap=True, highlight=False)
     raise typer.Exit(0 if result.ok else 1)
 
 

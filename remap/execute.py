@@ -34,9 +34,11 @@ from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
 from remap.layouts.base import FilePlan
 from remap.plan import Plan, Step
+from remap.render.card import render_card
 
 MANIFEST = "remap-manifest.json"
 REPORT = "remap-report.json"
+CARD = "README.md"  # the model card (remap/render/card.py)
 RESUME = "remap-resume.json"  # in DST.partial only: which conversion it holds the pieces of
 Progress = Callable[[int], None]  # called with bytes written
 
@@ -113,8 +115,8 @@ def convert(
 
 def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan, report: dict | None,
             hashes: dict[str, str | None], digest: Callable, manifest: dict) -> dict[str, str | None]:
-    """Everything but the shards: index, config.json, tokenizer files, report, then the manifest
-    with every file's digest (last: its presence means the rest is complete)."""
+    """Everything but the shards: index, config.json, tokenizer files, report, model card, then the
+    manifest with every file's digest (last: its presence means the rest is complete)."""
     if files_plan.style == "mlx":
         write_mlx_index(out, files_plan.shards, files_plan.parameters)
     elif files_plan.index:
@@ -124,6 +126,9 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
         shutil.copy2(path, out / path.name)
     if report is not None:
         _write_json(out / REPORT, report)
+    target = get_layout(plan.target_layout)
+    card = render_card(manifest, report, metadata=target.card_metadata, usage=target.usage("DST"))
+    (out / CARD).write_text(card, encoding="utf-8")
     files = {p.name: hashes[p.name] if p.name in hashes else digest(p)
              for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}
     # The manifest carries the identity on, so a kill between these two lines still resumes.

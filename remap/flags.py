@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from remap import dtypes
 from remap.errors import RemapError
@@ -57,6 +57,19 @@ def quantization(q: bool, quantize: Optional[str], bits: Optional[int], group: O
     if not (q or quantize is not None or given or group is not None):
         return None, MLX_LM_DEFAULT[1]
     return (recipes.pop() if recipes else given[0][1] if given else MLX_LM_DEFAULT[0]), group or MLX_LM_DEFAULT[1]
+
+
+def pairs(values: Iterable[str], flag: str = "--param") -> dict[str, Any]:
+    """KEY=VALUE pairs (--param, --set): numbers, true / false / null as such, anything else as text."""
+    from remap.expr import evaluate
+
+    found = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RemapError(f"{flag} {item!r}", expected="KEY=VALUE")
+        found[key] = evaluate(value, {}) if value[:1].isdigit() or value in ("true", "false", "null") else value
+    return found
 
 
 def cast(flag: str, value: Optional[str]) -> Optional[str]:

@@ -41,7 +41,7 @@ def _digests(path: Path) -> dict[str, str]:
             if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json"}
 
 
-def _both(tmp_path: Path, fixture: str, limit: int = 0, quantize: tuple = ()) -> tuple[dict, dict]:
+def _both(tmp_path: Path, fixture: str | Path, limit: int = 0, quantize: tuple = ()) -> tuple[dict, dict]:
     theirs, ours = tmp_path / "mlx_lm", tmp_path / "remap"
     subprocess.run([sys.executable, "-c", MLX_LM_CONVERT, FIXTURES / fixture, theirs, str(limit), *map(str, quantize)],
                    check=True, capture_output=True)
@@ -71,6 +71,41 @@ def test_several_shards_cut_and_laid_out_as_mlx_lm_does(tmp_path):
 def test_quantized_files_are_mlx_lm_converts_q(tmp_path, bits, group):
     theirs, ours = _both(tmp_path, "hf-bf16", limit=150_000, quantize=(bits, group))
     assert len(theirs) >= 3
+    assert ours == theirs
+
+
+# Not a fixture: more layers and experts, two dense layers, no q LoRA (q_proj, not q_a/q_b), read
+# from several files with an index as save_pretrained writes a large model.
+SYNTHETIC = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=5,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+    kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+    first_k_dense_replace=2, n_group=2, topk_group=1, max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from fixtures.generate import draw, train_tokenizer
+
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**SYNTHETIC))
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            param.copy_(torch.from_numpy(draw("synthetic-multi-shard", key, tuple(param.shape))))
+    path = tmp_path_factory.mktemp("synthetic") / "hf"
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="300KB")
+    train_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("quantize", [(), (4, 64)], ids=["float", "q4"])
+def test_a_multi_shard_synthetic_model_is_mlx_lm_converts_byte_for_byte(tmp_path, synthetic, quantize):
+    assert len(list(synthetic.glob("*.safetensors"))) > 1  # read from several files too
+    theirs, ours = _both(tmp_path, synthetic, limit=50_000, quantize=quantize)
+    assert len([name for name in theirs if name.endswith(".safetensors")]) >= 4
     assert ours == theirs
 
 

@@ -61,7 +61,7 @@ def test_inspect_verify_and_parity_read_the_ranks(deepseek):
     assert summary["tensors"] == len(api.open_source(deepseek[1]).tensors)
     assert "layout: deepseek (bf16), mp=2" in remap("inspect", deepseek[2]).stdout
     verified = " ".join(remap("verify", deepseek[2]).stdout.split())
-    assert verified.startswith("OK: 6 files") and "replayed on" in verified  # every rank's tensors checked
+    assert verified.startswith("OK: 7 files") and "replayed on" in verified  # every rank's tensors checked (and the card)
     # parity reads the ranks too, and says what it cannot do: run DeepSeek's own code
     parity = remap("parity", deepseek[2], "--spec", "hf-to-deepseek", "--inverse", check=False)
     assert parity.returncode == 2 and "no runtime runs the 'deepseek' layout" in parity.stderr

@@ -159,7 +159,7 @@ def test_tensor_names_never_become_file_names(tmp_path):
     api.convert(plan, checkpoint, tmp_path / "out")
 
     expected = {"model.safetensors", "model.safetensors.index.json", "config.json", "remap-manifest.json",
-                "tokenizer.json", "tokenizer_config.json"}
+                "tokenizer.json", "tokenizer_config.json", "README.md"}
     assert set(os.listdir(tmp_path / "out")) == expected
     assert tree(tmp_path) - before == {"out"} | {f"out/{name}" for name in expected}
     assert set(read_header(tmp_path / "out/model.safetensors")[0]) == set(names)

@@ -146,3 +146,10 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def replace_text(path: Path, text: str) -> None:
+    """`path` holds `text` whole or its old content, never half of either (a kill mid-write)."""
+    temporary = path.with_name(f".{path.name}.remap-tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

@@ -100,6 +100,8 @@ class Layout:
     sections: Sections | None = None
     # Why no runtime runs this layout for parity, where none does (see `runtime`).
     no_runtime: str = "no runtime is declared for it"
+    # The hub's front matter for a model card of a checkpoint in this layout (its library's keys).
+    card_metadata: Mapping[str, Any] = {}
 
     # -- what the layout holds -----------------------------------------------------------------
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +168,11 @@ class Layout:
         for the composed spec's name)."""
         raise RemapError(f"--quantize: remap does not quantize the {self.name} layout",
                          expected="a spec whose target layout quantizes (mlx)")
+
+    def usage(self, path: str) -> tuple[str, str] | None:
+        """(language, code) that loads a checkpoint of this layout at `path`, for its model card;
+        None where no library loads it."""
+        return None
 
     # -- parity ---------------------------------------------------------------------------------
     def runtime(self, checkpoint: "Checkpoint", dtype: str) -> Any:

@@ -282,6 +282,10 @@ class DeepseekLayout(Layout):
     no_runtime = ("DeepSeek's inference/model.py is no installable package and runs only on CUDA with its "
                   "own kernels; check the hf checkpoint it was converted from")
 
+    def usage(self, path: str) -> tuple[str, str]:
+        return "bash", ("# in DeepSeek-V3's inference/ directory: N the mp it was written with, the config of its size\n"
+                        f"torchrun --nproc-per-node N generate.py --ckpt-path {path} --config configs/config_671B.json --interactive")
+
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_deepseek_config(raw)
 

@@ -46,6 +46,7 @@ layouts cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 from remap.errors import RemapError
@@ -177,6 +178,12 @@ class HfLayout(Layout):
     variants = ("bf16", "bf16-mtp", "fp8", "fp8-mtp")
     format = "pt"
     sections = TRANSFORMERS_SECTIONS
+    card_metadata = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+
+    def usage(self, path: str) -> tuple[str, str]:
+        return "python", ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                          f"model = AutoModelForCausalLM.from_pretrained({json.dumps(path)})\n"
+                          f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(path)})")
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_transformers_config(raw)

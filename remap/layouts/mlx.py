@@ -41,6 +41,7 @@ axis (deepseek_v2 keeps kv_b_proj as it is).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 from remap.errors import RemapError
@@ -190,6 +191,12 @@ class MlxLayout(Layout):
     variants = ("embed_q", "kv_b_proj")
     format = "mlx"
     sections = TRANSFORMERS_SECTIONS  # mlx-lm keeps transformers' module names
+    # what mlx_lm.convert's model card declares (mlx_lm.utils.create_model_card)
+    card_metadata = {"language": "en", "library_name": "mlx", "pipeline_tag": "text-generation", "tags": ["mlx"]}
+
+    def usage(self, path: str) -> tuple[str, str]:
+        return "python", (f"from mlx_lm import generate, load\n\nmodel, tokenizer = load({json.dumps(path)})\n"
+                          f"print(generate(model, tokenizer, prompt=\"Hello\", max_tokens=32))")
 
     def write_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return write_config(raw)

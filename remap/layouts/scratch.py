@@ -23,6 +23,7 @@ Spec expressions see the config under HF DeepSeek-V3 names (hidden_size, qk_nope
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Mapping
 
@@ -174,6 +175,11 @@ class ScratchLayout(Layout):
     format = "pt"
     sections = Sections(("wte.", "wpe."), "h.{i}.", ("ln_f.", "lm_head."))
     assumed = ASSUMED
+
+    def usage(self, path: str) -> tuple[str, str]:
+        return "python", ("from safetensors.torch import load_file\n\n"
+                          f"state_dict = load_file({json.dumps(path + '/model.safetensors')})  # each shard, where there are several\n"
+                          "model.load_state_dict(state_dict)  # model: your DeepSeek-from-Scratch model, built with its config")
 
     def read_config(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return read_config(raw)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -120,6 +120,7 @@ def run_parity(
     tolerances: Mapping[str, float | None] | None = None,
     stream: bool = False,
     memory_budget: int | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ParityResult:
     """Run SRC and its conversion on the same tokens and compare them.
 
@@ -132,6 +133,7 @@ def run_parity(
     SRC's config (or of the one read off its shapes). `stream` runs both sides one decoder layer
     at a time (parity/stream.py); without it they stream when loading both whole would take more
     than `memory_budget` (bytes, or a size like "8GB"; default: stream.default_budget()).
+    `progress(what runs now, steps done, steps in all)` is told each step as it starts.
     """
     start = time.perf_counter()
     if memory_budget is not None:
@@ -147,36 +149,67 @@ def run_parity(
                                 quantize=quantize, group_size=group_size)
     elif (recipe := _recorded_recipe(Path(dst), str(src))) is not None:
         plan, source = api.plan_recipe(recipe, source)  # the conversion that made DST, replayed on SRC
+    step = Steps(progress, 0 if dst is not None else 1)
     options = dict(tokens=tokens, batch=batch, seed=seed, dtype=dtype, tolerances=tolerances or {},
-                   torch_model=torch_model, stream=stream, memory_budget=memory_budget)
-    if dst is not None:
-        result = _compare(source, api.open_source(dst), plan, **options)
-    else:
-        report = api.report(plan, source)
-        if not report.ok:
-            raise RemapError(f"the conversion would not be valid: {report.problems[0]}",
-                             expected="a spec whose `remap report` is OK")
-        with tempfile.TemporaryDirectory(prefix="remap-parity-") as tmp:
-            converted = Path(tmp) / "target"
-            api.convert(plan, source, converted, report=report.to_dict(), checksums=False)
-            result = _compare(source, api.open_source(converted), plan, **options)
-            result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
+                   torch_model=torch_model, stream=stream, memory_budget=memory_budget, step=step)
+    result = _compare(source, api.open_source(dst), plan, **options) if dst is not None else _converted(source, plan, options)
+    step.finish()
     result.seconds = time.perf_counter() - start
     result.peak_rss = peak_rss()
     return result
 
 
+def _converted(source: Checkpoint, plan: Plan, options: dict) -> ParityResult:
+    """Parity against `plan` carried out on `source` into a temporary directory."""
+    report = api.report(plan, source)
+    if not report.ok:
+        raise RemapError(f"the conversion would not be valid: {report.problems[0]}",
+                         expected="a spec whose `remap report` is OK")
+    with tempfile.TemporaryDirectory(prefix="remap-parity-") as tmp:
+        converted = Path(tmp) / "target"
+        options["step"](f"converting {source.source} by {plan.name}")
+        api.convert(plan, source, converted, report=report.to_dict(), checksums=False)
+        result = _compare(source, api.open_source(converted), plan, **options)
+    result.target = replace(result.target, path=f"{plan.name} of {source.source} (temporary)")
+    return result
+
+
+class Steps:
+    """Tells `progress` each step as it starts, with how many are done of how many in all (a
+    total that grows as the run learns what it has to do)."""
+
+    def __init__(self, progress: Callable[[str, int, int], None] | None, total: int):
+        self.progress, self.done, self.total = progress, 0, total
+
+    def expect(self, steps: int) -> None:
+        self.total += steps
+
+    def __call__(self, what: str) -> None:
+        if self.progress:
+            self.progress(what, self.done, self.total)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress:
+            self.progress("done", self.total, self.total)
+
+
 def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, tokens: int, batch: int, seed: int,
              dtype: str, tolerances: Mapping[str, float | None], torch_model: str | Path | None, stream: bool,
-             memory_budget: int | str | None) -> ParityResult:
+             memory_budget: int | str | None, step: Steps) -> ParityResult:
     checkpoints = (source, target)
     found = [_layout(source, plan and plan.source_layout), _layout(target, plan and plan.target_layout)]
     reason = _stream_reason(checkpoints, [layout for layout, _ in found], dtype, stream, memory_budget, torch_model)
-    if reason:
-        models = [streamed_side(layout, checkpoint, dtype) for (layout, _), checkpoint in zip(found, checkpoints)]
-    else:
-        models = [runtimes.user_torch_runtime(Path(torch_model), source, dtype) if torch_model
-                  else runtimes.load(found[0][0], source, dtype), runtimes.load(found[1][0], target, dtype)]
+    step.expect(2 if reason else 4)  # a streamed run learns its layers once both sides are open
+    models = []
+    for (layout, _), checkpoint, which in zip(found, checkpoints, ("source", "target")):
+        step(f"loading the {which}")
+        if reason:
+            models.append(streamed_side(layout, checkpoint, dtype))
+        elif torch_model and which == "source":
+            models.append(runtimes.user_torch_runtime(Path(torch_model), source, dtype))
+        else:
+            models.append(runtimes.load(layout, checkpoint, dtype))
     sides = [Side(checkpoint.source, layout, variant, model.name, _weights(checkpoint))
              for checkpoint, (layout, variant), model in zip(checkpoints, found, models)]
     if models[0].vocab_size != models[1].vocab_size:
@@ -185,9 +218,13 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
     ids = token_ids(models[0].vocab_size, tokens, batch, seed)
     streamed = None
     if reason:
-        ours, theirs, streamed = run_streamed(*models, ids, reason)
+        step.expect(models[0].layers + 2)
+        ours, theirs, streamed = run_streamed(*models, ids, reason, step)
     else:
-        ours, theirs = (model.forward(ids) for model in models)
+        step("running the source")
+        ours = models[0].forward(ids)
+        step("running the target")
+        theirs = models[1].forward(ids)
     if not (ours.hidden and theirs.hidden):  # a user model without layers(): the logits alone
         ours, theirs = (replace(side, hidden=[]) for side in (ours, theirs))
     elif len(ours.hidden) != len(theirs.hidden):
@@ -197,6 +234,8 @@ def _compare(source: Checkpoint, target: Checkpoint, plan: Plan | None, *, token
                     tolerances=tolerances)
     result.streamed = streamed
     if not result.ok and plan is not None:
+        step.expect(1)
+        step("measuring the spec's claims on the source")
         _explain(result, plan, source)
     return result
 

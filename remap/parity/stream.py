@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -99,16 +100,19 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_streamed(source: StreamedSide, target: StreamedSide, ids: np.ndarray, reason: str
-                 ) -> tuple[Forward, Forward, Streamed]:
-    """Both sides step by step on `ids`; the target's layers on the source's input and its own."""
+def run_streamed(source: StreamedSide, target: StreamedSide, ids: np.ndarray, reason: str,
+                 step: Callable[[str], None] = lambda what: None) -> tuple[Forward, Forward, Streamed]:
+    """Both sides step by step on `ids`; the target's layers on the source's input and its own.
+    `step` is told each step as it starts (the embedding, each layer, the logits)."""
     if source.layers != target.layers:
         raise RemapError(f"{source.layers} decoder layers (source) and {target.layers} (target)",
                          expected="the same num_hidden_layers on both sides")
     batch = ids.shape[0]
+    step("embedding")
     ours, theirs = [source.embed(ids)], [target.embed(ids)]
     info = Streamed(reason, source.layers, [0, 0])
     for index in range(source.layers):
+        step(f"layer {index}")
         after, ours_picked = source.layer(index, ours[-1])
         both, theirs_picked = target.layer(index, np.concatenate([ours[-1], theirs[-1]]))
         ours.append(after)
@@ -119,6 +123,7 @@ def run_streamed(source: StreamedSide, target: StreamedSide, ids: np.ndarray, re
             disagreement = routing_disagreement(index, ours_picked, theirs_picked[: len(ours_picked)])
             if disagreement:
                 info.routing.append(disagreement)
+    step("logits")
     logits = Forward(source.logits(ours[-1]), ours), Forward(target.logits(theirs[-1]), theirs)
     info.bytes_read = [source.reader.bytes_read, target.reader.bytes_read]
     return *logits, info

@@ -7,6 +7,7 @@ import json
 
 from rich.console import Console
 from remap.render import escape
+from remap.render.card import coverage_text
 from remap.render.table import print_table
 
 from remap.names import collapse
@@ -32,13 +33,7 @@ def _collapse_names(names: list[str]) -> list[str]:
 
 
 def coverage_line(report: Report) -> str:
-    c = report.coverage
-    total = c["source_tensors"] or 1
-    claims = ", ".join(f"{n} {claim}" for claim, n in sorted(c["dropped_by_claim"].items()))
-    line = (f"{c['source_tensors']} source tensors: {c['used']} used ({100 * c['used'] / total:.1f}%), "
-            f"{c['dropped']} dropped ({100 * c['dropped'] / total:.1f}%{': ' + claims if claims else ''}), "
-            f"{c['unmatched']} unmatched -> {c['target_tensors']} target tensors")
-    return line
+    return coverage_text(report.coverage)
 
 
 def render_rich(report: Report, console: Console, *, full: bool = False) -> None:
