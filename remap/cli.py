@@ -8,14 +8,13 @@ traceback). Every flag is checked before any work.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from remap import __version__, api, flags, route
+from remap.cli_shell import Command, Group, run_guarded
 from remap.errors import RemapError
 from remap.execute import check_destination
 from remap.model_card import record_parity
@@ -26,51 +25,11 @@ from remap.render.progress import byte_bar, step_bar
 from remap.render.report import render_json, render_markdown, render_rich
 from remap.render.table import FittingConsole
 from remap.inverse_check import check_inverse
+from remap.layouts import LAYOUTS
 from remap.spec.invert import invert_document
 from remap.spec.load import bundled_specs, dump_spec, load_spec
 
-# Options that may stand alone, as mlx_lm.convert's -q does and `inspect --json` always did; alone,
-# each takes this value. (typer builds options through its own click, which has no flag_value.)
-BARE = {"--json": "-", "--quantize": "", "-Q": ""}
-
-
-def _bare_values(args: List[str], options: set) -> List[str]:
-    """`args` with the value a BARE option takes alone put in after it (the end, another option)."""
-    out: List[str] = []
-    for k, arg in enumerate(args):
-        if arg == "--":
-            return out + args[k:]
-        out.append(arg)
-        following = args[k + 1] if k + 1 < len(args) else None
-        if arg in BARE and arg in options and (following is None or (following.startswith("-") and following != "-")):
-            out.append(BARE[arg])
-    return out
-
-
-class _Flags:
-    """--help shows `<bool>` after every flag in typer 0.29 (its type column): flags take no
-    value, so they show none; and the BARE options may stand alone."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
-
-    def parse_args(self, ctx, args):
-        return super().parse_args(ctx, _bare_values(list(args), {o for p in self.get_params(ctx) for o in p.opts}))
-
-
-class _Command(_Flags, TyperCommand):
-    pass
-
-
-class _Group(_Flags, TyperGroup):
-    pass
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
                   help="Plan, convert, verify and parity-check DeepSeek-V3-family checkpoints.")
 console = FittingConsole()
 err = FittingConsole(stderr=True)
@@ -110,7 +69,7 @@ def JsonOption(what: str) -> Any:
     return typer.Option(None, "--json", metavar="[PATH|-]", help=f"Write {what} as JSON to PATH; - or alone: to stdout, and nothing else there.")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def inspect(
     checkpoint: str = typer.Argument(..., help="Directory, .safetensors file, .pt/.bin, or hub repo id."),
     json_file: Optional[str] = JsonOption("the summary and every tensor"),
@@ -119,7 +78,7 @@ def inspect(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """What a checkpoint is: its tensors, the detected layout and variant, its config."""
-    outputs = flags.Outputs(json=json_file)
+    outputs = flags.Outputs(json=json_file, reads=flags.inputs(checkpoint))
     with outputs.working():
         ckpt = api.open_source(checkpoint, revision=revision, allow_pickle=allow_pickle)
         tensors = ckpt.tensors
@@ -141,8 +100,10 @@ def inspect(
             render_inspect(summary, list(tensors.values()), detection, console, full=full)
     tensor_list = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
     outputs.write(json=lambda: json.dumps({**summary, "tensor_list": tensor_list}, indent=2) + "\n")
+    if detection.layout is None and len(detection.unmatched) == detection.total:
+        raise RemapError(detection.describe(), file=ckpt.source, expected=f"a checkpoint of a layout remap knows: {flags.listed(LAYOUTS)}")
     if detection.layout is None:
-        raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
+        raise typer.Exit(1)
 
 
 def _assumed(detection) -> tuple[str, ...]:
@@ -152,7 +113,7 @@ def _assumed(detection) -> tuple[str, ...]:
     return get_layout(detection.layout).assumed if detection.inferred else ()
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
     spec: Optional[str] = SpecOption,
@@ -177,7 +138,7 @@ def report(
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
-    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file)
+    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file, reads=flags.inputs(src, spec))
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     flags.layout("--to", to)
     with outputs.working():
@@ -194,7 +155,7 @@ def report(
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def convert(
     src: str = typer.Argument(..., help="Source checkpoint: directory, file, or hub repo id."),
     dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
@@ -247,13 +208,13 @@ def convert(
             err.print(f"[red]not converting[/]: {escape(result.problems[0])}{hint}", soft_wrap=True)
         raise typer.Exit(0 if result.ok else 1)
     try:
-        with byte_bar(err, f"{plan.name} -> {dst}", result.coverage["target_bytes"]) as advance:
+        with byte_bar(err, f"{plan.name} -> {escape(dst)}", result.coverage["target_bytes"]) as advance:
             done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
                                digest=SHA256 if sha256 else TREE, progress=advance)
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
         raise typer.Exit(130) from None
-    console.print(f"wrote {dst}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
+    console.print(f"wrote {escape(dst)}: {len(done.files)} files, {done.bytes_written / 2**20:.1f} MiB in {done.seconds:.1f}s "
                   f"({result.coverage['target_tensors']} tensors; {_coverage(result)})")
 
 
@@ -272,31 +233,31 @@ def _coverage(result) -> str:
     return coverage_line(result).split(" -> ")[0]
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def invert(
     spec: str = typer.Argument(..., help="Spec to invert (bundled name or file)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default: stdout)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the inverted spec here (default, or -: stdout)."),
 ) -> None:
     """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert and
     why a whole inverse cannot run on the layout it reads."""
-    flags.output("--output", str(output) if output else None, reads=flags.spec_file(spec))
+    flags.output("--output", output, reads=flags.spec_file(spec))
     forward = load_spec(spec)
     check_inverse(forward)
     text = dump_spec(invert_document(forward))
-    if output:
-        output.write_text(text)
-        console.print(f"wrote {output}")
+    if output and output != "-":
+        flags.write_output("--output", output, text)
+        console.print(f"wrote {escape(output)}")
     else:
         print(text, end="")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def verify(
     dst: Path = typer.Argument(..., help="A directory written by `remap convert`."),
     json_file: Optional[str] = JsonOption("the result"),
 ) -> None:
     """Re-check a converted checkpoint: every file's digest (as its manifest names it) and every tensor's header."""
-    outputs = flags.Outputs(json=json_file)
+    outputs = flags.Outputs(json=json_file, reads=flags.inputs(str(dst)))
     with outputs.working():
         result = api.verify(dst)
         if not outputs.piped:
@@ -305,7 +266,7 @@ def verify(
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def parity(
     src: str = typer.Argument(..., help="Source checkpoint, run by the runtime of its layout (transformers, ScratchModel, mlx-lm)."),
     dst: Optional[str] = typer.Argument(None, help="Its conversion, run by its own runtime; leave out to convert SRC with --spec into a temporary directory."),
@@ -345,7 +306,8 @@ def parity(
     from remap.render.parity import render_json, render_junit, render_markdown, render_rich
 
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
-    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file)
+    dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file,
+                                                     reads=flags.inputs(src, spec, dst, torch_model))
     limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
                   max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
@@ -369,24 +331,15 @@ def parity(
     raise typer.Exit(0 if result.ok else 1)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def specs(full: bool = typer.Option(False, "--full", help="Each spec's whole description.")) -> None:
     """List the bundled mapping specs: name, from -> to, what each does."""
     render_specs([load_spec(path) for path in bundled_specs()], console, full=full)
 
 
 def run() -> None:
-    """Entry point: click handles usage errors (exit 2) and exit codes; a RemapError is bad
-    input, printed as one line."""
-    try:
-        app()
-    except (RemapError, OSError) as exc:
-        if _state["debug"]:
-            raise
-        if isinstance(exc, OSError):  # a path the user gave: missing folder, name too long, no permission
-            exc = RemapError(exc.strerror or str(exc), file=str(exc.filename) if exc.filename else None)
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    """Entry point: exit 0, 1 (a check failed) or 2 (bad input, one line: remap.cli_shell)."""
+    run_guarded(app, err, lambda: _state["debug"])
 
 
 if __name__ == "__main__":

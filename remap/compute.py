@@ -68,9 +68,12 @@ def step_findings(step: Step, read: Reader) -> list[Finding]:
     findings: list[Finding] = []
     for group in step.groups:
         arrays = _inputs(step, group, read)
-        for op in step.ops:
-            findings.extend(op.check(arrays))
-            arrays = op.apply(arrays)
+        try:
+            for op in step.ops:
+                findings.extend(op.check(arrays))
+                arrays = op.apply(arrays)
+        except RemapError as exc:  # an op refusing its data (NaN in a quantizer): say which tensor, which rule
+            raise exc.within(tensor=group[0], rule=step.rule)
     return findings
 
 

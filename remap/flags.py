@@ -6,6 +6,8 @@ mean, without typer."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
@@ -113,8 +115,9 @@ class Outputs:
     and nothing else: the text for a reader is left out, and whatever else prints while the work
     runs (a library's print) goes to stderr."""
 
-    def __init__(self, **paths: Optional[str]):
-        self.paths = {f"--{flag}": output(f"--{flag}", value) for flag, value in paths.items() if value is not None}
+    def __init__(self, reads: Iterable[Path] = (), **paths: Optional[str]):
+        reads = list(reads)
+        self.paths = {f"--{flag}": output(f"--{flag}", value, reads) for flag, value in paths.items() if value is not None}
         piped = [flag for flag, value in self.paths.items() if value == "-"]
         if len(piped) > 1:
             raise RemapError(f"{' and '.join(piped)} both to stdout", expected="- for one of them at most")
@@ -130,7 +133,38 @@ class Outputs:
                 self._stdout.write(text)
                 self._stdout.flush()
             else:
-                Path(path).write_text(text)
+                write_output(flag, path, text)
+
+
+def write_output(flag: str, path: str, text: str) -> None:
+    """Write an output file, or into a pipe (`--json >(jq .)`): opened without blocking, so a FIFO
+    nobody reads is an error line, not a hang."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        raise RemapError(f"{flag} {path}: a pipe nobody reads", expected="a file, a pipe with a reader, or - for stdout") from None
+    os.set_blocking(fd, True)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+def inputs(*given: object) -> list[Path]:
+    """The files a command reads, from its arguments (a checkpoint folder's files, a file, a
+    spec by name or path; None and hub ids give none): an output file must be none of them."""
+    files: list[Path] = []
+    for value in given:
+        if value is None:
+            continue
+        path = Path(str(value))
+        if path.is_dir():
+            files += [p for p in path.iterdir() if p.is_file()]
+        elif path.is_file():
+            files.append(path)
+        else:
+            files += spec_file(str(value))
+    return files
 
 
 def shard_size_flag(value: str) -> None:
