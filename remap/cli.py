@@ -143,7 +143,7 @@ def report(
     flags.layout("--to", to)
     with outputs.working():
         ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-        spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
+        spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization is not None, **route_options)
         plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                               quantize=quantization, group_size=group_size, **route_options)
         with step_bar(err, "measuring claims", enabled=not outputs.piped) as step:
@@ -192,7 +192,7 @@ def convert(
     dtype, _, _ = flags.cast("--dtype", dtype), flags.shard_size_flag(max_shard_size), flags.layout("--to", to)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-    spec, inverse = route.resolve(ckpt, spec, to, inverse, **route_options)
+    spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization is not None, **route_options)
     plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                           quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
@@ -314,9 +314,9 @@ def parity(
     if flags.layout("--to", to) is not None and dst is not None:
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
-        if dst is None and (spec is not None or to is not None):
+        if dst is None and (spec is not None or to is not None or quantization is not None):
             source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-            spec, inverse = route.resolve(source, spec, to, inverse, **route_options)
+            spec, inverse = route.resolve(source, spec, to, inverse, quantization is not None, **route_options)
             route.check_spec(source, spec, inverse, **route_options)
         with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
             result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,

@@ -141,9 +141,13 @@ def check_spec(checkpoint: Checkpoint, spec: Any, inverse: bool, **options: Any)
     check_fit(checkpoint, spec, inverse, [why] if why else [], **options)
 
 
-def resolve(checkpoint: Checkpoint, spec: Any, to: str | None, inverse: bool, **options: Any) -> tuple[Any, bool]:
+def resolve(checkpoint: Checkpoint, spec: Any, to: str | None, inverse: bool, quantized: bool = False,
+            **options: Any) -> tuple[Any, bool]:
     """(spec, inverse) to run: --spec when given (refused when it reads another layout than the
-    source is, or writes another than --to), else the route --to picks for what the source is."""
+    source is, or writes another than --to), else the route --to picks for what the source is.
+    Quantizing with neither names mlx, as `mlx_lm.convert -q` does: only mlx holds quantized weights."""
+    if spec is None and to is None and quantized:
+        to = "mlx"
     if spec is None:
         if to is None:
             raise RemapError("no spec to convert with", expected="--spec SPEC, or --to LAYOUT to let remap pick it")

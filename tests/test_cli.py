@@ -52,14 +52,16 @@ def test_mlx_lm_flags_make_the_model_quantize_makes(tmp_path):
     runs = {"quantize 4": ["--quantize", "4"], "-q --q-bits 4": ["-q", "--q-bits", "4"], "-q": ["-q"],
             "--quantize alone": ["--quiet", "--quantize"], "bits 4 g64": ["--q-bits", "4", "--q-group-size", "64"],
             "quantize mixed": ["--quantize", "mixed_4_6"], "-q predicate": ["-q", "--quant-predicate", "mixed_4_6"]}
+    runs["as mlx_lm.convert: no spec"] = ["-q", "--q-bits", "4"]  # quantizing names mlx, so remap picks hf-to-mlx
     for name, flags in runs.items():
-        run = remap("convert", FIXTURE, tmp_path / name, "--spec", "hf-to-mlx", *flags)
+        spec = [] if "no spec" in name else ["--spec", "hf-to-mlx"]
+        run = remap("convert", FIXTURE, tmp_path / name, *spec, *flags)
         assert run.returncode == 0, (name, run.stderr)
         recipe = json.loads((tmp_path / name / "remap-manifest.json").read_text())["recipe"]
         assert (recipe["quantize"], recipe["group_size"]) == ("mixed_4_6" if "mixed" in name or "predicate" in name else 4, 64)
     four = _weights(tmp_path / "quantize 4")
     assert json.loads(four["config.json"])["quantization"]["bits"] == 4
-    for name in ("-q --q-bits 4", "-q", "--quantize alone", "bits 4 g64"):
+    for name in ("-q --q-bits 4", "-q", "--quantize alone", "bits 4 g64", "as mlx_lm.convert: no spec"):
         assert _weights(tmp_path / name) == four, name
     assert _weights(tmp_path / "-q predicate") == _weights(tmp_path / "quantize mixed") != four
 
