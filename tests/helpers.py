@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Mapping
 
 import ml_dtypes
@@ -12,6 +16,16 @@ from remap.compute import StagedReader, step_outputs
 from remap.layouts import get_layout
 from remap.ops import TensorType
 from remap.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # rich's default: 80 columns
+
+
+def remap(*args) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, from the repository root, as a user's shell runs it."""
+    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=CLI_ENV)
+
 
 HF_BASE = dict(
     model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,11 @@ from remap.flags import quantization
 from remap.render.listing import first_sentence
 from remap.render.table import print_table
 from remap.spec.load import bundled_specs, load_spec
+from tests.helpers import CLI_ENV as ENV, remap
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "hf-bf16"
-ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # rich's default: 80 columns
 
-
-def remap(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV)
 
 
 def help_text(*command: str) -> str:

@@ -5,19 +5,12 @@ which needs config keys scratch-to-hf records) is refused in one line, and each 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from tests.helpers import remap
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
-
-def remap(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV)
 
 
 def test_an_inverse_that_matches_nothing_is_refused_and_it_really_matches_nothing(tmp_path):

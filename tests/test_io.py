@@ -495,19 +495,25 @@ def test_writer_takes_pieces_at_offsets(tmp_path):
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
 
+def _pieces_in(order: str) -> tuple[dict, list]:
+    """A stacked tensor written expert by expert, and a small one: (tensors, (name, piece, offset) in `order`)."""
+    stacked = RNG.standard_normal((16, 64, 33)).astype(np.float32)
+    small = RNG.standard_normal(5).astype(ml_dtypes.bfloat16)
+    pieces = [("experts", stacked[e], e * stacked[e].nbytes) for e in range(len(stacked))] + [("small", small, 0)]
+    pieces = {"in order": pieces, "reversed": pieces[::-1],
+              "shuffled": [pieces[i] for i in RNG.permutation(len(pieces))]}[order]
+    return {"experts": stacked, "small": small}, pieces
+
+
 @pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
 def test_writer_checksum_is_the_files_sha256_whatever_the_order_and_threads(tmp_path, order):
     """Pieces land in any order from several threads; the hash follows the written prefix and
     equals sha256 of the finished file."""
     from concurrent.futures import ThreadPoolExecutor
 
-    stacked = RNG.standard_normal((16, 64, 33)).astype(np.float32)
-    small = RNG.standard_normal(5).astype(ml_dtypes.bfloat16)
-    pieces = [("experts", stacked[e], e * stacked[e].nbytes) for e in range(len(stacked))] + [("small", small, 0)]
-    pieces = {"in order": pieces, "reversed": pieces[::-1],
-              "shuffled": [pieces[i] for i in RNG.permutation(len(pieces))]}[order]
+    tensors, pieces = _pieces_in(order)
     path = tmp_path / "out.safetensors"
-    shard = ShardWriter(path, entries_of({"experts": stacked, "small": small}), {"format": "pt"}, checksum=True)
+    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=True)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
     shard.close()
@@ -531,14 +537,9 @@ def test_writer_tree_digest_whatever_the_order_and_threads(tmp_path, monkeypatch
     from remap.io import hashing
 
     monkeypatch.setattr(hashing, "CHUNK", 1000)
-    stacked = RNG.standard_normal((16, 64, 33)).astype(np.float32)
-    small = RNG.standard_normal(5).astype(ml_dtypes.bfloat16)
-    pieces = [("experts", stacked[e], e * stacked[e].nbytes) for e in range(len(stacked))] + [("small", small, 0)]
-    pieces = {"in order": pieces, "reversed": pieces[::-1],
-              "shuffled": [pieces[i] for i in RNG.permutation(len(pieces))]}[order]
+    tensors, pieces = _pieces_in(order)
     path = tmp_path / "out.safetensors"
-    shard = ShardWriter(path, entries_of({"experts": stacked, "small": small}), {"format": "pt"},
-                        checksum=hashing.TREE)
+    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=hashing.TREE)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
     shard.close()

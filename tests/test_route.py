@@ -4,19 +4,12 @@ source is refused in one line naming what the source is and the spec that fits."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from tests.helpers import remap
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
-
-def remap(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "remap.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV)
 
 
 def _weights(path: Path) -> dict[str, bytes]:
