@@ -61,6 +61,21 @@ def test_streamed_and_whole_model_parity_measure_the_same(src, options):
     jsonschema.validate(json.loads(_render_json(streamed)), SCHEMA)
 
 
+def test_experts_loaded_a_chunk_at_a_time_measure_what_whole_model_parity_does(monkeypatch):
+    """A layer whose picked experts outgrow EXPERT_CHUNK_BYTES runs them a chunk at a time (at
+    DeepSeek-V3's widths, ~5 experts a chunk); here every expert is a chunk of its own, on both
+    sides, and the metrics must still be whole-model parity's."""
+    from remap.parity import stream_side
+
+    whole = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx")
+    monkeypatch.setattr(stream_side, "EXPERT_CHUNK_BYTES", 1)
+    chunked = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx", stream=True)
+    assert chunked.ok and all(ours > 1 for ours, _ in chunked.streamed.experts.values())
+    _same_metrics(whole.logits, chunked.logits)
+    for name in whole.hidden:
+        _same_metrics(whole.hidden[name], chunked.hidden[name])
+
+
 def _render_json(result) -> str:
     from remap.render.parity import render_json
 
