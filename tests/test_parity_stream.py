@@ -135,6 +135,24 @@ def test_experts_read_from_each_other_are_named_streamed(tmp_path):
                                                             "model.layers.2.mlp.experts.1.up_proj.weight")
 
 
+def test_a_failing_streamed_run_measures_only_the_claims_the_bytes_can_break(monkeypatch):
+    """On failure, whole-model parity measures every claim of the spec on the source, which reads
+    and rebuilds every tensor (a rounding or quantization step, experts stacked whole); a streamed run measures only zero and redundant claims, which read
+    little, and still lists the steps that lose by design. The 4-bit conversion fails here only
+    because its hidden-state tolerance is set below what 4 bits keep."""
+    from remap import check
+
+    asked = []
+    measure = check.check_data
+    monkeypatch.setattr(api, "check_data", lambda plan, read, claims=None: asked.append(claims) or measure(plan, read, claims))
+    runs = [run_parity(FIXTURES / "hf-fp8-mtp", spec="hf-fp8-to-mlx", quantize=4, group_size=32, stream=stream,
+                       tolerances={"max_hidden_error": 1e-9}) for stream in (False, True)]
+    assert not runs[0].ok and not runs[1].ok and runs[0].divergence == runs[1].divergence
+    assert asked == [None, check.BREAKABLE]  # every claim, then the breakable ones
+    assert [(c.rule, c.claim) for c in runs[0].claims] == [(c.rule, c.claim) for c in runs[1].claims]
+    assert any(c.claim == "rounding" for c in runs[1].claims)
+
+
 def test_a_routing_disagreement_is_reported_with_its_experts(tmp_path):
     """The target's layer-1 router has its two groups of experts swapped ({0, 1} and {2, 3}: rows
     and score biases). The fixture routes to one group of two experts (n_group 2, topk_group 1,
