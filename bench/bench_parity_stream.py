@@ -8,7 +8,10 @@ layer 3 and the rule that made that expert's stacked tensor.
 
     python bench/bench_parity_stream.py mid  [--work DIR]  # 5.7 GB bf16: 5 layers, hidden 2048, 64 experts
     python bench/bench_parity_stream.py full [--work DIR]  # 15.8 GB FP8 at DeepSeek-V3's widths, 1 dense + 1 MoE layer
-    python bench/bench_parity_stream.py full --layers 1    # the same, the dense layer alone
+    python bench/bench_parity_stream.py full --steps       # instead, the time of each step
+
+--steps runs the same streamed parity in this process instead, through the API, timing each step
+of each side (embedding, decoder layer i, head): what a longer model adds is one more layer step.
 
 Peak RSS: every 20 ms the RSS of the command and all its descendants is summed (psutil); the
 kernel's own high-water mark of the command (ru_maxrss from wait4) is exact but per process. The
@@ -124,8 +127,37 @@ def found_perturbation(result: dict, tensor: str) -> bool:
             and local[layer]["max_rel"] > 100 * max(local[n]["max_rel"] for n in earlier))
 
 
-def job(name: str, layers: int | None, work: Path) -> bool:
-    default, options, spec, goal = JOBS[name]
+def step_times(src: Path, dst: Path) -> None:
+    """Streamed parity of SRC and DST in this process, each side's steps timed (seconds, and the
+    process's peak RSS so far)."""
+    import resource
+
+    import remap.parity as parity_module
+
+    make = parity_module.streamed_side
+
+    def timed_side(layout, checkpoint, dtype):
+        side = make(layout, checkpoint, dtype)
+        for step in ("embed", "layer", "logits"):
+            def timed(*args, run=getattr(side, step), step=step):
+                start = time.perf_counter()
+                out = run(*args)
+                label = f"{step} {args[0]}" if step == "layer" else step
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+                print(f"| {layout} | {label} | {time.perf_counter() - start:.1f} | {peak:.2f} |", flush=True)
+                return out
+            setattr(side, step, timed)
+        return side
+
+    parity_module.streamed_side = timed_side
+    print("| side | step | seconds | peak RSS so far (GB) |\n|---|---|---|---|")
+    result = parity_module.run_parity(src, dst, stream=True)
+    print(f"ok={result.ok} in {result.seconds:.1f} s")
+
+
+def prepared(name: str, layers: int | None, work: Path) -> tuple[str, Path, Path]:
+    """(label, source, its mlx conversion) of a job, made and converted unless already there."""
+    default, options, spec, _ = JOBS[name]
     tag = f"{name}-{layers}L" if layers not in (None, default) else name
     options = [*options, "--layers", str(layers or default)]
     src, dst = work / f"{tag}-hf", work / f"{tag}-mlx"
@@ -137,6 +169,14 @@ def job(name: str, layers: int | None, work: Path) -> bool:
     if not (dst / "config.json").exists():
         converted = measured([remap, "convert", str(src), str(dst), "--spec", spec, "--quiet"], work / f"convert-{tag}.log")
         print(f"convert ({size:.1f} GB): {converted}")
+    return tag, src, dst
+
+
+def job(name: str, layers: int | None, work: Path) -> bool:
+    """The job's measured runs; whether its goals are met."""
+    goal = JOBS[name][3]
+    tag, src, dst = prepared(name, layers, work)
+    size = sum(p.stat().st_size for p in src.iterdir()) / 1e9
     run, result = parity(src, dst, work, tag)
     print(f"parity ({size:.1f} GB source): {run}; ok={result['ok']}, self-reported peak {result['peak_rss'] / 1e9:.2f} GB, "
           f"read {[round(b / 1e9, 2) for b in result['streamed']['bytes_read']]} GB, experts {result['streamed']['experts']}")
@@ -159,9 +199,13 @@ def main() -> None:
     parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("--layers", type=int, help="decoder layers of the synthetic checkpoint (default: the job's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/remap-bench-stream"))
+    parser.add_argument("--steps", action="store_true", help="instead, time each step of a streamed run, in this process")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sys.exit(0 if job(args.job, args.layers, args.work) else 1)
+    if args.steps:
+        step_times(*prepared(args.job, args.layers, args.work)[1:])
+    else:
+        sys.exit(0 if job(args.job, args.layers, args.work) else 1)
 
 
 if __name__ == "__main__":
