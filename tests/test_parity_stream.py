@@ -61,6 +61,21 @@ def test_streamed_and_whole_model_parity_measure_the_same(src, options):
     jsonschema.validate(json.loads(_render_json(streamed)), SCHEMA)
 
 
+def test_experts_loaded_a_chunk_at_a_time_measure_what_whole_model_parity_does(monkeypatch):
+    """A layer whose picked experts outgrow EXPERT_CHUNK_BYTES runs them a chunk at a time (at
+    DeepSeek-V3's widths, ~5 experts a chunk); here every expert is a chunk of its own, on both
+    sides, and the metrics must still be whole-model parity's."""
+    from remap.parity import stream_side
+
+    whole = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx")
+    monkeypatch.setattr(stream_side, "EXPERT_CHUNK_BYTES", 1)
+    chunked = run_parity(FIXTURES / "hf-bf16", spec="hf-to-mlx", stream=True)
+    assert chunked.ok and all(ours > 1 for ours, _ in chunked.streamed.experts.values())
+    _same_metrics(whole.logits, chunked.logits)
+    for name in whole.hidden:
+        _same_metrics(whole.hidden[name], chunked.hidden[name])
+
+
 def _render_json(result) -> str:
     from remap.render.parity import render_json
 
@@ -118,6 +133,24 @@ def test_experts_read_from_each_other_are_named_streamed(tmp_path):
     assert rules["layer 2 expert 1 read from expert 2"] == ("model.layers.2.mlp.experts.1.down_proj.weight",
                                                             "model.layers.2.mlp.experts.1.gate_proj.weight",
                                                             "model.layers.2.mlp.experts.1.up_proj.weight")
+
+
+def test_a_failing_streamed_run_measures_only_the_claims_the_bytes_can_break(monkeypatch):
+    """On failure, whole-model parity measures every claim of the spec on the source, which reads
+    and rebuilds every tensor (a rounding or quantization step, experts stacked whole); a streamed run measures only zero and redundant claims, which read
+    little, and still lists the steps that lose by design. The 4-bit conversion fails here only
+    because its hidden-state tolerance is set below what 4 bits keep."""
+    from remap import check
+
+    asked = []
+    measure = check.check_data
+    monkeypatch.setattr(api, "check_data", lambda plan, read, claims=None: asked.append(claims) or measure(plan, read, claims))
+    runs = [run_parity(FIXTURES / "hf-fp8-mtp", spec="hf-fp8-to-mlx", quantize=4, group_size=32, stream=stream,
+                       tolerances={"max_hidden_error": 1e-9}) for stream in (False, True)]
+    assert not runs[0].ok and not runs[1].ok and runs[0].divergence == runs[1].divergence
+    assert asked == [None, check.BREAKABLE]  # every claim, then the breakable ones
+    assert [(c.rule, c.claim) for c in runs[0].claims] == [(c.rule, c.claim) for c in runs[1].claims]
+    assert any(c.claim == "rounding" for c in runs[1].claims)
 
 
 def test_a_routing_disagreement_is_reported_with_its_experts(tmp_path):

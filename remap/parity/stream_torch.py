@@ -104,13 +104,16 @@ def _selected_experts(module, reader: Reader, prefix: str, tensor, routing: list
 
 
 def _run_selected(module, reader: Reader, prefix: str, tensor, routing: list, hidden_states, top_k_index, top_k_weights):
-    """transformers' experts module on the picked experts, a chunk of them at a time (picks of
-    experts outside the chunk are renumbered to the module's "no expert" index, which it skips)."""
+    """transformers' experts module on the picked experts, a chunk of them at a time. Picks of
+    experts outside the chunk are renumbered to index num_experts with weight 0, as transformers'
+    expert-parallel dispatch hands a rank the picks of other ranks' experts; the module runs
+    marked expert-parallel, so that its grouped_mm and batched_mm paths leave those picks out
+    (unmarked, grouped_mm adds their uninitialized rows into the output)."""
     import torch
 
     picked = top_k_index.cpu().numpy()
     routing.append(picked.reshape(-1, picked.shape[-1]))
-    total, out = module.num_experts, None
+    total, parallel, out = module.num_experts, getattr(module, "_is_expert_parallel", False), None
     for chunk in expert_chunks(sorted(set(picked.reshape(-1).tolist())), reader, f"{prefix}.0.gate_proj.weight"):
         renumber = torch.full((total + 1,), len(chunk), dtype=top_k_index.dtype)
         renumber[chunk] = torch.arange(len(chunk), dtype=top_k_index.dtype)
@@ -119,11 +122,12 @@ def _run_selected(module, reader: Reader, prefix: str, tensor, routing: list, hi
         module.gate_up_proj = torch.nn.Parameter(torch.cat([part.pop("gate_proj"), part.pop("up_proj")], dim=1),
                                                  requires_grad=False)
         module.down_proj = torch.nn.Parameter(part.pop("down_proj"), requires_grad=False)
-        module.num_experts = len(chunk)
+        module.num_experts, module._is_expert_parallel = len(chunk), True
+        local = renumber[top_k_index]
         try:
-            y = module(hidden_states, renumber[top_k_index], top_k_weights)
+            y = module(hidden_states, local, top_k_weights.masked_fill(local == len(chunk), 0))
         finally:
-            module.num_experts = total
+            module.num_experts, module._is_expert_parallel = total, parallel
             module.to_empty(device="meta")
         out = y if out is None else out + y
     return out
