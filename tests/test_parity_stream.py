@@ -144,7 +144,8 @@ def test_a_failing_streamed_run_measures_only_the_claims_the_bytes_can_break(mon
 
     asked = []
     measure = check.check_data
-    monkeypatch.setattr(api, "check_data", lambda plan, read, claims=None: asked.append(claims) or measure(plan, read, claims))
+    monkeypatch.setattr(api, "check_data", lambda plan, read, claims=None, progress=None:
+                        asked.append(claims) or measure(plan, read, claims, progress))
     runs = [run_parity(FIXTURES / "hf-fp8-mtp", spec="hf-fp8-to-mlx", quantize=4, group_size=32, stream=stream,
                        tolerances={"max_hidden_error": 1e-9}) for stream in (False, True)]
     assert not runs[0].ok and not runs[1].ok and runs[0].divergence == runs[1].divergence
