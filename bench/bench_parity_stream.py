@@ -64,6 +64,13 @@ def measured(command: list[str], log: Path) -> dict:
             "peak_rss": max(tree, kernel), "peak_rss_sampled_tree": tree, "peak_rss_kernel": kernel}
 
 
+def checked(run: dict, log: Path, allowed: tuple[int, ...] = (0,)) -> dict:
+    """`run` (from measured), or exit naming its command and the end of its log."""
+    if run["rc"] not in allowed:
+        raise SystemExit(f"{run['command']} exited {run['rc']}:\n{log.read_text()[-2000:]}")
+    return run
+
+
 def most_picked_expert(src: Path, layer: int) -> int:
     """The routed expert of `layer` that SRC's router picks most often for the probe tokens
     `remap parity` runs by default (an expert no token picks is never loaded, so a change to it
@@ -107,10 +114,11 @@ def perturbed_copy(dst: Path, out: Path, expert: int) -> str:
 
 def parity(src: Path, dst: Path, work: Path, label: str) -> tuple[dict, dict]:
     """`remap parity SRC DST --stream`, measured; and its JSON result."""
-    result = work / f"parity-{label}.json"
+    result, log = work / f"parity-{label}.json", work / f"parity-{label}.log"
+    result.unlink(missing_ok=True)  # never a result of an earlier run
     run = measured([str(Path(sys.executable).with_name("remap")), "parity", str(src), str(dst), "--stream",
-                    "--json", str(result)], work / f"parity-{label}.log")
-    return run, json.loads(result.read_text())
+                    "--json", str(result)], log)
+    return checked(run, log, (0, 1)), json.loads(result.read_text())
 
 
 def found_perturbation(result: dict, tensor: str) -> bool:
@@ -163,11 +171,12 @@ def prepared(name: str, layers: int | None, work: Path) -> tuple[str, Path, Path
     src, dst = work / f"{tag}-hf", work / f"{tag}-mlx"
     python, remap = sys.executable, str(Path(sys.executable).with_name("remap"))
     if not (src / "config.json").exists():
-        made = measured([python, str(HERE / "synthetic_hf.py"), str(src), *options], work / f"make-{tag}.log")
-        print(f"make: {made}")
+        log = work / f"make-{tag}.log"
+        print(f"make: {checked(measured([python, str(HERE / 'synthetic_hf.py'), str(src), *options], log), log)}")
     size = sum(p.stat().st_size for p in src.iterdir()) / 1e9
     if not (dst / "config.json").exists():
-        converted = measured([remap, "convert", str(src), str(dst), "--spec", spec, "--quiet"], work / f"convert-{tag}.log")
+        log = work / f"convert-{tag}.log"
+        converted = checked(measured([remap, "convert", str(src), str(dst), "--spec", spec, "--quiet"], log), log)
         print(f"convert ({size:.1f} GB): {converted}")
     return tag, src, dst
 
