@@ -315,9 +315,8 @@ def parity(
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
         if dst is None and (spec is not None or to is not None or quantization is not None):
-            source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-            spec, inverse = route.resolve(source, spec, to, inverse, quantization is not None, **route_options)
-            route.check_spec(source, spec, inverse, **route_options)
+            spec, inverse = _spec_to_convert(api.open_source(src, revision=revision, allow_pickle=allow_pickle), spec,
+                                             to, inverse, quantization is not None, route_options)
         with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
             result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
                                 quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
@@ -329,6 +328,13 @@ def parity(
     if dst is not None and (recorded := record_parity(dst, render_markdown(result))):
         err.print(escape(recorded), soft_wrap=True, highlight=False)
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _spec_to_convert(source, spec, to, inverse: bool, quantized: bool, route_options: dict) -> tuple[Any, bool]:
+    """The spec parity converts SRC with (no DST): --spec, or the route --to (or -q) picks; checked to fit."""
+    spec, inverse = route.resolve(source, spec, to, inverse, quantized, **route_options)
+    route.check_spec(source, spec, inverse, **route_options)
+    return spec, inverse
 
 
 @app.command(cls=Command)

@@ -73,21 +73,28 @@ def mlx_streamed(checkpoint: Checkpoint, dtype: str) -> StreamedSide:
             model.model.layers[index] = None  # its tensors go with it
         return _mx_numpy(out), (np.concatenate(routing) if routing else None)
 
-    def logits(hidden: np.ndarray) -> np.ndarray:
-        h = model.model.norm(mx.array(hidden).astype(compute))
-        head, name = (model.lm_head, "lm_head") if "lm_head.weight" in reader else (None, "model.embed_tokens")
-        parts = []
-        for rows in vocabulary_blocks(reader.info(f"{name}.weight")):
-            if head is None:  # tied: the embedding's rows as the output projection, as mlx-lm does
-                load_rows(model.model.embed_tokens, name, rows)
-                parts.append(_mx_numpy(model.model.embed_tokens.as_linear(h)))
-            else:
-                load_rows(head, name, rows)
-                parts.append(_mx_numpy(head(h)))
-        return np.concatenate(parts, axis=-1)
-
     name = f"mlx-lm {mlx_lm.__version__} {type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
+    logits = functools.partial(_logits, model, reader, load_rows, compute)
     return StreamedSide(name, config["vocab_size"], len(model.model.layers), embed, layer, logits, reader)
+
+
+def _logits(model, reader: Reader, load_rows, compute, hidden: np.ndarray) -> np.ndarray:
+    """The final norm and the head, read in vocabulary blocks."""
+    import mlx.core as mx
+
+    from remap.parity.runtimes import _mx_numpy
+
+    h = model.model.norm(mx.array(hidden).astype(compute))
+    head, name = (model.lm_head, "lm_head") if "lm_head.weight" in reader else (None, "model.embed_tokens")
+    parts = []
+    for rows in vocabulary_blocks(reader.info(f"{name}.weight")):
+        if head is None:  # tied: the embedding's rows as the output projection, as mlx-lm does
+            load_rows(model.model.embed_tokens, name, rows)
+            parts.append(_mx_numpy(model.model.embed_tokens.as_linear(h)))
+        else:
+            load_rows(head, name, rows)
+            parts.append(_mx_numpy(head(h)))
+    return np.concatenate(parts, axis=-1)
 
 
 def _selected_experts(switch, prefix: str, reader: Reader, load_rows, routing: list):

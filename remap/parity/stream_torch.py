@@ -14,6 +14,8 @@ into that smaller stack, so transformers' own expert code computes them in the s
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from remap.errors import RemapError
@@ -71,24 +73,29 @@ def transformers_streamed(checkpoint: Checkpoint, dtype: str) -> StreamedSide:
             block.to_empty(device="meta")
         return _numpy(out), (np.concatenate(routing) if routing else None)
 
-    def logits(hidden: np.ndarray) -> np.ndarray:
-        norm, head = decoder.norm, model.get_output_embeddings()
-        head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
-        _load(norm, {"weight": tensor(reader.weight("model.norm.weight"))}, checkpoint, "model.norm.")
-        try:
-            with torch.no_grad():
-                h = norm(tensor(hidden))
-                parts = []
-                for rows in vocabulary_blocks(reader.info(head_name)):
-                    head.weight = torch.nn.Parameter(tensor(reader.weight(head_name, rows)), requires_grad=False)
-                    parts.append(_numpy(head(h)))
-        finally:
-            norm.to_empty(device="meta")
-            head.to_empty(device="meta")
-        return np.concatenate(parts, axis=-1)
-
     name = f"transformers {transformers.__version__} {type(model).__name__}"
+    logits = functools.partial(_logits, model, reader, checkpoint, tensor)
     return StreamedSide(name, model.config.vocab_size, model.config.num_hidden_layers, embed, layer, logits, reader)
+
+
+def _logits(model, reader: Reader, checkpoint: Checkpoint, tensor, hidden: np.ndarray) -> np.ndarray:
+    """The final norm and the head, read in vocabulary blocks, each module emptied after."""
+    import torch
+
+    norm, head = model.get_decoder().norm, model.get_output_embeddings()
+    head_name = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+    _load(norm, {"weight": tensor(reader.weight("model.norm.weight"))}, checkpoint, "model.norm.")
+    try:
+        with torch.no_grad():
+            h = norm(tensor(hidden))
+            parts = []
+            for rows in vocabulary_blocks(reader.info(head_name)):
+                head.weight = torch.nn.Parameter(tensor(reader.weight(head_name, rows)), requires_grad=False)
+                parts.append(_numpy(head(h)))
+    finally:
+        norm.to_empty(device="meta")
+        head.to_empty(device="meta")
+    return np.concatenate(parts, axis=-1)
 
 
 def _selected_experts(module, reader: Reader, prefix: str, tensor, routing: list):
