@@ -17,6 +17,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from remap import __version__, api, flags, route
 from remap.errors import RemapError
+from remap.heap import paused_gc
 from remap.execute import check_destination
 from remap.model_card import record_parity
 from remap.io.hashing import SHA256, TREE
@@ -111,6 +112,7 @@ def JsonOption(what: str) -> Any:
 
 
 @app.command(cls=_Command)
+@paused_gc  # short commands holding ~1M small acyclic objects: collections are pure cost
 def inspect(
     checkpoint: str = typer.Argument(..., help="Directory, .safetensors file, .pt/.bin, or hub repo id."),
     json_file: Optional[str] = JsonOption("the summary and every tensor"),
@@ -153,6 +155,7 @@ def _assumed(detection) -> tuple[str, ...]:
 
 
 @app.command(cls=_Command)
+@paused_gc
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
     spec: Optional[str] = SpecOption,
