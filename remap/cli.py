@@ -21,7 +21,7 @@ from remap.heap import paused_gc
 from remap.execute import check_destination
 from remap.model_card import record_parity
 from remap.io.hashing import SHA256, TREE
-from remap.render import escape
+from remap.render import escape, jsontext
 from remap.render.listing import render_inspect, render_specs, render_verify
 from remap.render.progress import byte_bar, step_bar
 from remap.render.report import render_json, render_markdown, render_rich
@@ -142,7 +142,7 @@ def inspect(
         if not outputs.piped:
             render_inspect(summary, list(tensors.values()), detection, console, full=full)
     tensor_list = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
-    outputs.write(json=lambda: json.dumps({**summary, "tensor_list": tensor_list}, indent=2) + "\n")
+    outputs.write(json=lambda: jsontext.dumps({**summary, "tensor_list": tensor_list}) + "\n")
     if detection.layout is None:
         raise typer.Exit(2 if len(detection.unmatched) == detection.total else 1)
 
