@@ -37,47 +37,30 @@ _LEAVES: dict[type, Callable[[Any], str]] = {
 
 def dumps(value: Any) -> str:
     """The text json.dumps(value, indent=2) gives."""
-    out: list[str] = []
     try:
-        _write(value, "\n", out.append)
+        return _text(value, "\n")
     except _Unplain:
         return json.dumps(value, indent=2)
-    return "".join(out)
 
 
-def _write(value: Any, newline: str, put: Callable[[str], None]) -> None:
+def _text(value: Any, newline: str) -> str:
+    """`value` as indented JSON whose closing bracket follows `newline` (its indentation)."""
     leaf = _LEAVES.get(type(value))
     if leaf is not None:
-        put(leaf(value))
-        return
-    inner = newline + "  "
+        return leaf(value)
+    inner, get = newline + "  ", _LEAVES.get
     if type(value) is dict:
         if not value:
-            put("{}")
-            return
-        put("{")
-        separator = inner
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _Unplain
-            put(separator + encode_basestring_ascii(key) + ": ")
-            _write(item, inner, put)
-            separator = "," + inner
-        put(newline + "}")
-    elif type(value) in (list, tuple):
+            return "{}"
+        if any(type(key) is not str for key in value):
+            raise _Unplain
+        # leaves inline (most values are): a call per value was most of the time
+        items = [encode_basestring_ascii(key) + ": " + (leaf(item) if (leaf := get(type(item))) else _text(item, inner))
+                 for key, item in value.items()]
+        return "{" + inner + ("," + inner).join(items) + newline + "}"
+    if type(value) in (list, tuple):
         if not value:
-            put("[]")
-            return
-        leaves = [_LEAVES.get(type(item)) for item in value]
-        if None not in leaves:  # a list of leaves in one join
-            put("[" + inner + ("," + inner).join(leaf(item) for leaf, item in zip(leaves, value)) + newline + "]")
-            return
-        put("[")
-        separator = inner
-        for item in value:
-            put(separator)
-            _write(item, inner, put)
-            separator = "," + inner
-        put(newline + "]")
-    else:
-        raise _Unplain
+            return "[]"
+        items = [leaf(item) if (leaf := get(type(item))) else _text(item, inner) for item in value]
+        return "[" + inner + ("," + inner).join(items) + newline + "]"
+    raise _Unplain
