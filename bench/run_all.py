@@ -73,12 +73,14 @@ def row(job: str, remap: Run, reference: str, ref: Run, ratio: float, goal: str,
 
 
 def made(path: Path, script: str, *args: str) -> Path:
-    """`path`, written by bench/`script` unless it is there, then checked finite."""
+    """`path`, written by bench/`script` unless it is there; data checked finite and read once into the
+    page cache (a header-only stand-in's data is holes, hundreds of GB of them: neither applies)."""
     if not (path / "config.json").exists():
         subprocess.run([PYTHON, str(HERE / script), str(path), *args], check=True, stdout=subprocess.DEVNULL)
         if script == "synthetic_hf.py":
             subprocess.run([PYTHON, str(HERE / "check_finite.py"), str(path)], check=True)
-    subprocess.run(["cat", *map(str, path.glob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the cache
+    if script == "synthetic_hf.py":
+        subprocess.run(["cat", *map(str, path.glob("*.safetensors"))], stdout=subprocess.DEVNULL)
     return path
 
 

@@ -16,10 +16,11 @@ import typer
 from remap import __version__, api, flags, route
 from remap.cli_shell import Command, Group, run_guarded
 from remap.errors import RemapError
+from remap.heap import paused_gc
 from remap.execute import check_destination
 from remap.model_card import record_parity
 from remap.io.hashing import SHA256, TREE
-from remap.render import escape
+from remap.render import escape, jsontext
 from remap.render.listing import render_inspect, render_specs, render_verify
 from remap.render.progress import byte_bar, step_bar
 from remap.render.report import render_json, render_markdown, render_rich
@@ -70,6 +71,7 @@ def JsonOption(what: str) -> Any:
 
 
 @app.command(cls=Command)
+@paused_gc  # short commands holding ~1M small acyclic objects: collections are pure cost
 def inspect(
     checkpoint: str = typer.Argument(..., help="Directory, .safetensors file, .pt/.bin, or hub repo id."),
     json_file: Optional[str] = JsonOption("the summary and every tensor"),
@@ -99,7 +101,7 @@ def inspect(
         if not outputs.piped:
             render_inspect(summary, list(tensors.values()), detection, console, full=full)
     tensor_list = [{"name": n, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for n, t in tensors.items()]
-    outputs.write(json=lambda: json.dumps({**summary, "tensor_list": tensor_list}, indent=2) + "\n")
+    outputs.write(json=lambda: jsontext.dumps({**summary, "tensor_list": tensor_list}) + "\n")
     if detection.layout is None and len(detection.unmatched) == detection.total:
         raise RemapError(detection.describe(), file=ckpt.source, expected=f"a checkpoint of a layout remap knows: {flags.listed(LAYOUTS)}")
     if detection.layout is None:
@@ -114,6 +116,7 @@ def _assumed(detection) -> tuple[str, ...]:
 
 
 @app.command(cls=Command)
+@paused_gc
 def report(
     src: str = typer.Argument(..., help="Source checkpoint."),
     spec: Optional[str] = SpecOption,

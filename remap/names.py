@@ -11,13 +11,13 @@ import re
 from typing import Callable, Hashable, Iterable, TypeVar
 
 T = TypeVar("T")
-_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
+_NUMBER = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
 
 
 def template(name: str) -> tuple[str, tuple[int, ...]]:
     """('model.layers.#.mlp.experts.#.w', (3, 7)) — the name with dot-separated numbers taken out."""
-    numbers = tuple(int(m) for m in _NUMBER.findall(name))
-    return _NUMBER.sub("#", name), numbers
+    pieces = _NUMBER.split(name)  # text, number, text, ...: one regex pass (reports run it ~200k times)
+    return "#".join(pieces[0::2]), tuple(map(int, pieces[1::2]))
 
 
 def format_indices(values: Iterable[int]) -> str:
@@ -31,12 +31,12 @@ def format_indices(values: Iterable[int]) -> str:
 
 def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Hashable] = lambda _: None) -> list[tuple[str, list[T]]]:
     """Group items whose names share a template and whose `key` agrees; first-seen order."""
-    groups: dict[tuple, list[T]] = {}
+    groups: dict[tuple, list[tuple[T, tuple[int, ...]]]] = {}
     for item in items:
-        groups.setdefault((template(name(item))[0], key(item)), []).append(item)
+        pattern, numbers = template(name(item))
+        groups.setdefault((pattern, key(item)), []).append((item, numbers))
     result = []
     for (pattern, _), members in groups.items():
-        columns = list(zip(*(template(name(m))[1] for m in members)))
-        parts = iter(format_indices(col) for col in columns)
-        result.append((re.sub("#", lambda _: next(parts), pattern), members))
+        parts = iter([format_indices(column) for column in zip(*(numbers for _, numbers in members))])
+        result.append((re.sub("#", lambda _: next(parts), pattern), [item for item, _ in members]))
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import ChainMap
+from operator import itemgetter
 from typing import Any, Mapping
 
 from remap import dtypes
@@ -186,13 +187,15 @@ class _Planner:
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
         # experts ask the same `i < num_hidden_layers` 61 times, not 15,616).
         read = names_in(rule.when)
-        variables = [v for v in pattern.variables if v in read]
+        variables = list(dict.fromkeys(v for v in pattern.variables if v in read))
         dtype, shape = "dtype" in read, "shape" in read
+        values = itemgetter(*variables) if variables else lambda _: ()
         tensors, decided = self.tensors, {}
         kept = []
         for name, binding in found:
-            key = (*[binding[v] for v in variables], tensors[name].dtype if dtype else None,
-                   tensors[name].shape if shape else None)
+            key = values(binding)
+            if dtype or shape:
+                key = (key, tensors[name].dtype if dtype else None, tensors[name].shape if shape else None)
             verdict = decided.get(key)
             if verdict is None:
                 scope = {v: binding[v] for v in variables}
@@ -208,11 +211,15 @@ class _Planner:
     def _map(self, rule: Rule) -> None:
         first, *others = rule.sources
         if rule.stack:
+            # a stack per value of the other variables (every binding of one pattern has the same ones)
+            found = self._bindings(first, rule)
+            rest = sorted(k for k in found[0][1] if k != rule.stack) if found else []
+            values = itemgetter(*rest) if len(rest) > 1 else lambda b: tuple(b[k] for k in rest)
             groups: dict[tuple, list[tuple[int, dict]]] = {}
-            for _, binding in self._bindings(first, rule):
-                key = tuple(sorted((k, v) for k, v in binding.items() if k != rule.stack))
-                groups.setdefault(key, []).append((binding[rule.stack], binding))
-            for key, members in groups.items():
+            for _, binding in found:
+                groups.setdefault(values(binding), []).append((binding[rule.stack], binding))
+            for key_values, members in groups.items():
+                key = tuple(zip(rest, key_values))
                 members.sort(key=lambda m: m[0])
                 indices = [m[0] for m in members]
                 if indices != list(range(len(indices))):
@@ -239,13 +246,14 @@ class _Planner:
             other = [self.tensors[n] for n in group]
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
-        types, ops = self._run_types(ops, types, losses, [p.fill(binding) for p in rule.to])
+        names = [p.fill(binding) for p in rule.to]
+        types, ops = self._run_types(ops, types, losses, names)
         if len(types) != len(rule.to):
             raise RemapError(f"ops leave {len(types)} tensors for {len(rule.to)} `to` patterns",
                              expected=f"{len(rule.to)} tensors after the last op")
         if rule.stack:
             types = [t.with_shape((len(groups),) + t.shape) for t in types]
-        outputs = tuple(Output(p.fill(binding), t.shape, t.dtype) for p, t in zip(rule.to, types))
+        outputs = tuple(Output(name, t.shape, t.dtype) for name, t in zip(names, types))
         self._record(rule, groups, outputs)
         self.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops,
                                     stacked=bool(rule.stack), losses=tuple(losses)))

@@ -9,7 +9,7 @@ accounted for, 1 otherwise. No rich here: the Python API builds reports without 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Collection
 from typing import Any, Mapping
 
@@ -93,7 +93,9 @@ class Report:
         return "; ".join(["OK: target layout met, every source tensor accounted for", *self.caveats])
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok, "caveats": self.caveats}
+        # rows copied by hand: asdict's field-by-field deep copy of 90k source names took ~0.4 s
+        rows = [{**vars(r), "shape": list(r.shape), "sources": list(r.sources), "ops": list(r.ops)} for r in self.rows]
+        return {**asdict(replace(self, rows=[])), "rows": rows, "ok": self.ok, "caveats": self.caveats}
 
 
 # Claims the bytes can confirm: zero, redundant (an "unused" tensor is exact whatever it holds).

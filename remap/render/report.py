@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
-
 from rich.console import Console
-from remap.render import escape
+from remap.render import escape, jsontext
 from remap.render.card import coverage_text
 from remap.render.table import print_table
 
@@ -73,7 +71,7 @@ def _loss_rows(report: Report) -> list[tuple[str, ...]]:
 
 
 def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    return jsontext.dumps(report.to_dict())
 
 
 def render_markdown(report: Report, *, full: bool = False) -> str:
