@@ -186,11 +186,28 @@ def expr_text(value: Any) -> str:
     return f"({value})" if isinstance(value, str) else str(value)
 
 
-def nonfinite(array: np.ndarray) -> tuple[int, int]:
-    """(NaN count, Inf count) of a float array."""
-    values = np.asarray(array, dtype=np.float32) if array.dtype.kind != "f" else array
-    nan = int(np.isnan(values).sum())
-    return nan, int((~np.isfinite(values)).sum()) - nan
+def nonfinite(array: np.ndarray, block: int = 1 << 22) -> tuple[int, int]:
+    """(NaN count, Inf count) of a float array, `block` values at a time (bf16 has no numpy float
+    kind: a whole tensor converted to float32 at once would double its memory)."""
+    flat, nan, inf = np.asarray(array).reshape(-1), 0, 0
+    for start in range(0, flat.size, block):
+        values = flat[start:start + block]
+        values = values.astype(np.float32) if values.dtype.kind != "f" else values
+        nan += int(np.isnan(values).sum())
+        inf += int(np.isinf(values).sum())
+    return nan, inf
+
+
+# bits of the exponent of 2-byte floats: all ones is NaN or Inf (a test on the integers, no float32 copy)
+_EXPONENT = {"bfloat16": 0x7F80, "float16": 0x7C00}
+
+
+def any_nonfinite(array: np.ndarray) -> bool:
+    """Whether a float array holds a NaN or an Inf, as cheaply as its dtype allows."""
+    mask = _EXPONENT.get(array.dtype.name)
+    if mask is None:
+        return any(nonfinite(array))
+    return bool(((np.ascontiguousarray(array).view(np.uint16) & mask) == mask).any())
 
 
 def refuse_nonfinite(op: "Op", array: np.ndarray) -> None:

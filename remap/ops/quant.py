@@ -20,7 +20,7 @@ import numpy as np
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.ops.base import Finding, Loss, Op, Shape, TensorType, max_abs, nonfinite, refuse_nonfinite
+from remap.ops.base import Finding, Loss, Op, Shape, TensorType, any_nonfinite, max_abs, nonfinite, refuse_nonfinite
 from remap.ops.numeric import DequantFP8
 
 # What mx.quantize accepts in affine mode (its documented table, mlx 0.32).
@@ -222,13 +222,17 @@ class QuantizeMLX(Op):
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         mx = _mx()
         x = self._pick(arrays)
-        refuse_nonfinite(self, x)
         rows = x.reshape(-1, x.shape[-1])
         width = rows.shape[1]
         outputs = [np.empty((rows.shape[0], width * self.bits // 32), np.uint32),
                    *(np.empty((rows.shape[0], width // self.group_size), x.dtype) for _ in range(2))]
-        _by_row_blocks(lambda block: mx.quantize(_to_mlx(block), self.group_size, self.bits, mode=self.mode,
-                                                 stream=mx.cpu), [rows], outputs)
+
+        def quantize(block: np.ndarray):  # each block checked on its thread: a whole embedding as
+            if self.nonfinite != "keep" and any_nonfinite(block):  # float32 would double memory
+                refuse_nonfinite(self, x)
+            return mx.quantize(_to_mlx(block), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+
+        _by_row_blocks(quantize, [rows], outputs)
         outputs = [o.reshape(*x.shape[:-1], -1) for o in outputs]
         return [*arrays[: self.input], *outputs, *arrays[self.input + 1 :]]
 
