@@ -311,8 +311,7 @@ def parity(
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, junit=junit_file, markdown=markdown_file,
                                                      reads=flags.inputs(src, spec, dst, torch_model))
-    limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl,
-                  max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
+    limits = dict(max_error=max_error, min_cosine=min_cosine, min_top1=min_top1, min_top5=min_top5, max_kl=max_kl, max_hidden_error=max_hidden_error, max_hidden_rms=max_hidden_rms)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     if flags.layout("--to", to) is not None and dst is not None:
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
