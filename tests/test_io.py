@@ -463,6 +463,20 @@ def test_hub_repo_from_offline_cache(tmp_path):
     assert "not in the local cache" in probe_hub(tmp_path, "org/absent")["error"]
 
 
+def test_a_hub_error_of_several_lines_is_said_on_one(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files.\nRequest ID: abc")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(RemapError) as caught:
+        open_checkpoint("org/absent")
+    assert str(caught.value).startswith("org/absent: no such local path")
+    assert "Cannot find the requested files. Request ID: abc (expected" in str(caught.value)
+
+
 # --------------------------------------------------------------------------- writer
 
 

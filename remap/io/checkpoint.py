@@ -327,14 +327,20 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, ignore_patterns=["*/*"])
     except LocalEntryNotFoundError as e:
         raise RemapError(
-            f"no such local path; as a hub repo it is not in the local cache and the hub cannot be reached: {e}",
+            f"no such local path; as a hub repo it is not in the local cache and the hub cannot be reached: {_said(e)}",
             file=repo_id,
             expected="network access, or a cached snapshot (HF_HOME / HF_HUB_CACHE)",
         ) from e
     except (HfHubHTTPError, HFValidationError) as e:
-        raise RemapError(f"no such local path; as a hub repo: {e}", file=repo_id) from e
+        raise RemapError(f"no such local path; as a hub repo: {_said(e)}", file=repo_id) from e
     # snapshot folders are named by their commit hash
     return Path(folder), Path(folder).name
+
+
+def _said(error: Exception) -> str:
+    """The hub library's message on one line: its messages span lines (an HTTP error adds the
+    request id on a second), which one_line would print as literal \\n."""
+    return " ".join(str(error).split())
 
 
 def _open_torch(src: str, path: Path, allow_pickle: bool) -> Checkpoint:
