@@ -40,7 +40,7 @@ MANIFEST = "remap-manifest.json"
 REPORT = "remap-report.json"
 CARD = "README.md"  # the model card (remap/render/card.py)
 RESUME = "remap-resume.json"  # in DST.partial only: which conversion it holds the pieces of
-Progress = Callable[[int], None]  # called with bytes written
+Progress = Callable[..., None]  # (bytes written since the last call, total=bytes of every output file)
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ def convert(
                                                               ours=_made_by_remap) as out:
         _claim_partial(out, identity, resume)
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata, files_plan.style)}
-        if progress:
-            progress(sum(s.nbytes for s in shards if s.file in done))
+        if progress:  # the total, told here: model-parallel files repeat replicated tensors on every rank
+            progress(sum(s.nbytes for s in shards if s.file in done), total=total)
         # Shards are checksummed while they are written (ShardWriter hashes each file as its
         # bytes land); shards a resumed run kept are hashed in the background meanwhile.
         writers = _Writers(out, [s for s in shards if s.file not in done], metadata, sync, checksums and digest,

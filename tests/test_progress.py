@@ -93,3 +93,18 @@ def test_report_shows_progress_on_a_terminal_and_none_when_piped_or_json():
     assert code == 1 and "measuring claims" not in shown and stdout.startswith(b"{")
     piped = subprocess.run(REPORT, capture_output=True, text=True, cwd=ROOT)
     assert piped.returncode == 1 and "measuring claims" not in piped.stderr and "━" not in piped.stderr
+
+
+def test_convert_counts_every_rank_s_bytes_against_the_total_it_tells(tmp_path):
+    """Model-parallel files repeat the replicated tensors on each rank: the bar's total is what
+    every file holds, and the bytes reported reach it exactly."""
+    plan, ckpt = api.plan(FIXTURES / "hf-bf16", "hf-to-deepseek", params={"mp": 2})
+    single_rank = sum(output.nbytes for output in plan.outputs)
+    told, totals = [], []
+
+    def progress(n, total=None):
+        told.append(n)
+        totals.append(total) if total is not None else None
+
+    api.convert(plan, ckpt, tmp_path / "ds", progress=progress)
+    assert len(totals) == 1 and sum(told) == totals[0] > single_rank

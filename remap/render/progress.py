@@ -14,11 +14,12 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 @contextmanager
 def byte_bar(console: Console, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Yields advance(bytes done since the last call): MB, MB/s and the time left."""
+    """Yields advance(bytes done since the last call, total=None): MB, MB/s and the time left;
+    `total` corrects the one given here once the writer knows every file it writes."""
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        yield lambda n, total=None: bar.update(task, advance=n, total=total)
 
 
 @contextmanager
