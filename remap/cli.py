@@ -146,7 +146,7 @@ def report(
     flags.layout("--to", to)
     with outputs.working():
         ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-        spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization is not None, **route_options)
+        spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization, **route_options)
         plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                               quantize=quantization, group_size=group_size, **route_options)
         with step_bar(err, "measuring claims", enabled=not outputs.piped) as step:
@@ -195,7 +195,7 @@ def convert(
     dtype, _, _ = flags.cast("--dtype", dtype), flags.shard_size_flag(max_shard_size), flags.layout("--to", to)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
     ckpt = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
-    spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization is not None, **route_options)
+    spec, inverse = route.resolve(ckpt, spec, to, inverse, quantization, **route_options)
     plan, ckpt = api.plan(ckpt, spec, inverse=inverse, dtype=dtype, revision=revision, allow_nonfinite=allow_nonfinite,
                           quantize=quantization, group_size=group_size, max_shard_size=max_shard_size, **route_options)
     _check_destination(dst, ckpt, force=force, resume=resume, dry_run=dry_run)
@@ -318,7 +318,7 @@ def parity(
     with outputs.working():
         if dst is None and (spec is not None or to is not None or quantization is not None):
             spec, inverse = _spec_to_convert(api.open_source(src, revision=revision, allow_pickle=allow_pickle), spec,
-                                             to, inverse, quantization is not None, route_options)
+                                             to, inverse, quantization, route_options)
         with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
             result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
                                 quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
@@ -332,9 +332,9 @@ def parity(
     raise typer.Exit(0 if result.ok else 1)
 
 
-def _spec_to_convert(source, spec, to, inverse: bool, quantized: bool, route_options: dict) -> tuple[Any, bool]:
+def _spec_to_convert(source, spec, to, inverse: bool, quantize, route_options: dict) -> tuple[Any, bool]:
     """The spec parity converts SRC with (no DST): --spec, or the route --to (or -q) picks; checked to fit."""
-    spec, inverse = route.resolve(source, spec, to, inverse, quantized, **route_options)
+    spec, inverse = route.resolve(source, spec, to, inverse, quantize, **route_options)
     route.check_spec(source, spec, inverse, **route_options)
     return spec, inverse
 

@@ -74,7 +74,8 @@ def fitting(checkpoint: Checkpoint, layout: str, target: str | None, **options: 
 
 def pick(checkpoint: Checkpoint, target: str, **options: Any) -> Route:
     """The route `--to target` takes: the simplest that fits; two equally simple are a choice for
-    the user (scratch -> hf: seed 003's target or the exact Mistral4 one), named, not made here."""
+    the user (scratch -> hf: seed 003's target or the exact Mistral4 one), named, not made here.
+    One spec fitting both ways is no choice: forwards, then."""
     layout, what = source_layout(checkpoint, options.get("settings"))
     if layout is None:
         raise RemapError(f"--to {target}: {what}", expected="a checkpoint `remap inspect` recognises, or --spec")
@@ -83,6 +84,8 @@ def pick(checkpoint: Checkpoint, target: str, **options: Any) -> Route:
         raise RemapError(f"--to {target}: {what}, and no bundled spec converts it to {target}",
                          expected=f"--spec with a spec of your own ({_listing(fitting(checkpoint, layout, None, **options), 'bundled specs that read it: ')})")
     simplest = [r for r in found if r.stages == found[0].stages]
+    if len({r.spec for r in simplest}) == 1:  # one spec both ways: both leave this source as it is
+        simplest = [r for r in simplest if not r.inverse]
     if len(simplest) > 1:
         raise RemapError(f"--to {target}: {what}, and {len(simplest)} bundled specs convert it to {target}",
                          expected="--spec " + " or --spec ".join(str(r) for r in simplest))
@@ -141,17 +144,22 @@ def check_spec(checkpoint: Checkpoint, spec: Any, inverse: bool, **options: Any)
     check_fit(checkpoint, spec, inverse, [why] if why else [], **options)
 
 
-def resolve(checkpoint: Checkpoint, spec: Any, to: str | None, inverse: bool, quantized: bool = False,
+def resolve(checkpoint: Checkpoint, spec: Any, to: str | None, inverse: bool, quantize: int | str | None = None,
             **options: Any) -> tuple[Any, bool]:
     """(spec, inverse) to run: --spec when given (refused when it reads another layout than the
     source is, or writes another than --to), else the route --to picks for what the source is.
-    Quantizing with neither names mlx, as `mlx_lm.convert -q` does: only mlx holds quantized weights."""
-    if spec is None and to is None and quantized:
+    Quantizing with neither names mlx, as `mlx_lm.convert -q` does: only mlx holds quantized weights.
+    A route picked for quantizing must fit with the quantization appended: from mlx that leaves
+    mlx-dequantize (nothing to do on float weights), not mlx-quantize, which would quantize twice."""
+    if spec is None and to is None and quantize is not None:
         to = "mlx"
     if spec is None:
         if to is None:
             raise RemapError("no spec to convert with", expected="--spec SPEC, or --to LAYOUT to let remap pick it")
-        picked = pick(checkpoint, to, **options)
+        if quantize is not None and "quantization" in (checkpoint.config or {}):  # as mlx_lm.convert refuses it
+            raise RemapError(f"{checkpoint.source} is quantized already (its config.json has `quantization`)",
+                             expected="its float model, or --spec mlx-dequantize to quantize its dequantized weights again")
+        picked = pick(checkpoint, to, **options, **({"quantize": quantize} if quantize is not None else {}))
         return picked.spec, picked.inverse
     loaded = api.load(spec, inverse=inverse)
     if to is not None and loaded.target_layout != to:

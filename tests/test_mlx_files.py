@@ -116,3 +116,11 @@ def test_verify_passes_on_an_mlx_output_and_resume_keeps_its_bytes(tmp_path):
                            "--max-shard-size", "100000"], cwd=ROOT).returncode == 0
     verified = subprocess.run([*run, "verify", out], cwd=ROOT, capture_output=True, text=True)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_an_mlx_model_quantized_is_mlx_lm_converts_q(tmp_path):
+    """`remap convert MLX_MODEL OUT -q`, as `mlx_lm.convert --hf-path MLX_MODEL -q` quantizes an
+    mlx-lm model: the route -q picks from mlx (mlx-dequantize, nothing to undo on float weights)."""
+    theirs, ours = _both(tmp_path, "mlx", limit=150_000, quantize=(4, 64))
+    assert len(theirs) >= 3
+    assert ours == theirs

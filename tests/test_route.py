@@ -49,6 +49,19 @@ def test_to_names_the_choices_where_two_routes_fit():
     assert "--spec scratch-to-mlx-exact" in run.stderr and "--spec scratch-to-mlx" in run.stderr
 
 
+def test_quantizing_an_mlx_model_picks_the_route_that_quantizes_once(tmp_path):
+    """-q from mlx: mlx-quantize would quantize twice and mlx-dequantize --inverse is the same spec,
+    so mlx-dequantize (nothing to undo on float weights) plus the quantizing stage; without -q,
+    mlx -> mlx stays a choice. A model quantized already is refused, as mlx_lm.convert refuses it."""
+    report = json.loads(remap("report", FIXTURES / "mlx", "-q", "--json", "-").stdout)
+    assert report["spec"] == "mlx-dequantize+4bit" and report["ok"]
+    assert remap("report", FIXTURES / "mlx", "--to", "mlx").returncode == 2
+    assert remap("convert", FIXTURES / "mlx", tmp_path / "q4", "-q", "--quiet").returncode == 0
+    again = remap("convert", tmp_path / "q4", tmp_path / "q8", "-q", "--q-bits", "8")
+    assert again.returncode == 2 and "is quantized already" in again.stderr and "--spec mlx-dequantize" in again.stderr
+    assert not (tmp_path / "q8").exists()
+
+
 def test_fp8_source_with_the_bf16_spec_is_refused_naming_the_fp8_one():
     for command in (["report"], ["convert", "/nonexistent-dir/out", "--dry-run"], ["parity"]):
         run = remap(*command[:1], FIXTURES / "hf-fp8-mtp", *command[1:], "--spec", "hf-to-mlx")
