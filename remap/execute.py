@@ -126,8 +126,11 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
         shutil.copy2(path, out / path.name)
     if report is not None:
         _write_json(out / REPORT, report)
-    target = get_layout(plan.target_layout)
-    card = render_card(manifest, report, metadata=target.card_metadata, usage=target.usage("DST"))
+    from remap.model_card import source_card  # here: remap.model_card reads this module's names
+
+    target, carried = get_layout(plan.target_layout), source_card(checkpoint.root)
+    card = render_card(manifest, report, metadata=target.card_metadata, usage=target.usage("DST"), source_card=carried[0],
+                       source_metadata=get_layout(plan.source_layout).card_metadata, source_card_problem=carried[1])
     (out / CARD).write_text(card, encoding="utf-8")
     files = {p.name: hashes[p.name] if p.name in hashes else digest(p)
              for p in sorted(out.iterdir()) if p.is_file() and p.name not in (MANIFEST, RESUME)}

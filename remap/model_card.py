@@ -1,7 +1,8 @@
-"""A converted checkpoint's model card kept current: `remap parity SRC DST` writes its result
-into DST's README.md (the section remap/render/card.py marks for it) and the card's new digest
-into the manifest, so `remap verify DST` still passes. A card someone edited since remap wrote
-it, or a directory remap did not write, is left alone, saying why.
+"""A converted checkpoint's model card, the files behind it: SRC's own card, whose metadata the
+new card carries; and `remap parity SRC DST`, which writes its result into DST's README.md (the
+section remap/render/card.py marks for it) and the card's new digest into the manifest, so
+`remap verify DST` still passes. A card someone edited since remap wrote it, or a directory remap
+did not write, is left alone, saying why.
 """
 
 from __future__ import annotations
@@ -14,7 +15,20 @@ from remap.execute import CARD, MANIFEST
 from remap.io.atomic import replace_text
 from remap.io.hashing import SHA256, file_digest
 from remap.io.textfiles import read_json
-from remap.render.card import with_parity
+from remap.io.textfiles import read_bounded
+from remap.render.card import read_front_matter, with_parity
+
+
+def source_card(root: Path) -> tuple[dict, str | None]:
+    """The front matter of SRC's card (README.md beside its weights): (metadata, None), or ({}, why
+    it is not carried). A card that cannot be read never stops a conversion: it is metadata."""
+    path = root / CARD
+    if not path.exists():
+        return {}, None
+    try:
+        return read_front_matter(read_bounded(path, "card").decode("utf-8")), None
+    except (RemapError, UnicodeDecodeError, ValueError) as exc:
+        return {}, f"{path}: {exc}"
 
 
 def record_parity(dst: str | Path, section: str) -> str | None:

@@ -5,6 +5,8 @@ lines that load it; listed in the manifest, so `remap verify` checks it like eve
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +76,65 @@ def test_a_hub_source_is_named_as_the_base_model():
     assert _front_matter(card) == {"base_model": "deepseek-ai/DeepSeek-V3", "library_name": "mlx"}
     assert "from the hub repo `deepseek-ai/DeepSeek-V3` at revision `abc123`" in card
     assert "--revision abc123" in card
+
+
+SOURCE_CARD = """---
+license: mit
+language: [en, zh]
+tags: [deepseek, mlx]
+base_model: deepseek-ai/DeepSeek-V3-Base
+library_name: transformers
+datasets: [some/corpus]
+---
+# A fine-tune
+"""
+
+
+def _with_card(tmp_path: Path, fixture: str, card: str | None) -> Path:
+    src = tmp_path / fixture
+    shutil.copytree(FIXTURES / fixture, src)
+    if card is not None:
+        (src / CARD).write_text(card)
+    return src
+
+
+def test_the_source_card_s_metadata_is_carried_as_mlx_lm_convert_carries_it(tmp_path):
+    """license, language, datasets and the authors' tags go on; the library is the one that loads
+    DST; a local directory's base_model is its own parent, not this conversion's."""
+    src = _with_card(tmp_path, "hf-bf16", SOURCE_CARD)
+    _convert(src, tmp_path / "mlx", "hf-to-mlx")
+    assert _front_matter((tmp_path / "mlx" / CARD).read_text()) == {
+        "license": "mit", "language": ["en", "zh"], "datasets": ["some/corpus"], "library_name": "mlx",
+        "pipeline_tag": "text-generation", "tags": ["deepseek", "mlx"]}
+    # back to hf: the mlx tooling's own keys stay behind, the authors' stay on
+    _convert(tmp_path / "mlx", tmp_path / "hf", "hf-to-mlx", inverse=True)
+    assert _front_matter((tmp_path / "hf" / CARD).read_text()) == {
+        "license": "mit", "language": ["en", "zh"], "datasets": ["some/corpus"], "library_name": "transformers",
+        "pipeline_tag": "text-generation", "tags": ["deepseek"]}
+    assert api.verify(tmp_path / "hf").ok
+
+
+def test_a_hub_source_card_is_carried_under_its_hub_id():
+    front = render_card({"recipe": {"source": "org/model"}, "target": {"layout": "mlx"}}, None,
+                        metadata={"library_name": "mlx", "tags": ["mlx"]}, usage=None,
+                        source_card={"license": "other", "base_model": "org/base", "tags": ["mlx", "moe"]},
+                        source_metadata={"library_name": "transformers"})
+    assert _front_matter(front) == {"license": "other", "base_model": "org/model", "library_name": "mlx",
+                                    "tags": ["mlx", "moe"]}
+
+
+def test_a_source_card_that_cannot_be_read_is_named_and_the_conversion_goes_on(tmp_path):
+    cases = (("---\nlicense: [mit\n---\n", "does not parse"), ("---\n- a list\n---\n", "not a YAML mapping"),
+             ("---\na: &x [1]\nb: *x\n---\n", "alias"), (None, "not a regular file"))
+    for n, (card, why) in enumerate(cases):
+        src = _with_card(tmp_path / str(n), "hf-bf16", card)
+        if card is None:
+            os.mkfifo(src / CARD)  # a FIFO nobody writes: read, it would block forever
+        _convert(src, tmp_path / str(n) / "out", "hf-to-mlx")
+        written = (tmp_path / str(n) / "out" / CARD).read_text()
+        assert _front_matter(written) == _front_matter((FIXTURES / "mlx" / CARD).read_text())
+        line = next(line for line in written.splitlines() if line.startswith("The source's model card metadata"))
+        assert f"{src / CARD}: " in line and why in line, line
 
 
 def test_parity_replaces_its_section_and_verify_still_passes(tmp_path):

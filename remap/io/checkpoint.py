@@ -40,7 +40,7 @@ EXTRA_FILE_PATTERNS = (
     "chat_template*",
     "generation_config.json",
 )
-HUB_PATTERNS = ["*.safetensors", INDEX_NAME, CONFIG_NAME, *EXTRA_FILE_PATTERNS]
+HUB_PATTERNS = ["*.safetensors", INDEX_NAME, CONFIG_NAME, "README.md", *EXTRA_FILE_PATTERNS]  # the card: its metadata
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _MODEL_PARALLEL = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -19,7 +19,8 @@ from remap.errors import RemapError
 MiB = 1 << 20
 # Caps well past the largest real file of each kind: Kimi-K2's index (139,583 tensors) is ~12 MB, a
 # report of the full DeepSeek-V3 ~60 MB.
-LIMITS = {"config": 16 * MiB, "index": 256 * MiB, "manifest": 256 * MiB, "report": 1024 * MiB, "spec": 4 * MiB}
+LIMITS = {"config": 16 * MiB, "index": 256 * MiB, "manifest": 256 * MiB, "report": 1024 * MiB, "spec": 4 * MiB,
+          "card": 4 * MiB}
 
 
 def read_bounded(path: str | os.PathLike, kind: str) -> bytes:

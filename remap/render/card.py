@@ -18,24 +18,28 @@ import yaml
 
 PARITY_START, PARITY_END = "<!-- remap parity -->", "<!-- /remap parity -->"
 _PARITY = re.compile(re.escape(PARITY_START) + r".*?" + re.escape(PARITY_END), re.S)
+_FRONT = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.S)
 
 
 def render_card(manifest: Mapping[str, Any], report: Mapping[str, Any] | None, *, metadata: Mapping[str, Any],
-                usage: tuple[str, str] | None) -> str:
+                usage: tuple[str, str] | None, source_card: Mapping[str, Any] | None = None,
+                source_metadata: Mapping[str, Any] | None = None, source_card_problem: str | None = None) -> str:
     """The card of the conversion `manifest` records. `metadata`: the hub's front matter for the
     target layout (mlx_lm.convert's keys for mlx); `usage`: (language, code) that loads it from
-    DST. The card names its own directory DST: it is copied and uploaded, and the same conversion
-    writes the same bytes wherever it writes them (a resumed run, a clean one)."""
+    DST; `source_card`: the front matter of SRC's own card, `source_metadata` what SRC's layout
+    puts there (both carried as front_matter says), `source_card_problem` why it is not. The card names its own directory DST: it is
+    copied and uploaded, and the same conversion writes the same bytes wherever it writes them."""
     recipe = manifest.get("recipe") or {}
     source, revision = recipe.get("source", manifest.get("source")), recipe.get("revision")
     hub = _hub_id(source)
-    front = {**metadata, **({"base_model": source} if hub else {})}
+    front = front_matter(source_card or {}, source_metadata or {}, metadata, source if hub else None)
     target = manifest.get("target", {})
     lines = ["---", yaml.safe_dump(front, sort_keys=True).rstrip("\n"), "---", "",
              f"# {PurePath(str(source)).name} for {target.get('layout')}", "",
              f"Converted by remap {manifest.get('remap_version')} from {'the hub repo ' if hub else ''}`{source}`"
              + (f" at revision `{revision}`" if revision else "")
              + f" to the {target.get('layout')} layout ({target.get('variant')}) by the spec `{manifest.get('spec')}`.", "",
+             *([f"The source's model card metadata is not carried: {source_card_problem}.", ""] if source_card_problem else []),
              "## Recipe", "", "```bash", _command(recipe, lossy=bool(report and not report.get("ok"))), "```", ""]
     if report is not None:
         lines += _report(report)
@@ -50,6 +54,44 @@ def render_card(manifest: Mapping[str, Any], report: Mapping[str, Any] | None, *
                   "```", ""]
     # text from files (tensor names, paths) cannot open a comment that would hide or fake a marker
     return "\n".join(line if line in (PARITY_START, PARITY_END) else _safe(line) for line in lines)
+
+
+def front_matter(source: Mapping[str, Any], source_layout: Mapping[str, Any], target: Mapping[str, Any],
+                 hub_id: str | None) -> dict[str, Any]:
+    """The card's metadata: SRC's card's (license, language, datasets: what its authors declared
+    holds for a conversion too, as mlx_lm.convert carries it) over the target layout's defaults,
+    less what SRC's own layout put there (its library, its tags); the library and pipeline that
+    load DST are the target's; tags from both. base_model: SRC's hub id, else none (a local
+    directory's card names its own parents, not this conversion's)."""
+    own_tags = set(source_layout.get("tags") or [])
+    tags = [t for t in (source.get("tags") or []) if isinstance(t, str) and t not in own_tags]
+    front = {**target, **{k: v for k, v in source.items() if k not in ("base_model", "tags")}}
+    front.update({k: target[k] for k in ("library_name", "pipeline_tag") if k in target})
+    tags += [t for t in target.get("tags") or [] if t not in tags]
+    if not tags:
+        front.pop("tags", None)
+    else:
+        front["tags"] = tags
+    return {**front, **({"base_model": hub_id} if hub_id else {})}
+
+
+def read_front_matter(text: str) -> dict[str, Any]:
+    """The YAML between a card's opening `---` lines, as the hub reads it; {} when it has none.
+    Raises ValueError when it is not a YAML mapping (aliases refused: a card is short)."""
+    from remap.spec.yaml_lines import load, plain
+
+    match = _FRONT.match(text)
+    if not match:
+        return {}
+    try:
+        data = load(match.group(1))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"its YAML front matter does not parse: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("its front matter is not a YAML mapping")
+    return plain(data)
 
 
 def with_parity(card: str, section: str) -> str | None:

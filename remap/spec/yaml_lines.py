@@ -62,6 +62,15 @@ def load(text: str) -> Any:
         raise yaml.YAMLError(str(exc)) from None
 
 
+def plain(value: Any) -> Any:
+    """`value` with LineDict / LineList turned back into dict / list (what yaml.safe_dump writes)."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
 def line_of(document: Any, path: list) -> int:
     """Line of the deepest container on `path` (a jsonschema error path) that knows its line."""
     line, node = getattr(document, "line", 0), document
