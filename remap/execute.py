@@ -149,8 +149,18 @@ def check_destination(dst: str | Path, checkpoint: Checkpoint, *, force: bool | 
         for path in (Path(dst), Path(f"{dst}{PARTIAL_SUFFIX}")):
             path.exists()  # raises for a name too long, a loop of links, no permission
     refuse_overlap(dst, _source_paths(checkpoint))
+    _refuse_inside_an_output(Path(dst))
     if force is not None:
         refuse_existing(dst, force=force, resume=resume, ours=_made_by_remap)
+
+
+def _refuse_inside_an_output(dst: Path) -> None:
+    """An output inside another remap output would add what that one's manifest does not name
+    (`remap verify` would fail it) and be deleted by its next --force."""
+    for parent in Path(os.path.realpath(dst)).parents:
+        if (parent / MANIFEST).is_file():
+            raise RemapError(f"the output is inside {parent}, an output remap wrote (its manifest names every file "
+                             "it holds)", file=str(dst), expected="an output path outside other remap outputs")
 
 
 def _made_by_remap(path: Path) -> bool:

@@ -242,6 +242,17 @@ def test_force_replaces_only_what_remap_wrote(tmp_path):
     assert cli("convert", FIXTURE, mine, "--spec", "hf-to-mlx", "--force", "--quiet").returncode == 0  # its own: fine
 
 
+def test_an_output_inside_another_remap_output_is_refused_and_that_one_still_verifies(tmp_path):
+    first = tmp_path / "first"
+    assert cli("convert", FIXTURE, first, "--spec", "hf-to-mlx", "--quiet").returncode == 0
+    (tmp_path / "link").symlink_to(first, target_is_directory=True)
+    for inner in (first / "inner", first / "a" / "b", tmp_path / "link" / "inner"):
+        run = cli("convert", FIXTURE, inner, "--spec", "hf-to-mlx", "--quiet")
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert f"the output is inside {first.resolve()}, an output remap wrote" in run.stderr
+    assert cli("verify", first).returncode == 0
+
+
 # -- no read can block or grow without bound; no parse can overflow into a traceback -------------
 
 
