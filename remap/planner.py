@@ -9,6 +9,7 @@ stage's outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import ChainMap
 from operator import itemgetter
@@ -18,6 +19,7 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
+from remap.name_shapes import by_shape
 from remap.ops import Loss, Op, TensorType, build_op, op_class
 from remap.plan import Dropped, Output, Plan, Stage, Step, natural_key
 from remap.spec.load import Rule, Spec
@@ -142,9 +144,8 @@ class _Planner:
 
     def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
                  target: Layout, allow_nonfinite: bool = False):
-        self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
+        self.tensors, self.namespace, self.dtype, self.target = _interned(tensors), namespace, dtype, target
         self.allow_nonfinite = allow_nonfinite
-        self.names = sorted(tensors, key=natural_key)
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
         self.reused: dict[str, list[str]] = {}  # tensor -> rules re-reading it
@@ -153,10 +154,14 @@ class _Planner:
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
-        self.shapes: dict[str, list[str]] = {}  # name shape (numbers as #) -> names, in order
-        for name in self.names:
-            self.shapes.setdefault(_INDEX.sub("#", name), []).append(name)
+        self.shapes = by_shape(tensors)  # name shape (numbers as #) -> names, in natural order
         self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
+        self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """Every source name in natural order (only a pattern with literal digits needs them all)."""
+        return sorted(self.tensors, key=natural_key)
 
     # -- rules ---------------------------------------------------------------------------
     def add(self, rule: Rule) -> None:
@@ -293,11 +298,18 @@ class _Planner:
         their losses to `losses`. Computed once per distinct ops, input types and cast choices:
         45,808 experts of one shape ask the same question."""
         casts = tuple(self.target.keeps_dtype(o) for o in outputs) if self.dtype else ()
-        key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
-        if key not in self.type_cache:
-            found: list[Loss] = []
-            self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
-        out, ops, found = self.type_cache[key]
+        last = self.last_types
+        # a rule's steps come name shape by name shape: most ask what the step before asked, and
+        # comparing with it is cheap (equal types are one object: `types ==` compares identities)
+        if last is not None and last[0] is ops and last[2] == casts and last[1] == types:
+            out, ops, found = last[3]
+        else:
+            key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
+            if key not in self.type_cache:
+                found = []
+                self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
+            self.last_types = (ops, list(types), casts, self.type_cache[key])
+            out, ops, found = self.type_cache[key]
         losses.extend(found)
         return list(out), ops
 
@@ -369,10 +381,14 @@ class _Planner:
             self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
-        used = set(self.used) | set(self.reused)
-        self.unmatched = [n for n in self.names if n not in used]
+        # sorting what is left gives the order of the sorted names, filtered (a stable sort)
+        used, reused = self.used, self.reused
+        self.unmatched = sorted((n for n in self.tensors if n not in used and n not in reused), key=natural_key)
 
-
-# A dot-separated decimal index, written as a pattern's `{i}` matches it (no leading zeros).
-_INDEX = re.compile(r"(?<=\.)(?:0|[1-9][0-9]*)(?=\.|$)")
 _VARIABLE_TEXT = re.compile(r"\{[^}]*\}")
+
+
+def _interned(tensors: Mapping[str, TensorType]) -> dict[str, TensorType]:
+    """name -> type, one object per distinct type: the 45k experts of one shape share theirs."""
+    alike: dict[tuple, TensorType] = {}
+    return {name: alike.setdefault((t.shape, t.dtype), t) for name, t in tensors.items()}
