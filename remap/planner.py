@@ -156,6 +156,7 @@ class _Planner:
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
         self.shapes = by_shape(tensors)  # name shape (numbers as #) -> names, in natural order
         self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
+        self.matched: dict[str, list[tuple[str, dict]]] = {}  # pattern text -> _matches' answer (never changed after)
         self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
 
     @functools.cached_property
@@ -177,11 +178,12 @@ class _Planner:
                 c.isdigit() for kind in pattern.kinds().values() for c in kind) or len(
                 set(pattern.variables)) != len(_VARIABLE_TEXT.findall(pattern.text)):
             return [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
-        found = []
-        for members in self.shapes.values():
-            if pattern.match(members[0]) is not None:
-                found += pattern.match_each(members)
-        return found
+        if pattern.text not in self.matched:  # rules often share a pattern (FP8 weights, by two scale forms)
+            found = self.matched[pattern.text] = []
+            for members in self.shapes.values():
+                if pattern.match(members[0]) is not None:
+                    found += pattern.match_each(members)
+        return self.matched[pattern.text]
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
         """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
@@ -220,9 +222,9 @@ class _Planner:
             found = self._bindings(first, rule)
             rest = sorted(k for k in found[0][1] if k != rule.stack) if found else []
             values = itemgetter(*rest) if len(rest) > 1 else lambda b: tuple(b[k] for k in rest)
-            groups: dict[tuple, list[tuple[int, dict]]] = {}
-            for _, binding in found:
-                groups.setdefault(values(binding), []).append((binding[rule.stack], binding))
+            groups: dict[tuple, list[tuple[int, str, dict]]] = {}
+            for name, binding in found:
+                groups.setdefault(values(binding), []).append((binding[rule.stack], name, binding))
             for key_values, members in groups.items():
                 key = tuple(zip(rest, key_values))
                 members.sort(key=lambda m: m[0])
@@ -230,25 +232,27 @@ class _Planner:
                 if indices != list(range(len(indices))):
                     missing = sorted(set(range(max(indices) + 1)) - set(indices))
                     raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
-                                     tensor=first.fill(members[0][1]), expected=f"{rule.stack} = 0..{max(indices)} all present")
-                self._step(rule, dict(key), [[p.fill(b) for p in rule.sources] for _, b in members])
+                                     tensor=members[0][1], expected=f"{rule.stack} = 0..{max(indices)} all present")
+                # (a name's own binding fills the first pattern back into the name)
+                self._step(rule, dict(key), [[name, *[p.fill(b) for p in others]] for _, name, b in members])
             return
         for name, binding in self._bindings(first, rule):
             self._step(rule, binding, [[name] + [p.fill(binding) for p in others]])
 
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
-        for group in groups:
-            for name in group:
-                if name not in self.tensors:
-                    raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
-                                     expected="every `from` pattern to exist for each match of the first")
+        tensors = self.tensors
+        try:
+            group_types = [[tensors[n] for n in group] for group in groups]
+        except KeyError:
+            name, group = next((n, g) for g in groups for n in g if n not in tensors)
+            raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
+                             expected="every `from` pattern to exist for each match of the first") from None
         ops = self._ops(rule, binding)
-        types = [self.tensors[n] for n in groups[0]]
+        types = group_types[0]
         if rule.unstack:
             return self._unstack(rule, binding, groups[0], ops, types)
         losses: list[Loss] = []
-        for group in groups[1:]:  # every stacked element must look like the first
-            other = [self.tensors[n] for n in group]
+        for group, other in zip(groups[1:], group_types[1:]):  # every stacked element must look like the first
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
         names = [p.fill(binding) for p in rule.to]
@@ -338,19 +342,21 @@ class _Planner:
         return dtypes.is_float(dtype) and not dtype.startswith("F8") and dtype != self.dtype and not keep
 
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
+        written, used, rule_id = self.written, self.used, rule.id
         for output in outputs:
-            if output.name in self.written:
-                raise RemapError(f"output '{output.name}' is written by two rules: {self.written[output.name]} and this one",
+            if output.name in written:
+                raise RemapError(f"output '{output.name}' is written by two rules: {written[output.name]} and this one",
                                  expected="each output tensor written by one rule")
-            self.written[output.name] = rule.id
-        for name in (n for g in groups for n in g):
-            if rule.reuse:
-                self.reused.setdefault(name, []).append(rule.id)
-            elif name in self.used and self.used[name] != rule.id:
-                raise RemapError(f"source tensor '{name}' is matched by two rules: {self.used[name]} and this one",
-                                 tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
-            else:
-                self.used[name] = rule.id
+            written[output.name] = rule_id
+        for group in groups:
+            for name in group:
+                if rule.reuse:
+                    self.reused.setdefault(name, []).append(rule_id)
+                elif used.get(name, rule_id) != rule_id:
+                    raise RemapError(f"source tensor '{name}' is matched by two rules: {used[name]} and this one",
+                                     tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
+                else:
+                    used[name] = rule_id
 
     def _drop(self, rule: Rule) -> None:
         for pattern in rule.sources:
