@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from remap.plan import natural_key
+from remap.names import natural_key
 
 # A dot-separated decimal index, as a pattern's `{i}` matches it (no leading zeros).
 _INDEX = re.compile(r"(?<=\.)(0|[1-9][0-9]*)(?=\.|$)")

@@ -21,7 +21,8 @@ from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
 from remap.name_shapes import by_shape
 from remap.ops import Loss, Op, TensorType, build_op, op_class
-from remap.plan import Dropped, Output, Plan, Stage, Step, natural_key
+from remap.names import natural_key
+from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern
 
