@@ -20,7 +20,7 @@ from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
 from remap.name_shapes import by_shape
-from remap.ops import Loss, Op, TensorType, build_op, op_class
+from remap.ops import Loss, Op, TensorType, build_op, op_class, tensor_types
 from remap.names import natural_key
 from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.spec.load import Rule, Spec
@@ -133,7 +133,7 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, 
             allow_nonfinite,
         )
         stages.append(stage)
-        tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
+        tensors = tensor_types((o.name, o.shape, o.dtype) for o in stage.outputs)
         raw_config = stage.target_config
     stages[-1] = dataclasses.replace(stages[-1], variant_pinned=stages[-1].variant_pinned or bool(spec.variant))
     return Plan(tuple(stages), spec.name)
@@ -145,7 +145,7 @@ class _Planner:
 
     def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
                  target: Layout, allow_nonfinite: bool = False):
-        self.tensors, self.namespace, self.dtype, self.target = _interned(tensors), namespace, dtype, target
+        self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
         self.allow_nonfinite = allow_nonfinite
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
@@ -271,9 +271,10 @@ class _Planner:
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
         """The rule's ops, built once per distinct value of the variables they read (usually
         once per rule: 15,000 expert steps share one `pad`)."""
-        if rule.index not in self.op_reads:
-            self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
-        key = (rule.index, tuple((k, binding[k]) for k in self.op_reads[rule.index] if k in binding))
+        reads = self.op_reads.get(rule.index)
+        if reads is None:
+            reads = self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
+        key = (rule.index, tuple((k, binding[k]) for k in reads if k in binding) if reads else ())
         if key not in self.op_cache:
             self.op_cache[key] = tuple(build_op(self._nonfinite(raw), {**self.namespace, **binding}) for raw in rule.ops)
         return self.op_cache[key]
@@ -395,7 +396,3 @@ class _Planner:
 _VARIABLE_TEXT = re.compile(r"\{[^}]*\}")
 
 
-def _interned(tensors: Mapping[str, TensorType]) -> dict[str, TensorType]:
-    """name -> type, one object per distinct type: the 45k experts of one shape share theirs."""
-    alike: dict[tuple, TensorType] = {}
-    return {name: alike.setdefault((t.shape, t.dtype), t) for name, t in tensors.items()}
