@@ -22,7 +22,8 @@ def render_inspect(summary: Mapping[str, Any], tensors: Sequence[Any], detection
     keys that say which model it is, and the detected layout."""
     groups = ([(t.name, [t]) for t in sorted(tensors, key=lambda t: natural_key(t.name))] if full
               else collapse_sorted(tensors, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype)))
-    rows = [(escape(name), str(list(members[0].shape)), members[0].dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
+    # a group's members share shape and dtype (the collapse key): their bytes are one's times their count
+    rows = [(escape(name), str(list(members[0].shape)), members[0].dtype, f"{len(members) * members[0].nbytes / 2**20:.2f}")
             for name, members in groups]
     title = f"{escape(summary['source'])}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB"
     print_table(console, ("tensor", "shape", "dtype", "MiB"), rows, title=title)
