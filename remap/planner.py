@@ -157,7 +157,7 @@ class _Planner:
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
         self.shapes = by_shape(tensors)  # name shape (numbers as #) -> names, in natural order
         self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
-        self.matched: dict[str, list[tuple[str, dict]]] = {}  # pattern text -> _matches' answer (never changed after)
+        self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
         self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
 
     @functools.cached_property
@@ -179,12 +179,14 @@ class _Planner:
                 c.isdigit() for kind in pattern.kinds().values() for c in kind) or len(
                 set(pattern.variables)) != len(_VARIABLE_TEXT.findall(pattern.text)):
             return [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
-        if pattern.text not in self.matched:  # rules often share a pattern (FP8 weights, by two scale forms)
-            found = self.matched[pattern.text] = []
+        text, found = self.matched
+        if pattern.text != text:  # consecutive rules often share a pattern (FP8 weights, by two scale forms)
+            found = []
             for members in self.shapes.values():
                 if pattern.match(members[0]) is not None:
                     found += pattern.match_each(members)
-        return self.matched[pattern.text]
+            self.matched = (pattern.text, found)
+        return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
         """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
