@@ -20,8 +20,8 @@ from remap.conversion import Conversion
 from remap.io.assembled import assembled
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, assembly, detect, get_layout
-from remap.ops import TensorType
 from remap.plan import Plan
+from remap.ops import tensor_types
 from remap.planner import build_plan
 from remap.report import Report, build_report
 from remap.spec.invert import invert_spec
@@ -133,7 +133,7 @@ def plan_recipe(recipe: Conversion, checkpoint: Checkpoint,
         params = {**quant_params, **params}
     detected = _detected(checkpoint, raw)
     source_variant = detected.variant if detected.layout == loaded.source_layout else None
-    tensors = {n: TensorType(tuple(t.shape), t.dtype) for n, t in checkpoint.tensors.items()}
+    tensors = tensor_types((n, t.shape, t.dtype) for n, t in checkpoint.tensors.items())
     built = build_plan(loaded, tensors, raw, params=params, dtype=recipe.dtype, variant=recipe.variant,
                        source_variant=source_variant, allow_nonfinite=recipe.allow_nonfinite)
     return dataclasses.replace(built, recipe=recipe), checkpoint

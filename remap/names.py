@@ -20,6 +20,16 @@ def template(name: str) -> tuple[str, tuple[int, ...]]:
     return "#".join(pieces[0::2]), tuple(map(int, pieces[1::2]))
 
 
+def natural_key(name: str) -> tuple:
+    """layers.2 sorts before layers.10."""
+    parts: list = _DIGITS.split(name)  # text at even positions, digit runs at odd ones
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
 def format_indices(values: Iterable[int]) -> str:
     ordered = sorted(set(values))
     if len(ordered) == 1:
@@ -31,12 +41,33 @@ def format_indices(values: Iterable[int]) -> str:
 
 def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Hashable] = lambda _: None) -> list[tuple[str, list[T]]]:
     """Group items whose names share a template and whose `key` agrees; first-seen order."""
-    groups: dict[tuple, list[tuple[T, tuple[int, ...]]]] = {}
-    for item in items:
-        pattern, numbers = template(name(item))
-        groups.setdefault((pattern, key(item)), []).append((item, numbers))
+    groups: dict[tuple, list[tuple[T, list[str]]]] = {}
+    split = _NUMBER.split
+    for item in items:  # template() inline, its numbers left as text: a report collapses ~92k names
+        pieces = split(name(item))
+        groups.setdefault(("#".join(pieces[0::2]), key(item)), []).append((item, pieces[1::2]))
     result = []
     for (pattern, _), members in groups.items():
-        parts = iter([format_indices(column) for column in zip(*(numbers for _, numbers in members))])
+        # each column's distinct digit strings as numbers (`7` and `007` are one index)
+        parts = iter([format_indices(map(int, set(column))) for column in zip(*(numbers for _, numbers in members))])
         result.append((re.sub("#", lambda _: next(parts), pattern), [item for item, _ in members]))
+    return result
+
+
+def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
+                    key: Callable[[T], Hashable] = lambda _: None) -> list[tuple[str, list[T]]]:
+    """collapse(sorted(items, key=natural_key(name))), without a natural key for every name: within
+    a group names sort by their numbers (the text between is the same), so only each group's
+    first name needs one, to place the group where the sorted list would first meet it."""
+    groups: dict[tuple, list[tuple[tuple[int, ...], int, T]]] = {}
+    for position, item in enumerate(items):
+        pattern, numbers = template(name(item))
+        groups.setdefault((pattern, key(item)), []).append((numbers, position, item))
+    for members in groups.values():
+        members.sort(key=lambda m: m[:2])  # numbers, then the order given (as a stable sort keeps ties: 7 and 007)
+    ordered = sorted(groups.items(), key=lambda group: (natural_key(name(group[1][0][2])), group[1][0][1]))
+    result = []
+    for (pattern, _), members in ordered:
+        parts = iter([format_indices(column) for column in zip(*(numbers for numbers, _, _ in members))])
+        result.append((re.sub("#", lambda _: next(parts), pattern), [item for _, _, item in members]))
     return result

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from remap import dtypes
+from remap.names import natural_key  # noqa: F401  (re-exported: callers found it here)
 from remap.ops import Loss, Op, TensorType
 from remap.spec.load import Spec
 
@@ -200,16 +200,6 @@ class Plan:
         if len(self.stages) > 1:
             return {"spec": self.name, "stages": [stage.to_dict() for stage in self.stages]}
         return self.last.to_dict()
-
-
-def natural_key(name: str) -> tuple:
-    """layers.2 sorts before layers.10."""
-    parts: list = _DIGITS.split(name)  # text at even positions, digit runs at odd ones
-    parts[1::2] = map(int, parts[1::2])
-    return tuple(parts)
-
-
-_DIGITS = re.compile(r"(\d+)")
 
 
 def _op_names(step: Step) -> list[str]:

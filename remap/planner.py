@@ -9,6 +9,7 @@ stage's outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import ChainMap
 from operator import itemgetter
@@ -18,8 +19,10 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
-from remap.ops import Loss, Op, TensorType, build_op, op_class
-from remap.plan import Dropped, Output, Plan, Stage, Step, natural_key
+from remap.name_shapes import by_shape
+from remap.ops import Loss, Op, TensorType, build_op, op_class, tensor_types
+from remap.names import natural_key
+from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern
 
@@ -130,7 +133,7 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, 
             allow_nonfinite,
         )
         stages.append(stage)
-        tensors = {o.name: TensorType(o.shape, o.dtype) for o in stage.outputs}
+        tensors = tensor_types((o.name, o.shape, o.dtype) for o in stage.outputs)
         raw_config = stage.target_config
     stages[-1] = dataclasses.replace(stages[-1], variant_pinned=stages[-1].variant_pinned or bool(spec.variant))
     return Plan(tuple(stages), spec.name)
@@ -144,7 +147,6 @@ class _Planner:
                  target: Layout, allow_nonfinite: bool = False):
         self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
         self.allow_nonfinite = allow_nonfinite
-        self.names = sorted(tensors, key=natural_key)
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
         self.reused: dict[str, list[str]] = {}  # tensor -> rules re-reading it
@@ -153,10 +155,15 @@ class _Planner:
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
-        self.shapes: dict[str, list[str]] = {}  # name shape (numbers as #) -> names, in order
-        for name in self.names:
-            self.shapes.setdefault(_INDEX.sub("#", name), []).append(name)
+        self.shapes = by_shape(tensors)  # name shape (numbers as #) -> names, in natural order
         self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
+        self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
+        self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """Every source name in natural order (only a pattern with literal digits needs them all)."""
+        return sorted(self.tensors, key=natural_key)
 
     # -- rules ---------------------------------------------------------------------------
     def add(self, rule: Rule) -> None:
@@ -172,10 +179,13 @@ class _Planner:
                 c.isdigit() for kind in pattern.kinds().values() for c in kind) or len(
                 set(pattern.variables)) != len(_VARIABLE_TEXT.findall(pattern.text)):
             return [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
-        found = []
-        for members in self.shapes.values():
-            if pattern.match(members[0]) is not None:
-                found += pattern.match_each(members)
+        text, found = self.matched
+        if pattern.text != text:  # consecutive rules often share a pattern (FP8 weights, by two scale forms)
+            found = []
+            for members in self.shapes.values():
+                if pattern.match(members[0]) is not None:
+                    found += pattern.match_each(members)
+            self.matched = (pattern.text, found)
         return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
@@ -215,9 +225,9 @@ class _Planner:
             found = self._bindings(first, rule)
             rest = sorted(k for k in found[0][1] if k != rule.stack) if found else []
             values = itemgetter(*rest) if len(rest) > 1 else lambda b: tuple(b[k] for k in rest)
-            groups: dict[tuple, list[tuple[int, dict]]] = {}
-            for _, binding in found:
-                groups.setdefault(values(binding), []).append((binding[rule.stack], binding))
+            groups: dict[tuple, list[tuple[int, str, dict]]] = {}
+            for name, binding in found:
+                groups.setdefault(values(binding), []).append((binding[rule.stack], name, binding))
             for key_values, members in groups.items():
                 key = tuple(zip(rest, key_values))
                 members.sort(key=lambda m: m[0])
@@ -225,25 +235,27 @@ class _Planner:
                 if indices != list(range(len(indices))):
                     missing = sorted(set(range(max(indices) + 1)) - set(indices))
                     raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
-                                     tensor=first.fill(members[0][1]), expected=f"{rule.stack} = 0..{max(indices)} all present")
-                self._step(rule, dict(key), [[p.fill(b) for p in rule.sources] for _, b in members])
+                                     tensor=members[0][1], expected=f"{rule.stack} = 0..{max(indices)} all present")
+                # (a name's own binding fills the first pattern back into the name)
+                self._step(rule, dict(key), [[name, *[p.fill(b) for p in others]] for _, name, b in members])
             return
         for name, binding in self._bindings(first, rule):
             self._step(rule, binding, [[name] + [p.fill(binding) for p in others]])
 
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
-        for group in groups:
-            for name in group:
-                if name not in self.tensors:
-                    raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
-                                     expected="every `from` pattern to exist for each match of the first")
+        tensors = self.tensors
+        try:
+            group_types = [[tensors[n] for n in group] for group in groups]
+        except KeyError:
+            name, group = next((n, g) for g in groups for n in g if n not in tensors)
+            raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
+                             expected="every `from` pattern to exist for each match of the first") from None
         ops = self._ops(rule, binding)
-        types = [self.tensors[n] for n in groups[0]]
+        types = group_types[0]
         if rule.unstack:
             return self._unstack(rule, binding, groups[0], ops, types)
         losses: list[Loss] = []
-        for group in groups[1:]:  # every stacked element must look like the first
-            other = [self.tensors[n] for n in group]
+        for group, other in zip(groups[1:], group_types[1:]):  # every stacked element must look like the first
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
         names = [p.fill(binding) for p in rule.to]
@@ -261,9 +273,10 @@ class _Planner:
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
         """The rule's ops, built once per distinct value of the variables they read (usually
         once per rule: 15,000 expert steps share one `pad`)."""
-        if rule.index not in self.op_reads:
-            self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
-        key = (rule.index, tuple((k, binding[k]) for k in self.op_reads[rule.index] if k in binding))
+        reads = self.op_reads.get(rule.index)
+        if reads is None:
+            reads = self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
+        key = (rule.index, tuple((k, binding[k]) for k in reads if k in binding) if reads else ())
         if key not in self.op_cache:
             self.op_cache[key] = tuple(build_op(self._nonfinite(raw), {**self.namespace, **binding}) for raw in rule.ops)
         return self.op_cache[key]
@@ -293,11 +306,18 @@ class _Planner:
         their losses to `losses`. Computed once per distinct ops, input types and cast choices:
         45,808 experts of one shape ask the same question."""
         casts = tuple(self.target.keeps_dtype(o) for o in outputs) if self.dtype else ()
-        key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
-        if key not in self.type_cache:
-            found: list[Loss] = []
-            self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
-        out, ops, found = self.type_cache[key]
+        last = self.last_types
+        # a rule's steps come name shape by name shape: most ask what the step before asked, and
+        # comparing with it is cheap (equal types are one object: `types ==` compares identities)
+        if last is not None and last[0] is ops and last[2] == casts and last[1] == types:
+            out, ops, found = last[3]
+        else:
+            key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
+            if key not in self.type_cache:
+                found = []
+                self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
+            self.last_types = (ops, list(types), casts, self.type_cache[key])
+            out, ops, found = self.type_cache[key]
         losses.extend(found)
         return list(out), ops
 
@@ -326,19 +346,21 @@ class _Planner:
         return dtypes.is_float(dtype) and not dtype.startswith("F8") and dtype != self.dtype and not keep
 
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
+        written, used, rule_id = self.written, self.used, rule.id
         for output in outputs:
-            if output.name in self.written:
-                raise RemapError(f"output '{output.name}' is written by two rules: {self.written[output.name]} and this one",
+            if output.name in written:
+                raise RemapError(f"output '{output.name}' is written by two rules: {written[output.name]} and this one",
                                  expected="each output tensor written by one rule")
-            self.written[output.name] = rule.id
-        for name in (n for g in groups for n in g):
-            if rule.reuse:
-                self.reused.setdefault(name, []).append(rule.id)
-            elif name in self.used and self.used[name] != rule.id:
-                raise RemapError(f"source tensor '{name}' is matched by two rules: {self.used[name]} and this one",
-                                 tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
-            else:
-                self.used[name] = rule.id
+            written[output.name] = rule_id
+        for group in groups:
+            for name in group:
+                if rule.reuse:
+                    self.reused.setdefault(name, []).append(rule_id)
+                elif used.get(name, rule_id) != rule_id:
+                    raise RemapError(f"source tensor '{name}' is matched by two rules: {used[name]} and this one",
+                                     tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
+                else:
+                    used[name] = rule_id
 
     def _drop(self, rule: Rule) -> None:
         for pattern in rule.sources:
@@ -369,10 +391,10 @@ class _Planner:
             self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
-        used = set(self.used) | set(self.reused)
-        self.unmatched = [n for n in self.names if n not in used]
+        # sorting what is left gives the order of the sorted names, filtered (a stable sort)
+        used, reused = self.used, self.reused
+        self.unmatched = sorted((n for n in self.tensors if n not in used and n not in reused), key=natural_key)
 
-
-# A dot-separated decimal index, written as a pattern's `{i}` matches it (no leading zeros).
-_INDEX = re.compile(r"(?<=\.)(?:0|[1-9][0-9]*)(?=\.|$)")
 _VARIABLE_TEXT = re.compile(r"\{[^}]*\}")
+
+

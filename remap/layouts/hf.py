@@ -102,6 +102,22 @@ class ExpectedTensors:
         if bias:
             self.add(f"{name}.bias", (rows,))
 
+    def experts(self, prefix: str, count: int, hidden: int, width: int) -> None:
+        """Routed experts `{prefix}.0` .. `{prefix}.{count - 1}`. Where the FP8 form leaves no
+        module alone by name, every expert quantizes alike: the first is built, the rest stamped
+        from it by name (61 layers x 256 experts x 6 tensors)."""
+        if self.scheme and (self.scheme.skip or self.scheme.ignore):
+            for e in range(count):
+                _mlp(self, f"{prefix}.{e}", hidden, width)
+            return
+        one = ExpectedTensors(None, scheme=self.scheme)
+        _mlp(one, "", hidden, width)
+        out = self.out
+        for e in range(count):
+            head = f"{prefix}.{e}"
+            for tail, want in one.out.items():
+                out[head + tail] = Expected(head + tail, want.shape, want.dtype)
+
 
 def _attention(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
     hidden, heads, bias = c["hidden_size"], c["num_attention_heads"], c["attention_bias"]
@@ -154,8 +170,7 @@ def _decoder_layer(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
         t.add(f"{p}.mlp.experts.gate_up_proj", (experts, 2 * width, hidden))
         t.add(f"{p}.mlp.experts.down_proj", (experts, hidden, width))
     else:
-        for e in range(experts):
-            _mlp(t, f"{p}.mlp.experts.{e}", hidden, width)
+        t.experts(f"{p}.mlp.experts", experts, hidden, width)
     _mlp(t, f"{p}.mlp.shared_experts", hidden, c["moe_intermediate_size"] * c["n_shared_experts"], c["mlp_bias"])
 
 

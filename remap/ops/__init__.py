@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from remap.errors import RemapError
-from remap.ops.base import CLAIMS, REGISTRY, Finding, Loss, NotInvertible, Op, TensorType
+from remap.ops.base import CLAIMS, REGISTRY, Finding, Loss, NotInvertible, Op, TensorType, tensor_types
 
 # Importing the op modules defines, so registers, their ops, in this order: the order the schema and
 # "unknown op" messages list ops in. Keep it (unsorted).
@@ -39,4 +39,4 @@ def invert_ops(raws: list[Mapping[str, Any]]) -> list[dict]:
     return inverse
 
 
-__all__ = ["CLAIMS", "OPS", "Finding", "Loss", "NotInvertible", "Op", "TensorType", "build_op", "invert_ops", "op_class"]
+__all__ = ["CLAIMS", "OPS", "Finding", "Loss", "NotInvertible", "Op", "TensorType", "build_op", "invert_ops", "op_class", "tensor_types"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,18 @@ class TensorType:
 
     def with_shape(self, shape: Sequence[int]) -> "TensorType":
         return TensorType(tuple(int(s) for s in shape), self.dtype)
+
+
+def tensor_types(items: Iterable[tuple[str, Sequence[int], str]]) -> dict[str, TensorType]:
+    """name -> TensorType, from (name, shape, dtype): one object per distinct type. The 45k experts
+    of one shape share theirs, so a step tells that its types are the step before's by identity."""
+    alike: dict[tuple, TensorType] = {}
+    types = {}
+    for name, shape, dtype in items:
+        key = (tuple(shape), dtype)
+        found = alike.get(key)
+        types[name] = found if found is not None else alike.setdefault(key, TensorType(*key))
+    return types
 
 
 @dataclass(frozen=True)

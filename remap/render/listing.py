@@ -7,8 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from rich.console import Console
 
-from remap.names import collapse
-from remap.plan import natural_key
+from remap.names import collapse_sorted, natural_key
 from remap.render import escape
 from remap.render.table import print_table
 
@@ -21,9 +20,10 @@ def render_inspect(summary: Mapping[str, Any], tensors: Sequence[Any], detection
                    full: bool = False) -> None:
     """The tensors (alike but for layer indices collapsed into one row unless `full`), the config
     keys that say which model it is, and the detected layout."""
-    items = sorted(tensors, key=lambda t: natural_key(t.name))
-    groups = [(t.name, [t]) for t in items] if full else collapse(items, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype))
-    rows = [(escape(name), str(list(members[0].shape)), members[0].dtype, f"{sum(m.nbytes for m in members) / 2**20:.2f}")
+    groups = ([(t.name, [t]) for t in sorted(tensors, key=lambda t: natural_key(t.name))] if full
+              else collapse_sorted(tensors, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype)))
+    # a group's members share shape and dtype (the collapse key): their bytes are one's times their count
+    rows = [(escape(name), str(list(members[0].shape)), members[0].dtype, f"{len(members) * members[0].nbytes / 2**20:.2f}")
             for name, members in groups]
     title = f"{escape(summary['source'])}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB"
     print_table(console, ("tensor", "shape", "dtype", "MiB"), rows, title=title)
