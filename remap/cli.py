@@ -62,7 +62,7 @@ BitsOption = typer.Option(None, "--q-bits", help=f"Bits per weight: {flags.BITS}
 GroupOption = typer.Option(None, "--q-group-size", help=f"Weights per scale and bias: {flags.GROUPS} (default 64). Implies -q.")
 PredicateOption = typer.Option(None, "--quant-predicate", metavar="RECIPE", help=f"mlx-lm's mixed-bit recipe: {flags.RECIPES}. Implies -q.")
 CheckDataOption = typer.Option(None, "--check-data/--no-check-data", help="Measure every claim on the bytes, the sizes of unused and rounded data too (default: the claims data can break, zero and redundant; --no-check-data: headers only).")
-NonfiniteOption = typer.Option(False, "--allow-nonfinite", help="Let quantization take NaN and Inf weights (refused otherwise: they spread over their groups); --check-data then lists where they are.")
+NonfiniteOption = typer.Option(False, "--allow-nonfinite", help="Let quantization take NaN and Inf weights (refused otherwise: they spread over their groups; --check-data then lists where they are), and a --dtype cast write values past its range as Inf (refused otherwise).")
 SetOption = typer.Option([], "--set", help="Override a key of the source's config.json (or of the one read off the shapes) KEY=VALUE (repeatable).")
 
 

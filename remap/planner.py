@@ -331,7 +331,7 @@ class _Planner:
             extra = []
             for k, t in enumerate(types):
                 if self._casts(t.dtype, outputs[k] if k < len(outputs) else None):
-                    cast = build_op({"op": "cast", "dtype": self.dtype, "input": k}, {})
+                    cast = build_op(self._nonfinite({"op": "cast", "dtype": self.dtype, "input": k}), {})
                     if (loss := cast.loss(types)):
                         losses.append(loss)
                     types = cast.types(types)

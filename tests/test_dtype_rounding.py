@@ -1,4 +1,5 @@
-"""`--dtype bf16` rounds float32 as torch does: to nearest, ties to even, overflowing to Inf.
+"""`--dtype bf16` rounds float32 as torch does: to nearest, ties to even, overflowing to Inf (with
+--allow-nonfinite; without it a value past bf16's range is refused, naming the tensor).
 
 The reference is torch's own float32 -> bfloat16 conversion, not remap's code: a cast that
 truncated (kept the top 16 bits) would pass any test comparing remap with itself.
@@ -56,8 +57,13 @@ def converted(tmp_path_factory) -> tuple[dict, dict]:
     values[: len(edges)] = edges
     tensors["model.embed_tokens.weight"] = torch.from_numpy(values.reshape(embed.shape))
     save_file(tensors, source / "model.safetensors", {"format": "pt"})
-    run = subprocess.run([sys.executable, "-m", "remap.cli", "convert", str(source), str(work / "out"), "--spec",
-                          "hf-to-mlx", "--dtype", "bf16", "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, "-m", "remap.cli", "convert", str(source), str(work / "out"), "--spec", "hf-to-mlx",
+               "--dtype", "bf16", "--quiet"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "model.embed_tokens.weight" in refused.stderr, refused.stderr
+    assert "cast to BF16: finite values out of its range would become Inf or NaN" in refused.stderr
+    assert not (work / "out").exists()
+    run = subprocess.run([*command, "--allow-nonfinite", "--force"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     return tensors, load_file(work / "out" / "model.safetensors")
 

@@ -85,6 +85,17 @@ def test_cast_types_agree_with_apply(source, target):
     assert out[0].dtype == np.float32
 
 
+@pytest.mark.parametrize("source, target, past", [("BF16", "F16", 7e4), ("F32", "BF16", 3.4e38), ("F32", "F8_E4M3", 500.0)])
+def test_a_cast_refuses_to_make_inf_or_nan_of_finite_values_unless_told_to_keep(source, target, past):
+    values = np.array([1.0, -past, np.inf, np.nan], dtype=dtypes.numpy_dtype(source))  # Inf and NaN given: kept
+    with pytest.raises(RemapError, match=rf"cast to {target}: finite values out of its range .* \(1 of them\)"):
+        build_op({"op": "cast", "dtype": target}, {}).apply([values])
+    kept = build_op({"op": "cast", "dtype": target, "nonfinite": "keep"}, {}).apply([values])[0].astype(np.float32)
+    assert not np.isfinite(kept[1]) and kept[0] == 1
+    inside = build_op({"op": "cast", "dtype": target}, {}).apply([values[[0, 2, 3]]])[0].astype(np.float32)
+    assert inside[0] == 1 and not np.isfinite(inside[1:]).any()
+
+
 def test_every_op_is_exercised():
     # cast and dequant_fp8 are checked below; the quantization ops in tests/test_quant.py
     quantization = {"quantize_mlx", "dequantize_mlx", "quant_fp8"}

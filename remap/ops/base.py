@@ -102,8 +102,8 @@ class Op:
     per_slab: ClassVar[bool] = False
 
     # True for an op that would spread a NaN or Inf (a quantizer: one NaN makes its whole group NaN,
-    # an Inf moves its block's scale and zeroes its neighbours): it refuses them unless built with
-    # `nonfinite: keep` (what `--allow-nonfinite` sets), and its check counts them.
+    # an Inf moves its block's scale and zeroes its neighbours) or make one (a cast that overflows):
+    # it refuses them unless built with `nonfinite: keep` (what `--allow-nonfinite` sets).
     finite_inputs: ClassVar[bool] = False
 
     # JSON Schema of a parameter where the default does not fit (an enum, a list of literal

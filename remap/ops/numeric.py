@@ -10,7 +10,7 @@ import numpy as np
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.ops.base import Loss, NotInvertible, Op, TensorType
+from remap.ops.base import Loss, NotInvertible, Op, TensorType, any_nonfinite
 
 
 # (exponent bits, mantissa bits) of each float dtype.
@@ -30,6 +30,16 @@ def _decode_e4m3(codes: np.ndarray) -> np.ndarray:
     return _E4M3_PAIRS_TO_F32[codes.view(np.uint16)].view(np.float32)
 
 
+def _made_nonfinite(source: np.ndarray, cast: np.ndarray, block: int = 1 << 22) -> int:
+    """How many finite values of `source` are Inf or NaN in `cast` (given ones stay what they were),
+    a block at a time: a whole tensor in float32 would double its memory."""
+    before, after, made = source.reshape(-1), cast.reshape(-1), 0
+    for start in range(0, before.size, block):
+        finite = np.isfinite(before[start:start + block].astype(np.float32))
+        made += int(np.count_nonzero(finite & ~np.isfinite(after[start:start + block].astype(np.float32))))
+    return made
+
+
 def _narrows(source: str, target: str) -> bool:
     """Whether some `source` value does not survive in `target`: fewer mantissa bits round, fewer
     exponent bits overflow (BF16 -> F16 keeps every mantissa bit but not 1e38)."""
@@ -44,8 +54,11 @@ class Cast(Op):
 
     name = "cast"
     per_slab = True
+    finite_inputs = True  # refuses what it would make non-finite (overflow), unless `nonfinite: keep`
+    param_schema = {"nonfinite": {"enum": ["refuse", "keep"]}}
     dtype: str = "BF16"
     source: str | None = None  # the dtype being cast from: declared so the inverse can cast back
+    nonfinite: str = "refuse"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
@@ -57,7 +70,15 @@ class Cast(Op):
         return self._replace(inputs, TensorType(t.shape, self.dtype))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return self._replace(arrays, self._pick(arrays).astype(dtypes.numpy_dtype(self.dtype)))
+        source = self._pick(arrays)
+        with np.errstate(over="ignore"):  # overflow is refused below, or kept when asked: no warning line
+            cast = source.astype(dtypes.numpy_dtype(self.dtype))
+        if self.nonfinite != "keep" and cast.dtype.kind in "fV" and any_nonfinite(cast):
+            if made := _made_nonfinite(source, cast):
+                raise RemapError(f"cast to {self.dtype}: finite values out of its range would become Inf or NaN "
+                                 f"({made} of them)", expected=f"values within {self.dtype}'s range, a wider --dtype, "
+                                 "or --allow-nonfinite to write them as torch's cast does")
+        return self._replace(arrays, cast)
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
         source = self._pick(inputs).dtype
