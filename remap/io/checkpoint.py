@@ -18,14 +18,15 @@ import stat
 import zipfile
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from remap.errors import RemapError
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, read_header, unique_keys
 from remap.io.textfiles import read_json
+
+if TYPE_CHECKING:  # numpy is imported where tensors are read: opening a checkpoint reads headers only
+    import numpy as np
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -96,6 +97,8 @@ class Checkpoint:
     def read(self, tensor: str | TensorInfo) -> np.ndarray:
         """The tensor as a read-only numpy array (bf16 and fp8 as ml_dtypes), sharing memory with
         the mapped file. It stays valid after close(): the mapping lives as long as the array."""
+        import numpy as np
+
         info = self._info(tensor)
         dtype = DTYPES[info.dtype].numpy
         if dtype is None:
@@ -112,6 +115,8 @@ class Checkpoint:
         """A private, writable copy of the tensor, read with pread. Unlike read(), its memory is
         the process's own and goes away with the array: a conversion that loads one tensor at a
         time keeps its resident memory at one tensor, where mapped pages would pile up."""
+        import numpy as np
+
         info = self._info(tensor)
         if info.start is None or info.numel == 0:
             return np.array(self.read(info))
@@ -128,6 +133,8 @@ class Checkpoint:
 
     def read_bytes(self, tensor: str | TensorInfo) -> memoryview:
         """The tensor's raw little-endian bytes, for tensors that move without being decoded."""
+        import numpy as np
+
         info = self._info(tensor)
         if info.start is None:
             array = _torch_to_numpy(self._torch_tensors[info.name], DTYPES[info.dtype].numpy)

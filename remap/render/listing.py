@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from rich.console import Console
 
 from remap.names import collapse
-from remap.plan import natural_key
+from remap.natural_order import natural_key
 from remap.render import escape
 from remap.render.table import print_table
 
