@@ -194,8 +194,7 @@ def convert(
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
     from remap import api, route
-    from remap.io.hashing import SHA256, TREE
-    from remap.render.progress import byte_bar, step_bar
+    from remap.render.progress import step_bar
     from remap.render.report import render_rich
 
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
@@ -217,10 +216,19 @@ def convert(
             hint = " (--allow-lossy to convert anyway)" if result.only_claims_broken else ""
             err.print(f"[red]not converting[/]: {escape(result.problems[0])}{hint}", soft_wrap=True)
         raise typer.Exit(0 if result.ok else 1)
+    _write(plan, ckpt, dst, result, workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums, sha256=sha256)
+
+
+def _write(plan, ckpt, dst: Path, result, *, sha256: bool, **options: Any) -> None:
+    """Convert, with a byte bar, and say what was written."""
+    from remap import api
+    from remap.io.hashing import SHA256, TREE
+    from remap.render.progress import byte_bar
+
     try:
         with byte_bar(err, f"{plan.name} -> {escape(dst)}", result.coverage["target_bytes"]) as advance:
-            done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
-                               digest=SHA256 if sha256 else TREE, progress=advance)
+            done = api.convert(plan, ckpt, dst, report=result.to_dict(), digest=SHA256 if sha256 else TREE, progress=advance,
+                               **options)
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -321,8 +329,6 @@ def parity(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
-    from remap import api
-    from remap.model_card import record_parity
     from remap.parity import run_parity
     from remap.render.progress import step_bar
     from remap.render.parity import render_json, render_junit, render_markdown, render_rich
@@ -336,8 +342,7 @@ def parity(
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
         if dst is None and (spec is not None or to is not None or quantization is not None):
-            spec, inverse = _spec_to_convert(api.open_source(src, revision=revision, allow_pickle=allow_pickle), spec,
-                                             to, inverse, quantization is not None, route_options)
+            spec, inverse = _spec_to_convert(src, spec, to, inverse, quantization is not None, route_options, revision, allow_pickle)
         with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
             result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
                                 quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
@@ -346,15 +351,25 @@ def parity(
         if not outputs.piped:
             render_rich(result, console)
     outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))
-    if dst is not None and (recorded := record_parity(dst, render_markdown(result))):
-        err.print(escape(recorded), soft_wrap=True, highlight=False)
+    if dst is not None:
+        _record_parity(dst, render_markdown(result))
     raise typer.Exit(0 if result.ok else 1)
 
 
-def _spec_to_convert(source, spec, to, inverse: bool, quantized: bool, route_options: dict) -> tuple[Any, bool]:
-    """The spec parity converts SRC with (no DST): --spec, or the route --to (or -q) picks; checked to fit."""
-    from remap import route
+def _record_parity(dst: str, markdown: str) -> None:
+    """The result into DST's model card and manifest, and a line saying so (or why not)."""
+    from remap.model_card import record_parity
 
+    if recorded := record_parity(dst, markdown):
+        err.print(escape(recorded), soft_wrap=True, highlight=False)
+
+
+def _spec_to_convert(src: str, spec, to, inverse: bool, quantized: bool, route_options: dict, revision: Optional[str],
+                     allow_pickle: bool) -> tuple[Any, bool]:
+    """The spec parity converts SRC with (no DST): --spec, or the route --to (or -q) picks; checked to fit."""
+    from remap import api, route
+
+    source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     spec, inverse = route.resolve(source, spec, to, inverse, quantized, **route_options)
     route.check_spec(source, spec, inverse, **route_options)
     return spec, inverse

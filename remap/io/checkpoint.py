@@ -24,6 +24,7 @@ from remap.errors import RemapError
 from remap.heap import paused_gc
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, read_header, unique_keys
+from remap.io.hub import download
 from remap.io.textfiles import read_json
 
 if TYPE_CHECKING:  # numpy is imported where tensors are read: opening a checkpoint reads headers only
@@ -209,7 +210,7 @@ def open_checkpoint(
             "unsupported file type", file=src, expected="a directory, .safetensors, " + ", ".join(TORCH_SUFFIXES)
         )
     if _REPO_ID.fullmatch(src):
-        root, commit = _download(src, revision)
+        root, commit = download(src, revision, HUB_PATTERNS)
         return _open_directory(src, root, revision=commit)
     raise RemapError("no such file or directory", file=src, expected="a local path or a hub repo id 'org/name'")
 
@@ -340,27 +341,6 @@ def _index_entry_path(root: Path, file: str, tensor: str, index_path: Path) -> P
         raise RemapError(f"the index names {file}, which does not exist", file=str(index_path), tensor=tensor,
                          expected="every file the index names, beside it")
     return path
-
-
-def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
-    """The snapshot folder and commit of a hub repo: from the cache, or downloaded.
-    huggingface_hub honours HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN itself."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    try:
-        # root-level files only: repos may keep other formats in subfolders ("original/")
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, ignore_patterns=["*/*"])
-    except LocalEntryNotFoundError as e:
-        raise RemapError(
-            f"no such local path; as a hub repo it is not in the local cache and the hub cannot be reached: {e}",
-            file=repo_id,
-            expected="network access, or a cached snapshot (HF_HOME / HF_HUB_CACHE)",
-        ) from e
-    except (HfHubHTTPError, HFValidationError) as e:
-        raise RemapError(f"no such local path; as a hub repo: {e}", file=repo_id) from e
-    # snapshot folders are named by their commit hash
-    return Path(folder), Path(folder).name
 
 
 def _open_torch(src: str, path: Path, allow_pickle: bool) -> Checkpoint:
