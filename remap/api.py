@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -27,6 +28,28 @@ if TYPE_CHECKING:
     from remap.report import Report
     from remap.spec.load import Spec
     from remap.verify import Verification
+
+# What this module imported at the top before, still its attributes (api.check_data, ...), each
+# imported on first access (PEP 562); report() measures through api.check_data, so that a test
+# can watch it.
+_LAZY = {"execute": "remap", "BREAKABLE": "remap.check", "Progress": "remap.check", "check_data": "remap.check",
+         "assembled": "remap.io.assembled", "TensorType": "remap.ops", "Plan": "remap.plan",
+         "build_plan": "remap.planner", "Report": "remap.report", "build_report": "remap.report",
+         "invert_spec": "remap.spec.invert", "Spec": "remap.spec.load", "load_spec": "remap.spec.load",
+         "Verification": "remap.verify"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name) if name != "execute" else import_module("remap.execute")
+    globals()[name] = value
+    return value
+
+
+def _attribute(name: str) -> Any:
+    """This module's `name`, as api.<name> finds it (imported on first use, or as set since)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 @paused_gc
@@ -166,13 +189,12 @@ def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | No
     """The shape-verification report. `check`: True measures every claim on the bytes; None the
     claims the bytes can break (zero, redundant: what the CLI does by default); False none.
     `progress(tensor, done, total)` is told each tensor measured."""
-    from remap.check import BREAKABLE, check_data
     from remap.report import build_report
 
     if checkpoint is None or check is False:
         return build_report(plan, None)
-    claims = None if check else BREAKABLE
-    return build_report(plan, check_data(plan, checkpoint.read, claims, progress), measured=claims)
+    claims = None if check else _attribute("BREAKABLE")
+    return build_report(plan, _attribute("check_data")(plan, checkpoint.read, claims, progress), measured=claims)
 
 
 def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:

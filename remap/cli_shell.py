@@ -1,8 +1,9 @@
 """How the `remap` command parses and fails, apart from what its commands do (remap/cli.py).
 
 Options that may stand alone, flags without a value column in --help, values turned into their
-types without pydantic where they plainly are, and the one boundary every error crosses: a RemapError, an OSError on a path the user gave, or a usage error of click's
-becomes one `error:` line on stderr and exit 2 (--debug: the traceback instead).
+types without pydantic where they plainly are, and the one boundary every error crosses: a
+RemapError, an OSError on a path the user gave, or a usage error of click's becomes one `error:`
+line on stderr and exit 2 (--debug: the traceback instead).
 """
 
 from __future__ import annotations
