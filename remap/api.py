@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from remap.verify import Verification
 
 # What this module imported at the top before, still its attributes (api.check_data, ...), each
-# imported on first access (PEP 562); report() measures through api.check_data, so that a test
-# can watch it.
-_LAZY = {"execute": "remap", "BREAKABLE": "remap.check", "Progress": "remap.check", "check_data": "remap.check",
+# imported on first access (PEP 562); report() measures through api.check_data, so that replacing
+# it (a test's spy) still takes effect.
+_LAZY = {"execute": "remap.execute", "BREAKABLE": "remap.check", "Progress": "remap.check", "check_data": "remap.check",
          "assembled": "remap.io.assembled", "TensorType": "remap.ops", "Plan": "remap.plan",
          "build_plan": "remap.planner", "Report": "remap.report", "build_report": "remap.report",
          "invert_spec": "remap.spec.invert", "Spec": "remap.spec.load", "load_spec": "remap.spec.load",
@@ -42,7 +42,8 @@ _LAZY = {"execute": "remap", "BREAKABLE": "remap.check", "Progress": "remap.chec
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name) if name != "execute" else import_module("remap.execute")
+    module = import_module(_LAZY[name])
+    value = module if name == "execute" else getattr(module, name)  # (execute: a module itself)
     globals()[name] = value
     return value
 
