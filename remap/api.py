@@ -9,25 +9,48 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import import_module
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from remap import execute
+from remap.conversion import Conversion
 from remap.errors import RemapError
 from remap.heap import paused_gc
-from remap.check import BREAKABLE, Progress, check_data
-from remap.conversion import Conversion
-from remap.io.assembled import assembled
 from remap.io.checkpoint import Checkpoint, open_checkpoint
 from remap.layouts import Detection, assembly, detect, get_layout
-from remap.plan import Plan
-from remap.ops import tensor_types
-from remap.planner import build_plan
-from remap.report import Report, build_report
-from remap.spec.invert import invert_spec
-from remap.spec.load import Spec, load_spec
-from remap.verify import Verification
-from remap.verify import verify as _verify
+
+# The planner, the spec loader (jsonschema, yaml), numpy and the executor are imported by the
+# functions that use them: `remap inspect` opens and identifies a checkpoint without them.
+if TYPE_CHECKING:
+    from remap import execute
+    from remap.check import Progress
+    from remap.plan import Plan
+    from remap.report import Report
+    from remap.spec.load import Spec
+    from remap.verify import Verification
+
+# What this module imported at the top before, still its attributes (api.check_data, ...), each
+# imported on first access (PEP 562); report() measures through api.check_data, so that replacing
+# it (a test's spy) still takes effect.
+_LAZY = {"execute": "remap.execute", "BREAKABLE": "remap.check", "Progress": "remap.check", "check_data": "remap.check",
+         "assembled": "remap.io.assembled", "TensorType": "remap.ops", "Plan": "remap.plan",
+         "build_plan": "remap.planner", "Report": "remap.report", "build_report": "remap.report",
+         "invert_spec": "remap.spec.invert", "Spec": "remap.spec.load", "load_spec": "remap.spec.load",
+         "Verification": "remap.verify"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = import_module(_LAZY[name])
+    value = module if name == "execute" else getattr(module, name)  # (execute: a module itself)
+    globals()[name] = value
+    return value
+
+
+def _attribute(name: str) -> Any:
+    """This module's `name`, as api.<name> finds it (imported on first use, or as set since)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 @paused_gc
@@ -37,6 +60,7 @@ def open_source(src: str | Path, *, revision: str | None = None, allow_pickle: b
     checkpoint = open_checkpoint(str(src), revision=revision, allow_pickle=allow_pickle)
     if checkpoint.ranks == 1:
         return checkpoint
+    from remap.io.assembled import assembled  # numpy: only model-parallel files are put together
     headers = {file: {n: (t.shape, t.dtype) for n, t in tensors.items()} for file, tensors in checkpoint.files.items()}
     try:
         found = assembly(headers)
@@ -70,6 +94,9 @@ def _detected(checkpoint: Checkpoint, raw: Mapping[str, Any] | None,
 
 
 def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
+    from remap.spec.invert import invert_spec
+    from remap.spec.load import Spec, load_spec
+
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     return invert_spec(spec) if inverse else spec
 
@@ -77,6 +104,8 @@ def load(spec: str | Path | Spec, *, inverse: bool = False) -> Spec:
 def quantized(spec: Spec, quantize: int | str, group_size: int = 64) -> tuple[Spec, dict[str, int]]:
     """`spec` followed by the quantizing stage its target layout declares, and that stage's
     params. `quantize` is the bits, or a recipe the layout names (mlx: "mixed_4_6", ...)."""
+    from remap.spec.load import load_spec
+
     stage_spec, params, label = get_layout(spec.target_layout).quantization(quantize, group_size)
     stage = load_spec(stage_spec)
     composed = dataclasses.replace(spec, name=f"{spec.name}+{label}", rules=(), parts=(*(spec.parts or (spec,)), stage))
@@ -123,6 +152,9 @@ def plan_recipe(recipe: Conversion, checkpoint: Checkpoint,
                 spec: str | Path | Spec | None = None) -> tuple[Plan, Checkpoint]:
     """The plan of `recipe` on `checkpoint` (`spec`: the Spec object the recipe names, if held),
     and the checkpoint under the config the plan read (inferred from shapes, or --set)."""
+    from remap.ops import tensor_types
+    from remap.planner import build_plan
+
     raw = source_config(checkpoint, dict(recipe.settings))
     if raw != checkpoint.config:
         checkpoint = checkpoint.with_config(raw)
@@ -158,16 +190,22 @@ def report(plan: Plan, checkpoint: Checkpoint | None = None, *, check: bool | No
     """The shape-verification report. `check`: True measures every claim on the bytes; None the
     claims the bytes can break (zero, redundant: what the CLI does by default); False none.
     `progress(tensor, done, total)` is told each tensor measured."""
+    from remap.report import build_report
+
     if checkpoint is None or check is False:
         return build_report(plan, None)
-    claims = None if check else BREAKABLE
-    return build_report(plan, check_data(plan, checkpoint.read, claims, progress), measured=claims)
+    claims = None if check else _attribute("BREAKABLE")
+    return build_report(plan, _attribute("check_data")(plan, checkpoint.read, claims, progress), measured=claims)
 
 
 def convert(plan: Plan, checkpoint: Checkpoint, dst: str | Path, **options: Any) -> execute.Result:
+    from remap import execute
+
     return execute.convert(plan, checkpoint, dst, **options)
 
 
 def verify(dst: str | Path) -> Verification:
     """Re-hash a converted checkpoint's files and re-read its headers against its manifest and report."""
+    from remap.verify import verify as _verify
+
     return _verify(dst)

@@ -13,22 +13,15 @@ from typing import Any, List, Optional
 
 import typer
 
-from remap import __version__, api, flags, route
+from remap import __version__, flags
 from remap.cli_shell import Command, Group, run_guarded
 from remap.errors import RemapError
 from remap.heap import paused_gc
-from remap.execute import check_destination
-from remap.model_card import record_parity
-from remap.io.hashing import SHA256, TREE
-from remap.render import escape, jsontext
-from remap.render.listing import render_inspect, render_specs, render_verify
-from remap.render.progress import byte_bar, step_bar
-from remap.render.report import render_json, render_markdown, render_rich
+from remap.render import escape
 from remap.render.table import FittingConsole
-from remap.inverse_check import check_inverse
-from remap.layouts import LAYOUTS
-from remap.spec.invert import invert_document
-from remap.spec.load import bundled_specs, dump_spec, load_spec
+
+# Each command imports what it uses inside itself: `remap --version` or `inspect` must not pay
+# for numpy, jsonschema and the planner at start-up.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
                   help="Plan, convert, verify and parity-check DeepSeek-V3-family checkpoints.")
@@ -80,6 +73,11 @@ def inspect(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """What a checkpoint is: its tensors, the detected layout and variant, its config."""
+    from remap import api
+    from remap.layouts import LAYOUTS
+    from remap.render import jsontext
+    from remap.render.listing import render_inspect
+
     outputs = flags.Outputs(json=json_file, reads=flags.inputs(checkpoint))
     with outputs.working():
         ckpt = api.open_source(checkpoint, revision=revision, allow_pickle=allow_pickle)
@@ -140,6 +138,10 @@ def report(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Plan a conversion from headers alone and verify it against the target layout."""
+    from remap import api, route
+    from remap.render.progress import step_bar
+    from remap.render.report import render_json, render_markdown, render_rich
+
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, outputs = flags.cast("--dtype", dtype), flags.Outputs(json=json_file, markdown=markdown_file, reads=flags.inputs(src, spec))
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
@@ -191,6 +193,10 @@ def convert(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Convert SRC into DST with a spec, streaming, with memory bounded by the largest piece."""
+    from remap import api, route
+    from remap.render.progress import step_bar
+    from remap.render.report import render_rich
+
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
     dtype, _, _ = flags.cast("--dtype", dtype), flags.shard_size_flag(max_shard_size), flags.layout("--to", to)
     route_options = dict(params=flags.pairs(param), settings=flags.pairs(settings, "--set"), variant=variant)
@@ -210,10 +216,19 @@ def convert(
             hint = " (--allow-lossy to convert anyway)" if result.only_claims_broken else ""
             err.print(f"[red]not converting[/]: {escape(result.problems[0])}{hint}", soft_wrap=True)
         raise typer.Exit(0 if result.ok else 1)
+    _write(plan, ckpt, dst, result, workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums, sha256=sha256)
+
+
+def _write(plan, ckpt, dst: Path, result, *, sha256: bool, **options: Any) -> None:
+    """Convert, with a byte bar, and say what was written."""
+    from remap import api
+    from remap.io.hashing import SHA256, TREE
+    from remap.render.progress import byte_bar
+
     try:
         with byte_bar(err, f"{plan.name} -> {escape(dst)}", result.coverage["target_bytes"]) as advance:
-            done = api.convert(plan, ckpt, dst, report=result.to_dict(), workers=workers, force=force, resume=resume, sync=fsync, checksums=checksums,
-                               digest=SHA256 if sha256 else TREE, progress=advance)
+            done = api.convert(plan, ckpt, dst, report=result.to_dict(), digest=SHA256 if sha256 else TREE, progress=advance,
+                               **options)
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -223,6 +238,8 @@ def convert(
 
 def _check_destination(dst: Path, ckpt, *, force: bool, resume: bool, dry_run: bool) -> None:
     """Before the report prints: a refused output needs no report, and a dry run says it would be refused."""
+    from remap.execute import check_destination
+
     try:
         check_destination(dst, ckpt, force=force, resume=resume)
     except RemapError as exc:
@@ -243,6 +260,10 @@ def invert(
 ) -> None:
     """Write the inverse of a spec (every rule run backwards), or say which rule cannot invert and
     why a whole inverse cannot run on the layout it reads."""
+    from remap.inverse_check import check_inverse
+    from remap.spec.invert import invert_document
+    from remap.spec.load import dump_spec, load_spec
+
     flags.output("--output", output, reads=flags.spec_file(spec))
     forward = load_spec(spec)
     check_inverse(forward)
@@ -260,6 +281,9 @@ def verify(
     json_file: Optional[str] = JsonOption("the result"),
 ) -> None:
     """Re-check a converted checkpoint: every file's digest (as its manifest names it) and every tensor's header."""
+    from remap import api
+    from remap.render.listing import render_verify
+
     outputs = flags.Outputs(json=json_file, reads=flags.inputs(str(dst)))
     with outputs.working():
         result = api.verify(dst)
@@ -306,6 +330,7 @@ def parity(
 ) -> None:
     """Run SRC and its conversion on the same tokens; compare logits and every layer's hidden state."""
     from remap.parity import run_parity
+    from remap.render.progress import step_bar
     from remap.render.parity import render_json, render_junit, render_markdown, render_rich
 
     quantization, group_size = flags.quantization(q, quantize, q_bits, q_group_size, quant_predicate)
@@ -317,8 +342,7 @@ def parity(
         raise RemapError(f"--to {to} with DST {dst}", expected="DST (parity against it) or --to (convert SRC first), not both")
     with outputs.working():
         if dst is None and (spec is not None or to is not None or quantization is not None):
-            spec, inverse = _spec_to_convert(api.open_source(src, revision=revision, allow_pickle=allow_pickle), spec,
-                                             to, inverse, quantization, route_options)
+            spec, inverse = _spec_to_convert(src, spec, to, inverse, quantization, route_options, revision, allow_pickle)
         with step_bar(err, "parity", enabled=not outputs.piped) as step:  # each side loaded, run (or each layer)
             result = run_parity(src, dst, spec=spec, inverse=inverse, torch_model=torch_model, revision=revision,
                                 quantize=quantization, group_size=group_size, allow_pickle=allow_pickle, tokens=tokens,
@@ -327,13 +351,25 @@ def parity(
         if not outputs.piped:
             render_rich(result, console)
     outputs.write(json=lambda: render_json(result), junit=lambda: render_junit(result), markdown=lambda: render_markdown(result))
-    if dst is not None and (recorded := record_parity(dst, render_markdown(result))):
-        err.print(escape(recorded), soft_wrap=True, highlight=False)
+    if dst is not None:
+        _record_parity(dst, render_markdown(result))
     raise typer.Exit(0 if result.ok else 1)
 
 
-def _spec_to_convert(source, spec, to, inverse: bool, quantize, route_options: dict) -> tuple[Any, bool]:
+def _record_parity(dst: str, markdown: str) -> None:
+    """The result into DST's model card and manifest, and a line saying so (or why not)."""
+    from remap.model_card import record_parity
+
+    if recorded := record_parity(dst, markdown):
+        err.print(escape(recorded), soft_wrap=True, highlight=False)
+
+
+def _spec_to_convert(src: str, spec, to, inverse: bool, quantize, route_options: dict, revision: Optional[str],
+                     allow_pickle: bool) -> tuple[Any, bool]:
     """The spec parity converts SRC with (no DST): --spec, or the route --to (or -q) picks; checked to fit."""
+    from remap import api, route
+
+    source = api.open_source(src, revision=revision, allow_pickle=allow_pickle)
     spec, inverse = route.resolve(source, spec, to, inverse, quantize, **route_options)
     route.check_spec(source, spec, inverse, **route_options)
     return spec, inverse
@@ -342,6 +378,9 @@ def _spec_to_convert(source, spec, to, inverse: bool, quantize, route_options: d
 @app.command(cls=Command)
 def specs(full: bool = typer.Option(False, "--full", help="Each spec's whole description.")) -> None:
     """List the bundled mapping specs: name, from -> to, what each does."""
+    from remap.render.listing import render_specs
+    from remap.spec.load import bundled_specs, load_spec
+
     render_specs([load_spec(path) for path in bundled_specs()], console, full=full)
 
 

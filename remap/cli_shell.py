@@ -1,16 +1,21 @@
 """How the `remap` command parses and fails, apart from what its commands do (remap/cli.py).
 
-Options that may stand alone, flags without a value column in --help, and the one boundary every
-error crosses: a RemapError, an OSError on a path the user gave, or a usage error of click's
-becomes one `error:` line on stderr and exit 2 (--debug: the traceback instead).
+Options that may stand alone, flags without a value column in --help, values turned into their
+types without pydantic where they plainly are, and the one boundary every error crosses: a
+RemapError, an OSError on a path the user gave, or a usage error of click's becomes one `error:`
+line on stderr and exit 2 (--debug: the traceback instead).
 """
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Callable, List
+from pathlib import Path
+from typing import Any, Callable, List
 
 from typer._click import exceptions as click  # typer 0.29 parses with its own copy of click
+from typer._coercion import build_runtime_param
+from typer._param_types import coerce_cli_path
 from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
@@ -47,7 +52,43 @@ class _Flags:
         return params
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, bare_values(list(args), {o for p in self.get_params(ctx) for o in p.opts}))
+        params = self.get_params(ctx)
+        for param in params:
+            if getattr(param, "_runtime_param", False) is None and hasattr(param, "type_descriptor"):
+                param._runtime_param = PlainValues(param.type_descriptor)  # typer builds its own when asked
+        return super().parse_args(ctx, bare_values(list(args), {o for p in params for o in p.opts}))
+
+
+_DIGITS = re.compile(r"0|[1-9][0-9]{0,17}")  # an int as pydantic reads it from text, beyond doubt
+
+
+class PlainValues:
+    """typer's coercion of one parameter, without pydantic for what the command line plainly gives:
+    text for a str, a Path or a list of str, digits (or the default) for an int in its bounds, a
+    bool. typer 0.29 builds a pydantic TypeAdapter per parameter, and importing pydantic alone
+    costs ~60 ms of every command; any other value goes to typer's own coercion, so the results
+    and the words of every error stay typer's."""
+
+    def __init__(self, descriptor: Any):
+        self._descriptor, self._typer = descriptor, None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None and not (param.multiple or param.nargs == -1):
+            return None
+        kind, info = self._descriptor.annotation, self._descriptor.parameter_info
+        if kind is str and type(value) is str or kind is bool and type(value) is bool:
+            return value
+        if kind == List[str] and type(value) in (list, tuple) and all(type(v) is str for v in value):
+            return list(value)
+        if kind is Path and type(value) is str and info.parser is None and info.path_type is None:
+            return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
+        if kind is int and not info.clamp and info.max is None:
+            number = int(value) if type(value) is str and _DIGITS.fullmatch(value) else value
+            if type(number) is int and (info.min is None or number >= info.min):
+                return number
+        if self._typer is None:
+            self._typer = build_runtime_param(self._descriptor)
+        return self._typer.coerce(value, param=param, ctx=ctx)
 
 
 class Command(_Flags, TyperCommand):

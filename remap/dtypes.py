@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import ml_dtypes
-import numpy as np
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from remap.errors import RemapError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -23,48 +24,64 @@ class DType:
 
     name: str
     bits: int
-    numpy: np.dtype | None
 
-
-def _dtypes(*rows: tuple[str, int, Any]) -> dict[str, DType]:
-    return {name: DType(name, bits, None if np_type is None else np.dtype(np_type)) for name, bits, np_type in rows}
+    @property
+    def numpy(self) -> np.dtype | None:
+        return _numpy_types()[self.name]
 
 
 # In the order of the crate's `Dtype` enum, which is increasing alignment: writers sort tensors
-# by this order (descending) so every tensor starts aligned to its element size.
-DTYPES: dict[str, DType] = _dtypes(
-    ("BOOL", 8, np.bool_),
-    ("F4", 4, None),
-    ("F6_E2M3", 6, None),
-    ("F6_E3M2", 6, None),
-    ("U8", 8, np.uint8),
-    ("I8", 8, np.int8),
-    ("F8_E5M2", 8, ml_dtypes.float8_e5m2),
-    ("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
-    ("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
-    ("F8_E4M3FNUZ", 8, ml_dtypes.float8_e4m3fnuz),
-    ("F8_E5M2FNUZ", 8, ml_dtypes.float8_e5m2fnuz),
-    ("I16", 16, np.int16),
-    ("U16", 16, np.uint16),
-    ("F16", 16, np.float16),
-    ("BF16", 16, ml_dtypes.bfloat16),
-    ("I32", 32, np.int32),
-    ("U32", 32, np.uint32),
-    ("F32", 32, np.float32),
-    ("C64", 64, np.complex64),
-    ("F64", 64, np.float64),
-    ("I64", 64, np.int64),
-    ("U64", 64, np.uint64),
+# by this order (descending) so every tensor starts aligned to its element size. With each, the
+# module and name of the numpy type that holds it.
+_ROWS = (
+    ("BOOL", 8, "numpy", "bool_"),
+    ("F4", 4, None, None),
+    ("F6_E2M3", 6, None, None),
+    ("F6_E3M2", 6, None, None),
+    ("U8", 8, "numpy", "uint8"),
+    ("I8", 8, "numpy", "int8"),
+    ("F8_E5M2", 8, "ml_dtypes", "float8_e5m2"),
+    ("F8_E4M3", 8, "ml_dtypes", "float8_e4m3fn"),
+    ("F8_E8M0", 8, "ml_dtypes", "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", 8, "ml_dtypes", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", 8, "ml_dtypes", "float8_e5m2fnuz"),
+    ("I16", 16, "numpy", "int16"),
+    ("U16", 16, "numpy", "uint16"),
+    ("F16", 16, "numpy", "float16"),
+    ("BF16", 16, "ml_dtypes", "bfloat16"),
+    ("I32", 32, "numpy", "int32"),
+    ("U32", 32, "numpy", "uint32"),
+    ("F32", 32, "numpy", "float32"),
+    ("C64", 64, "numpy", "complex64"),
+    ("F64", 64, "numpy", "float64"),
+    ("I64", 64, "numpy", "int64"),
+    ("U64", 64, "numpy", "uint64"),
 )
+DTYPES: dict[str, DType] = {name: DType(name, bits) for name, bits, _, _ in _ROWS}
 
-# numpy's dtype names equal torch's ("bfloat16", "float8_e4m3fn"), so one table names both.
-_BY_NUMPY_NAME = {d.numpy.name: d.name for d in DTYPES.values() if d.numpy is not None}
+
+@lru_cache(maxsize=1)
+def _numpy_types() -> dict[str, Any]:
+    """name -> numpy dtype (or None), built on first use: reading headers and planning need only
+    names and sizes, and numpy with ml_dtypes costs ~0.1 s to import."""
+    import ml_dtypes
+    import numpy as np
+
+    modules = {"numpy": np, "ml_dtypes": ml_dtypes}
+    return {name: None if module is None else np.dtype(getattr(modules[module], attr))
+            for name, _, module, attr in _ROWS}
+
+
+@lru_cache(maxsize=1)
+def _by_numpy_name() -> dict[str, str]:
+    # numpy's dtype names equal torch's ("bfloat16", "float8_e4m3fn"), so one table names both.
+    return {d.numpy.name: d.name for d in DTYPES.values() if d.numpy is not None}
 
 
 def safetensors_dtype(numpy_or_torch_name: str) -> str | None:
     """The safetensors dtype for a numpy dtype name ("bfloat16") or a torch dtype as text
     ("torch.bfloat16"); None if safetensors has none."""
-    return _BY_NUMPY_NAME.get(numpy_or_torch_name.removeprefix("torch."))
+    return _by_numpy_name().get(numpy_or_torch_name.removeprefix("torch."))
 
 
 def byte_size(dtype: str, shape: tuple[int, ...]) -> int:
@@ -90,7 +107,9 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def dtype_name(dtype: np.dtype) -> str:
-    name = _BY_NUMPY_NAME.get(np.dtype(dtype).name)
+    import numpy as np
+
+    name = _by_numpy_name().get(np.dtype(dtype).name)
     if name is None:
         raise RemapError(f"no safetensors dtype for numpy {dtype}")
     return name

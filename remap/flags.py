@@ -15,9 +15,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.io.shards import shard_size
 from remap.layouts.mlx import MIXED_RECIPES
-from remap.ops.quant import MLX_BITS, MLX_GROUP_SIZES
+from remap.quant_sizes import MLX_BITS, MLX_GROUP_SIZES
 
 
 def listed(values) -> str:
@@ -170,6 +169,8 @@ def inputs(*given: object) -> list[Path]:
 def shard_size_flag(value: str) -> None:
     """--max-shard-size checked before the source is even opened (a model-parallel target, which
     cuts no shards, would otherwise never read it)."""
+    from remap.io.shards import shard_size  # huggingface_hub: only where the flag is checked
+
     try:
         shard_size(value)
     except RemapError as exc:

@@ -3,28 +3,37 @@
 Knows files and bytes only, never specs or layouts.
 """
 
-from remap.io.checkpoint import Checkpoint, open_checkpoint
-from remap.dtypes import DTYPES, DType, safetensors_dtype
-from remap.io.headers import TensorInfo, read_header
-from remap.io.atomic import atomic_output
-from remap.io.hashing import sha256_file
-from remap.io.shards import ShardPlan, TensorEntry, plan_shards, write_index
-from remap.io.writer import ShardWriter, shard_is_complete
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "DTYPES",
-    "Checkpoint",
-    "DType",
-    "ShardPlan",
-    "ShardWriter",
-    "TensorEntry",
-    "TensorInfo",
-    "atomic_output",
-    "open_checkpoint",
-    "plan_shards",
-    "read_header",
-    "safetensors_dtype",
-    "sha256_file",
-    "shard_is_complete",
-    "write_index",
-]
+# Where each name lives: imported on first use (PEP 562), so reading a header does not load the
+# writer's numpy or the sharder's huggingface_hub.
+_HOMES = {
+    "Checkpoint": "remap.io.checkpoint",
+    "open_checkpoint": "remap.io.checkpoint",
+    "DTYPES": "remap.dtypes",
+    "DType": "remap.dtypes",
+    "safetensors_dtype": "remap.dtypes",
+    "TensorInfo": "remap.io.headers",
+    "read_header": "remap.io.headers",
+    "atomic_output": "remap.io.atomic",
+    "sha256_file": "remap.io.hashing",
+    "ShardPlan": "remap.io.shards",
+    "TensorEntry": "remap.io.shards",
+    "plan_shards": "remap.io.shards",
+    "write_index": "remap.io.shards",
+    "ShardWriter": "remap.io.writer",
+    "shard_is_complete": "remap.io.writer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_HOMES[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

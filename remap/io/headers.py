@@ -23,6 +23,7 @@ from typing import Any
 
 from remap.dtypes import DTYPES, byte_size
 from remap.errors import RemapError
+from remap.heap import paused_gc
 
 # The same cap the safetensors crate applies; checked before the header is read, so a corrupt
 # length field cannot make us allocate gigabytes.
@@ -51,6 +52,7 @@ class TensorInfo:
         return byte_size(self.dtype, self.shape)
 
 
+@paused_gc  # 92k small objects for DeepSeek-V3's headers, no cycles: a collection would walk them for nothing
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The tensors of a safetensors file (in file order) and its `__metadata__` ({} if none).
 

@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import numpy as np
-
 from remap.errors import RemapError
 
 if TYPE_CHECKING:  # only for annotations: layouts never import the upper floors at load time
+    import numpy as np
+
     from remap.io.checkpoint import Checkpoint
     from remap.io.shards import ShardPlan
 
@@ -70,6 +70,8 @@ class Placement:
     ranks: int = 1
 
     def cut(self, array: np.ndarray) -> np.ndarray:
+        import numpy as np  # only when writing: detection and planning need no numpy
+
         return array if self.dim is None else np.split(array, self.ranks, axis=self.dim)[self.rank]
 
 

@@ -22,10 +22,9 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.ops.base import Finding, Loss, Op, Shape, TensorType, any_nonfinite, max_abs, nonfinite, refuse_nonfinite
 from remap.ops.numeric import DequantFP8
+from remap.quant_sizes import MLX_BITS, MLX_GROUP_SIZES
 
 # What mx.quantize accepts in affine mode (its documented table, mlx 0.32).
-MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
-MLX_GROUP_SIZES = (32, 64, 128)
 MLX_MODES = ("affine",)
 # The float dtypes mlx computes in; scales and biases come back in the weight's own dtype.
 _MLX_FLOATS = ("BF16", "F16", "F32")

@@ -100,7 +100,14 @@ def load_spec(name_or_path: str | Path) -> Spec:
         text = read_bounded(path, "spec").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RemapError(f"cannot read spec: {exc}", file=str(path)) from None
-    return parse_spec(text, str(path))
+    return _parsed(text, str(path))
+
+
+# One command loads its spec several times (choosing the route, checking it, planning): the same
+# text parses to the same Spec, which is plain data nothing changes.
+@lru_cache(maxsize=32)
+def _parsed(text: str, path: str) -> Spec:
+    return parse_spec(text, path)
 
 
 def parse_spec(text: str, path: str = "<memory>") -> Spec:
