@@ -184,7 +184,7 @@ def convert(
     quant_predicate: Optional[str] = PredicateOption,
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from DST.partial."),
-    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="A digest of every output file in the manifest (sha256 of 64 MiB chunks, hashed on every core as they are written)."),
+    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="A digest of every output file in the manifest (BLAKE3, as b3sum prints it, hashed as each file is written)."),
     sha256: bool = typer.Option(False, "--sha256", help="Plain sha256 of each whole file instead (the hub's LFS ids; serial per file, slower)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync every file before DST appears (survive power loss, not only a crash)."),
     full: bool = typer.Option(False, "--full", help="One row per tensor in the report."),
@@ -222,12 +222,12 @@ def convert(
 def _write(plan, ckpt, dst: Path, result, *, sha256: bool, **options: Any) -> None:
     """Convert, with a byte bar, and say what was written."""
     from remap import api
-    from remap.io.hashing import SHA256, TREE
+    from remap.io.hashing import BLAKE3, SHA256
     from remap.render.progress import byte_bar
 
     try:
         with byte_bar(err, f"{plan.name} -> {escape(dst)}", result.coverage["target_bytes"]) as advance:
-            done = api.convert(plan, ckpt, dst, report=result.to_dict(), digest=SHA256 if sha256 else TREE, progress=advance,
+            done = api.convert(plan, ckpt, dst, report=result.to_dict(), digest=SHA256 if sha256 else BLAKE3, progress=advance,
                                **options)
     except KeyboardInterrupt:  # here, not in run(): typer turns it into a silent exit 130
         err.print("[red]interrupted[/]: the destination was not written (its .partial directory can be --resume'd)", soft_wrap=True)

@@ -26,7 +26,7 @@ from remap.compute import StagedReader, step_pieces
 from remap.errors import RemapError
 from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_existing, refuse_overlap
 from remap.io.checkpoint import Checkpoint
-from remap.io.hashing import TREE, file_digest
+from remap.io.hashing import BLAKE3, file_digest
 from remap.io.textfiles import read_json
 from remap.io.shards import ShardPlan, file_order, write_index
 from remap.io.mlx_safetensors import write_index as write_mlx_index
@@ -63,7 +63,7 @@ def convert(
     resume: bool = False,
     sync: bool = False,
     checksums: bool = True,
-    digest: str = TREE,
+    digest: str = BLAKE3,
     memory: int = 1 << 30,
     progress: Progress | None = None,
 ) -> Result:
@@ -215,7 +215,7 @@ class _Writers:
         writer.close()
         with self._lock:
             del self._open[file]
-        return writer.sha256
+        return writer.digest
 
     def abandon(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from blake3 import blake3
 
 from remap import api
 from remap.errors import RemapError
@@ -94,10 +95,9 @@ def test_manifest_lists_every_file_with_its_checksum(tiny_hf, tmp_path):
     manifest = json.loads((tmp_path / "mlx" / MANIFEST).read_text())
     files = {p.name for p in (tmp_path / "mlx").iterdir()} - {MANIFEST}
     assert set(manifest["files"]) == files
-    # the default digest, by its definition: one chunk of 64 MiB each here
-    assert manifest["digest"] == "sha256-tree-64MiB"
-    assert all(manifest["files"][f] == hashlib.sha256(bytes.fromhex(sha256_file(tmp_path / "mlx" / f))).hexdigest()
-               for f in files)
+    # the default digest: BLAKE3 of each whole file, as the blake3 library (and b3sum) computes it
+    assert manifest["digest"] == "blake3"
+    assert all(manifest["files"][f] == blake3((tmp_path / "mlx" / f).read_bytes()).hexdigest() for f in files)
     assert manifest["spec"] == "hf-to-mlx" and manifest["source"] == str(tiny_hf)
 
 
@@ -187,7 +187,7 @@ def test_verify_catches_a_changed_byte_and_a_missing_file(tiny_hf, tmp_path):
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
     run = remap("verify", tmp_path / "mlx", check=False)
-    assert run.returncode == 1 and "model.safetensors: sha256-tree-64MiB differs" in run.stdout
+    assert run.returncode == 1 and "model.safetensors: blake3 differs" in run.stdout
     (tmp_path / "mlx/config.json").unlink()
     assert "config.json: missing" in remap("verify", tmp_path / "mlx", check=False).stdout
     assert remap("verify", tmp_path, check=False).returncode == 2
@@ -211,19 +211,34 @@ def test_verify_says_what_it_checked(tiny_hf, tmp_path):
     assert api.verify(tmp_path / "plain").hashed is False
 
     _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
-    assert "every file's sha256-tree-64MiB" in remap("verify", tmp_path / "mlx").stdout
+    assert "every file's blake3" in remap("verify", tmp_path / "mlx").stdout
     manifest_path = tmp_path / "mlx/remap-manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["config.json"] = None
     manifest_path.write_text(json.dumps(manifest))
     run = remap("verify", tmp_path / "mlx", check=False)
-    assert run.returncode == 1 and "config.json: the manifest records no sha256-tree-64MiB" in run.stdout
-    manifest["files"]["config.json"] = hashlib.sha256(
-        hashlib.sha256((tmp_path / "mlx/config.json").read_bytes()).digest()).hexdigest()
+    assert run.returncode == 1 and "config.json: the manifest records no blake3" in run.stdout
+    manifest["files"]["config.json"] = blake3((tmp_path / "mlx/config.json").read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
     (tmp_path / "mlx/extra").mkdir()
     run = remap("verify", tmp_path / "mlx", check=False)
     assert run.returncode == 1 and "extra/: not in the manifest" in run.stdout
+
+
+def test_verify_reads_manifests_of_the_sha256_tree_hash(tiny_hf, tmp_path):
+    """remap 0.1's default before BLAKE3: the sha256 of the 64 MiB chunks' sha256 digests (one
+    chunk each here), named `sha256-tree-64MiB`; such a manifest still verifies and catches a flip."""
+    _convert(tiny_hf, tmp_path / "mlx", "hf-to-mlx")
+    manifest_path = tmp_path / "mlx/remap-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["digest"] = "sha256-tree-64MiB"
+    manifest["files"] = {f: hashlib.sha256(bytes.fromhex(sha256_file(tmp_path / "mlx" / f))).hexdigest()
+                         for f in manifest["files"]}
+    manifest_path.write_text(json.dumps(manifest))
+    assert "every file's sha256-tree-64MiB" in remap("verify", tmp_path / "mlx").stdout
+    _flip_last_byte(tmp_path / "mlx/model.safetensors")
+    run = remap("verify", tmp_path / "mlx", check=False)
+    assert run.returncode == 1 and "model.safetensors: sha256-tree-64MiB differs" in run.stdout
 
 
 def test_verify_reads_old_plain_sha256_manifests_and_sha256_flag(tiny_hf, tmp_path):

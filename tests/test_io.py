@@ -531,7 +531,7 @@ def test_writer_checksum_is_the_files_sha256_whatever_the_order_and_threads(tmp_
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
     shard.close()
-    assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert shard.digest == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _tree_by_hand(data: bytes, chunk: int) -> str:
@@ -559,8 +559,32 @@ def test_writer_tree_digest_whatever_the_order_and_threads(tmp_path, monkeypatch
     shard.close()
     data = path.read_bytes()
     assert len(data) > 100 * 1000 and len(data) % 1000
-    assert shard.sha256 == _tree_by_hand(data, 1000) == hashing.tree_file(path)
-    assert shard.sha256 != _tree_by_hand(data[:-1] + bytes([data[-1] ^ 1]), 1000)
+    assert shard.digest == _tree_by_hand(data, 1000) == hashing.tree_file(path)
+    assert shard.digest != _tree_by_hand(data[:-1] + bytes([data[-1] ^ 1]), 1000)
+
+
+@pytest.mark.parametrize("order", ["in order", "shuffled"])
+def test_writer_blake3_digest_is_the_whole_file_s_whatever_the_order(tmp_path, order):
+    """The default digest follows the bytes written from the start, pieces landing in any order:
+    it is the blake3 library's digest of the finished file (what b3sum prints), and so is
+    file_digest's read-back; the empty file's too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blake3 import blake3
+
+    from remap.io import hashing
+
+    tensors, pieces = _pieces_in(order)
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=hashing.BLAKE3)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
+    shard.close()
+    data = path.read_bytes()
+    assert shard.digest == blake3(data).hexdigest() == hashing.file_digest(path, "blake3")
+    assert shard.digest != blake3(data[:-1] + bytes([data[-1] ^ 1])).hexdigest()
+    path.write_bytes(b"")
+    assert hashing.file_digest(path, "blake3") == blake3(b"").hexdigest()
 
 
 def test_tree_digest_of_small_and_empty_files(tmp_path):

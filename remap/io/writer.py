@@ -71,7 +71,7 @@ class ShardWriter:
     which is what resuming an interrupted conversion relies on.
 
     With `checksum` (True: sha256; or an algorithm of remap.io.hashing), the file's digest
-    (`.sha256` after close, whatever the algorithm) is computed while it is written: bytes are read
+    (`.digest` after close, by the algorithm asked for) is computed while it is written: bytes are read
     back (from the page cache) and hashed as they land, so the file costs no extra pass at the end.
     Safe to call from several threads at once. `style` "mlx" lays the file out as mx.save_safetensors
     does (entries' bytes in the given order).
@@ -99,7 +99,7 @@ class ShardWriter:
         self._written: dict[str, list[tuple[int, int]]] = {name: [] for name in self._spans}
         self._lock = threading.Lock()  # guards the written ranges
         self._hash = None
-        self.sha256: str | None = None
+        self.digest: str | None = None
         self._incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
         self._fd: int | None = None
         try:
@@ -184,7 +184,7 @@ class ShardWriter:
         try:
             with disk_errors(self.path):
                 if self._hash is not None:
-                    self.sha256 = self._hash.finish()
+                    self.digest = self._hash.finish()
                 if self.sync:
                     os.fsync(self._fd)
                 os.close(self._fd)
