@@ -540,23 +540,29 @@ def _tree_by_hand(data: bytes, chunk: int) -> str:
                                    for k in range(0, len(data), chunk))).hexdigest()
 
 
+def _written_on_threads(path: Path, order: str, checksum: str) -> ShardWriter:
+    """A file written piece by piece in `order` from 4 threads, with `checksum`, and closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors, pieces = _pieces_in(order)
+    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=checksum)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
+    shard.close()
+    return shard
+
+
 @pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
 def test_writer_tree_digest_whatever_the_order_and_threads(tmp_path, monkeypatch, order):
     """With the tree hash, chunks are hashed as each fills, in any order, on the shared pool; the
     digest equals the definition's, computed here from the finished file's bytes, and so does
     tree_file's read-back of the finished file. (Chunks of 1000 bytes: many per file, a header
     chunk and a short last one.)"""
-    from concurrent.futures import ThreadPoolExecutor
-
     from remap.io import hashing
 
     monkeypatch.setattr(hashing, "CHUNK", 1000)
-    tensors, pieces = _pieces_in(order)
     path = tmp_path / "out.safetensors"
-    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=hashing.TREE)
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
-    shard.close()
+    shard = _written_on_threads(path, order, hashing.TREE)
     data = path.read_bytes()
     assert len(data) > 100 * 1000 and len(data) % 1000
     assert shard.digest == _tree_by_hand(data, 1000) == hashing.tree_file(path)
@@ -568,18 +574,12 @@ def test_writer_blake3_digest_is_the_whole_file_s_whatever_the_order(tmp_path, o
     """The default digest follows the bytes written from the start, pieces landing in any order:
     it is the blake3 library's digest of the finished file (what b3sum prints), and so is
     file_digest's read-back; the empty file's too."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from blake3 import blake3
 
     from remap.io import hashing
 
-    tensors, pieces = _pieces_in(order)
     path = tmp_path / "out.safetensors"
-    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=hashing.BLAKE3)
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda piece: shard.write(*piece[:2], offset=piece[2]), pieces))
-    shard.close()
+    shard = _written_on_threads(path, order, hashing.BLAKE3)
     data = path.read_bytes()
     assert shard.digest == blake3(data).hexdigest() == hashing.file_digest(path, "blake3")
     assert shard.digest != blake3(data[:-1] + bytes([data[-1] ^ 1])).hexdigest()

@@ -141,15 +141,15 @@ def spec_from_document(document: Any, path: str = "<memory>") -> Spec:
         source_layout=document["from"],
         target_layout=document["to"],
         rules=rules,
-        raw=_plain(document),
+        raw=yaml_lines.plain(document),
         path=path,
         description=document.get("description", ""),
         source_variant=document.get("source_variant"),
         variant=document.get("variant"),
         scope=document.get("scope", "source"),
         params=dict(document.get("params") or {}),
-        config=_plain(document.get("config") or {}),
-        inverse_config=_plain(document["inverse_config"]) if "inverse_config" in document else None,
+        config=yaml_lines.plain(document.get("config") or {}),
+        inverse_config=yaml_lines.plain(document["inverse_config"]) if "inverse_config" in document else None,
         parts=parts,
     )
 
@@ -179,7 +179,7 @@ def _patterns(value: Any) -> tuple[Pattern, ...]:
 
 
 def _build_rule(index: int, line: int, raw: dict) -> Rule:
-    common = dict(index=index, line=line, raw=_plain(raw), when=raw.get("when"))
+    common = dict(index=index, line=line, raw=yaml_lines.plain(raw), when=raw.get("when"))
     if "drop" in raw:
         if "equals" in raw and raw["claim"] != "redundant":
             raise RemapError(f"`equals: {raw['equals']}` with claim '{raw['claim']}'",
@@ -194,7 +194,7 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
                     dtype=raw.get("dtype"), like=Pattern(raw["like"]) if "like" in raw else None,
                     unstack=raw.get("unstack"), reason=raw.get("reason", ""), **common)
     rule = Rule(kind="map", to=_patterns(raw["to"]), sources=_patterns(raw["from"]),
-                ops=tuple(_plain(op) for op in raw.get("ops", [])), stack=raw.get("stack"),
+                ops=tuple(yaml_lines.plain(op) for op in raw.get("ops", [])), stack=raw.get("stack"),
                 unstack=raw.get("unstack"), reuse=bool(raw.get("reuse", False)), **common)
     for op in rule.ops:
         op_class(op["op"])
@@ -212,13 +212,6 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
     return rule
 
 
-def _plain(value: Any) -> Any:
-    """LineDict/LineList -> dict/list (for JSON, equality and writing specs back)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def dump_spec(document: dict) -> str:

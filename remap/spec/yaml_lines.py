@@ -63,7 +63,7 @@ def load(text: str) -> Any:
 
 
 def plain(value: Any) -> Any:
-    """`value` with LineDict / LineList turned back into dict / list (what yaml.safe_dump writes)."""
+    """`value` with LineDict / LineList turned back into dict / list (for JSON, equality, yaml.safe_dump)."""
     if isinstance(value, dict):
         return {key: plain(item) for key, item in value.items()}
     if isinstance(value, list):
