@@ -238,7 +238,7 @@ def _write(plan, ckpt, dst: Path, result, *, sha256: bool, **options: Any) -> No
 
 def _check_destination(dst: Path, ckpt, *, force: bool, resume: bool, dry_run: bool) -> None:
     """Before the report prints: a refused output needs no report, and a dry run says it would be refused."""
-    from remap.execute import check_destination
+    from remap.destination import check_destination
 
     try:
         check_destination(dst, ckpt, force=force, resume=resume)

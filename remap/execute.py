@@ -23,8 +23,9 @@ from typing import Callable, Iterator
 
 from remap import __version__
 from remap.compute import StagedReader, step_pieces
+from remap.destination import CARD, MANIFEST, REPORT, RESUME, check_destination, made_by_remap
 from remap.errors import RemapError
-from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors, refuse_existing, refuse_overlap
+from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors
 from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import BLAKE3, file_digest
 from remap.io.textfiles import read_json
@@ -33,13 +34,9 @@ from remap.io.mlx_safetensors import write_index as write_mlx_index
 from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
 from remap.layouts import get_layout
 from remap.layouts.base import FilePlan
+from remap.model_card import source_card
 from remap.plan import Plan, Step
 from remap.render.card import render_card
-
-MANIFEST = "remap-manifest.json"
-REPORT = "remap-report.json"
-CARD = "README.md"  # the model card (remap/render/card.py)
-RESUME = "remap-resume.json"  # in DST.partial only: which conversion it holds the pieces of
 Progress = Callable[..., None]  # (bytes written since the last call, total=bytes of every output file)
 
 
@@ -82,7 +79,7 @@ def convert(
     identity = _identity(plan, checkpoint, shards, metadata)
     check_destination(dst, checkpoint)
     with disk_errors(f"{dst}{PARTIAL_SUFFIX}"), atomic_output(dst, force=force, resume=resume, sync=sync,
-                                                              ours=_made_by_remap) as out:
+                                                              ours=made_by_remap) as out:
         _claim_partial(out, identity, resume)
         done = {s.file for s in shards if resume and shard_is_complete(out / s.file, s.entries, metadata, files_plan.style)}
         if progress:  # the total, told here: model-parallel files repeat replicated tensors on every rank
@@ -126,8 +123,6 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
         shutil.copy2(path, out / path.name)
     if report is not None:
         _write_json(out / REPORT, report)
-    from remap.model_card import source_card  # here: remap.model_card reads this module's names
-
     target, carried = get_layout(plan.target_layout), source_card(checkpoint.root)
     card = render_card(manifest, report, metadata=target.card_metadata, usage=target.usage("DST"), source_card=carried[0],
                        source_metadata=get_layout(plan.source_layout).card_metadata, source_card_problem=carried[1])
@@ -138,50 +133,6 @@ def _finish(out: Path, plan: Plan, checkpoint: Checkpoint, files_plan: FilePlan,
     _write_json(out / MANIFEST, {**manifest, "files": files})
     (out / RESUME).unlink()
     return files
-
-
-def check_destination(dst: str | Path, checkpoint: Checkpoint, *, force: bool | None = None,
-                      resume: bool = False) -> None:
-    """Refuse, before any work, an output that overlaps what the conversion reads, or a path the
-    system cannot hold (a name too long, a parent that is a file); given `force`, also an existing
-    output (or `.partial`) that convert(force=force, resume=resume) would refuse."""
-    with disk_errors(dst):
-        for path in (Path(dst), Path(f"{dst}{PARTIAL_SUFFIX}")):
-            path.exists()  # raises for a name too long, a loop of links, no permission
-    refuse_overlap(dst, _source_paths(checkpoint))
-    _refuse_inside_an_output(Path(dst))
-    if force is not None:
-        refuse_existing(dst, force=force, resume=resume, ours=_made_by_remap)
-
-
-def _refuse_inside_an_output(dst: Path) -> None:
-    """An output inside another remap output would add what that one's manifest does not name
-    (`remap verify` would fail it) and be deleted by its next --force."""
-    for parent in Path(os.path.realpath(dst)).parents:
-        if (parent / MANIFEST).is_file():
-            raise RemapError(f"the output is inside {parent}, an output remap wrote (its manifest names every file "
-                             "it holds)", file=str(dst), expected="an output path outside other remap outputs")
-
-
-def _made_by_remap(path: Path) -> bool:
-    """A directory remap wrote, holding nothing its manifest does not name (a file a user put
-    there since would be lost to --force), or one it was writing (its resume record, or that
-    record's temporary when a run was killed while writing it)."""
-    if (path / MANIFEST).is_file():
-        try:
-            listed = read_json(path / MANIFEST, "manifest").get("files")
-        except (RemapError, AttributeError):  # unreadable, or not an object
-            return False
-        return isinstance(listed, dict) and all(name in listed or name in (MANIFEST, RESUME) for name in os.listdir(path))
-    return (path / RESUME).is_file() or (path / f"{RESUME}{INCOMPLETE_SUFFIX}").is_file()
-
-
-def _source_paths(checkpoint: Checkpoint) -> list[Path]:
-    """What the conversion reads: the checkpoint's directory (or its one file) and every file in it
-    it opens, so an output can be refused where it would hold, or sit inside, any of them."""
-    given = Path(checkpoint.source)
-    files = {Path(info.file) for tensors in checkpoint.files.values() for info in tensors.values() if info.file}
-    return [given if given.exists() else checkpoint.root, *files, *checkpoint.extra_files]
 
 
 class _Writers:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from remap.errors import RemapError
-from remap.execute import CARD, MANIFEST
+from remap.destination import CARD, MANIFEST
 from remap.io.atomic import replace_text
 from remap.io.hashing import SHA256, file_digest
 from remap.io.textfiles import read_json

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from remap.errors import RemapError
-from remap.execute import MANIFEST, REPORT
+from remap.destination import MANIFEST, REPORT
 from remap.io.checkpoint import open_checkpoint
 from remap.io.hashing import ALGORITHMS, SHA256, file_digest
 from remap.io.textfiles import read_json

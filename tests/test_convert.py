@@ -16,7 +16,7 @@ from blake3 import blake3
 
 from remap import api
 from remap.errors import RemapError
-from remap.execute import MANIFEST
+from remap.destination import MANIFEST
 from remap.io.checkpoint import open_checkpoint
 from remap.io.hashing import sha256_file
 from remap.layouts import deepseek

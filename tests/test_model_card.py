@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from remap import __version__, api
-from remap.execute import CARD, MANIFEST
+from remap.destination import CARD, MANIFEST
 from remap.model_card import record_parity
 from remap.render.card import PARITY_END, PARITY_START, render_card
 

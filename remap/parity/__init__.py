@@ -298,7 +298,7 @@ def _weights(checkpoint: Checkpoint) -> str:
 
 def _recorded_recipe(dst: Path, src: str) -> Conversion | None:
     """The recipe `remap convert` recorded in DST's manifest, when DST was converted from SRC."""
-    from remap.execute import MANIFEST
+    from remap.destination import MANIFEST
 
     if not (dst / MANIFEST).is_file():
         return None
