@@ -14,6 +14,12 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def flattened(text: object) -> str:
+    """A library's message, quoted in one of ours, on one line: every run of whitespace (its line
+    breaks too) one space, where one_line would print them as literal \\n."""
+    return " ".join(str(text).split())
+
+
 class RemapError(Exception):
     def __init__(
         self,

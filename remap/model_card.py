@@ -14,8 +14,7 @@ from remap.errors import RemapError
 from remap.destination import CARD, MANIFEST
 from remap.io.atomic import replace_text
 from remap.io.hashing import SHA256, file_digest
-from remap.io.textfiles import read_json
-from remap.io.textfiles import read_bounded
+from remap.io.textfiles import read_bounded, read_json
 from remap.render.card import read_front_matter, with_parity
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from remap.errors import RemapError
+from remap.errors import RemapError, flattened
 
 
 def download(repo_id: str, revision: str | None, patterns: list[str]) -> tuple[Path, str]:
@@ -21,17 +21,11 @@ def download(repo_id: str, revision: str | None, patterns: list[str]) -> tuple[P
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"])
     except LocalEntryNotFoundError as e:
         raise RemapError(
-            f"no such local path; as a hub repo it is not in the local cache and the hub cannot be reached: {_said(e)}",
+            f"no such local path; as a hub repo it is not in the local cache and the hub cannot be reached: {flattened(e)}",
             file=repo_id,
             expected="network access, or a cached snapshot (HF_HOME / HF_HUB_CACHE)",
         ) from e
     except (HfHubHTTPError, HFValidationError) as e:
-        raise RemapError(f"no such local path; as a hub repo: {_said(e)}", file=repo_id) from e
+        raise RemapError(f"no such local path; as a hub repo: {flattened(e)}", file=repo_id) from e
     # snapshot folders are named by their commit hash
     return Path(folder), Path(folder).name
-
-
-def _said(error: Exception) -> str:
-    """The hub library's message on one line: its messages span lines (an HTTP error adds the
-    request id on a second), which one_line would print as literal \\n."""
-    return " ".join(str(error).split())

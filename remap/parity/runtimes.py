@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from remap.errors import RemapError
+from remap.errors import RemapError, flattened
 from remap.io.checkpoint import Checkpoint
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -221,7 +221,7 @@ def mlx_runtime(checkpoint: Checkpoint, dtype: str) -> Runtime:
     try:
         model, config = load_model(path)
     except ValueError as exc:  # mlx-lm loads strictly: a missing or extra weight
-        raise RemapError(f"mlx-lm cannot load it: {' '.join(str(exc).split())}", file=str(path)) from None
+        raise RemapError(f"mlx-lm cannot load it: {flattened(exc)}", file=str(path)) from None
     model.set_dtype(getattr(mx, dtype))  # quantized weights stay packed; scales and floats follow
 
     def forward(ids: np.ndarray) -> Forward:

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from remap.errors import RemapError
+from remap.errors import RemapError, flattened
 from remap.io.checkpoint import Checkpoint
 from remap.parity.stream_side import StreamedSide, expert_chunks, vocabulary_blocks
 from remap.parity.weights import Reader
@@ -33,7 +33,7 @@ def mlx_streamed(checkpoint: Checkpoint, dtype: str) -> StreamedSide:
     try:
         model, config = load_model(path, lazy=True)
     except ValueError as exc:  # mlx-lm loads strictly: a missing or extra weight
-        raise RemapError(f"mlx-lm cannot load it: {' '.join(str(exc).split())}", file=str(path)) from None
+        raise RemapError(f"mlx-lm cannot load it: {flattened(exc)}", file=str(path)) from None
     compute, reader = getattr(mx, dtype), Reader(checkpoint)
     model.set_dtype(compute)  # lazy: each layer is cast when it is read
 

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from remap.errors import flattened
+
 PARITY_START, PARITY_END = "<!-- remap parity -->", "<!-- /remap parity -->"
 _PARITY = re.compile(re.escape(PARITY_START) + r".*?" + re.escape(PARITY_END), re.S)
 _FRONT = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.S)
@@ -27,8 +29,9 @@ def render_card(manifest: Mapping[str, Any], report: Mapping[str, Any] | None, *
     """The card of the conversion `manifest` records. `metadata`: the hub's front matter for the
     target layout (mlx_lm.convert's keys for mlx); `usage`: (language, code) that loads it from
     DST; `source_card`: the front matter of SRC's own card, `source_metadata` what SRC's layout
-    puts there (both carried as front_matter says), `source_card_problem` why it is not. The card names its own directory DST: it is
-    copied and uploaded, and the same conversion writes the same bytes wherever it writes them."""
+    puts there (both carried as front_matter says), `source_card_problem` why it is not. The card
+    names its own directory DST: it is copied and uploaded, and the same conversion writes the
+    same bytes wherever it writes them."""
     recipe = manifest.get("recipe") or {}
     source, revision = recipe.get("source", manifest.get("source")), recipe.get("revision")
     hub = _hub_id(source)
@@ -86,7 +89,7 @@ def read_front_matter(text: str) -> dict[str, Any]:
     try:
         data = load(match.group(1))
     except yaml.YAMLError as exc:
-        raise ValueError(f"its YAML front matter does not parse: {' '.join(str(exc).split())}") from None
+        raise ValueError(f"its YAML front matter does not parse: {flattened(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

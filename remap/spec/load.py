@@ -212,7 +212,5 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
     return rule
 
 
-
-
 def dump_spec(document: dict) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=110)
