@@ -196,8 +196,9 @@ def _run_steps(plan, checkpoint, steps, writers, placements, workers, memory,
         try:
             for index, arrays in step_pieces(step, read):
                 write(step, index, arrays)
-        except RemapError as exc:  # an op refusing its data (NaN in a quantizer): say which tensor, which rule
-            raise exc.within(tensor=step.sources[0] if step.sources else step.outputs[0].name, rule=step.rule)
+        except RemapError as exc:  # an op refusing its data (NaN in a quantizer): which checkpoint, tensor, rule
+            raise exc.within(file=str(checkpoint.source), tensor=step.sources[0] if step.sources else step.outputs[0].name,
+                             rule=step.rule)
 
     def write(step: Step, index: int | None, arrays: list) -> None:
         for output, array in zip(step.outputs, arrays):  # ShardWriter checks each piece's dtype
