@@ -19,8 +19,8 @@ import os
 import stat
 from collections import deque
 from dataclasses import dataclass
-from itertools import chain, compress, repeat
-from operator import add, itemgetter, mul, sub
+from itertools import accumulate, chain, compress, repeat
+from operator import add, itemgetter, mul
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -264,17 +264,16 @@ def _as_written(header: dict[str, Any], data_len: int) -> tuple[list, ...] | Non
         return None
     if not entries or _types(shapes) != {list} or _types(offsets) != {list} or set(map(len, offsets)) != {2}:
         return None
-    dims = list(chain.from_iterable(shapes))
-    begins, ends = list(map(itemgetter(0), offsets)), list(map(itemgetter(1), offsets))
-    if not _types(dims) <= {int} or min(dims, default=1) < 1 or _types(begins) | _types(ends) != {int}:
+    dims, bounds = list(chain.from_iterable(shapes)), list(chain.from_iterable(offsets))
+    if _types(dims) | _types(bounds) != {int} or min(dims, default=1) < 1:
         return None  # (a bool is no int here; a 0 dimension takes the careful path)
-    # Each tensor starts where the one before it ends: the header lists them in file order, and
-    # with the sizes below (>= 0) they tile [0, data_len] and each lies in [0, 2**64).
-    if begins[0] != 0 or begins[1:] != ends[:-1] or ends[-1] != data_len:
+    # In header order each tensor starts where the one before ends, and ends where its size says:
+    # they tile [0, data_len], each of its shape's size. Every size (>= 1) is then at most
+    # data_len: below 2**64 bits, as _overflows requires (dimensions >= 1: no partial product is larger).
+    begins, ends = bounds[::2], bounds[1::2]
+    if begins[0] != 0 or begins[1:] != ends[:-1] or ends[-1] != data_len or data_len >= _USIZE // 8:
         return None
-    sizes = list(map(mul, map(math.prod, shapes), element_bytes))
-    # at most 2**64 bits, as _overflows (with dimensions >= 1 no partial product is larger)
-    if max(sizes) >= _USIZE // 8 or sizes != list(map(sub, ends, begins)):
+    if list(accumulate(map(mul, map(math.prod, shapes), element_bytes))) != ends:
         return None
     return list(header), dtypes, list(map(tuple, shapes)), begins, ends
 

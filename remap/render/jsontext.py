@@ -61,6 +61,10 @@ def _text(value: Any, newline: str) -> str:
     if type(value) in (list, tuple):
         if not value:
             return "[]"
-        items = [leaf(item) if (leaf := get(type(item))) else _text(item, inner) for item in value]
+        kinds = set(map(type, value))
+        if len(kinds) == 1 and (leaf := get(kinds.pop())):  # leaves of one type (a shape, 512 sources): in C
+            items = map(leaf, value)
+        else:
+            items = [leaf(item) if (leaf := get(type(item))) else _text(item, inner) for item in value]
         return "[" + inner + ("," + inner).join(items) + newline + "]"
     raise _Unplain

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
+from typing import Iterable
+
 from rich.console import Console
 from remap.render import escape, jsontext
 from remap.render.card import coverage_text
 from remap.render.table import print_table
 
-from remap.names import collapse
+from remap.names import collapse, collapse_names
 from remap.report import Report, Row
 
 
@@ -17,8 +21,8 @@ def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], R
     if full:
         return [(r.name, _collapse_names(r.sources), r) for r in rows]
     key = lambda r: (tuple(r.shape), r.dtype, tuple(r.ops), r.status, r.rule)
-    return [(name, _collapse_names([s for m in members for s in m.sources]), members[0])
-            for name, members in collapse(rows, lambda r: r.name, key)]
+    return [(name, _collapse_names(chain.from_iterable(map(attrgetter("sources"), members))), members[0])
+            for name, members in collapse(rows, attrgetter("name"), key)]
 
 
 def _from_column(name: str, sources: list[str]) -> list[str]:
@@ -26,8 +30,8 @@ def _from_column(name: str, sources: list[str]) -> list[str]:
     return ["="] if sources == [name] else sources
 
 
-def _collapse_names(names: list[str]) -> list[str]:
-    return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
+def _collapse_names(names: Iterable[str]) -> list[str]:
+    return collapse_names(names)  # (a name given twice changes no line: the indices are sets)
 
 
 def coverage_line(report: Report) -> str:
