@@ -8,6 +8,8 @@ collapsed line with two sets does not promise every combination exists.
 from __future__ import annotations
 
 import re
+from itertools import repeat
+from operator import itemgetter
 from typing import Callable, Hashable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -73,15 +75,22 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
     """collapse(sorted(items, key=natural_key(name))), without a natural key for every name: within
     a group names sort by their numbers (the text between is the same), so only each group's
     first name needs one, to place the group where the sorted list would first meet it."""
-    groups: dict[tuple, list[tuple[tuple[int, ...], int, T]]] = {}
-    for position, item in enumerate(items):
-        pattern, numbers = template(name(item))
-        groups.setdefault((pattern, key(item)), []).append((numbers, position, item))
-    for members in groups.values():
-        members.sort(key=lambda m: m[:2])  # numbers, then the order given (as a stable sort keeps ties: 7 and 007)
-    ordered = sorted(groups.items(), key=lambda group: (natural_key(name(group[1][0][2])), group[1][0][1]))
-    result = []
-    for (pattern, _), members in ordered:
-        parts = iter([format_indices(column) for column in zip(*(numbers for numbers, _, _ in members))])
-        result.append((re.sub("#", lambda _: next(parts), pattern), [item for _, _, item in members]))
-    return result
+    items = list(items)
+    pieces = list(map(_NUMBER.split, map(name, items)))  # text, number, text, ...
+    groups: dict[tuple, list[int]] = {}
+    for position, group in enumerate(zip(map(".#".join, map(_TEXTS, pieces)), map(key, items))):
+        groups.setdefault(group, []).append(position)  # (the one loop in Python: inspect's 92k tensors)
+    placed = []
+    for (pattern, _), positions in groups.items():
+        numbers = list(map(tuple, map(map, repeat(int), map(_NUMBERS, map(pieces.__getitem__, positions)))))
+        # numbers, then the order given (ties: 7 and 007)
+        order = list(map(itemgetter(1), sorted(zip(numbers, positions))))
+        parts = iter([format_indices(column) for column in zip(*numbers)])
+        first = order[0]
+        placed.append(((natural_key(name(items[first])), first), re.sub("#", lambda _: next(parts), pattern),
+                       list(map(items.__getitem__, order))))
+    placed.sort(key=itemgetter(0))
+    return [(collapsed, members) for _, collapsed, members in placed]
+
+
+_TEXTS, _NUMBERS = itemgetter(slice(0, None, 2)), itemgetter(slice(1, None, 2))  # of a split name

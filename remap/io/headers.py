@@ -52,7 +52,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return byte_size(self.dtype, self.shape)
+        per_element = _BYTES.get(self.dtype)  # byte_size() for the sub-byte dtypes only: inspect asks 92k times
+        return math.prod(self.shape) * per_element if per_element else byte_size(self.dtype, self.shape)
 
 
 @paused_gc  # 92k small objects for DeepSeek-V3's headers, no cycles: a collection would walk them for nothing
