@@ -164,7 +164,7 @@ def _target_variant(plan: Plan, target_layout: Layout, target_config: Mapping[st
 def _rows(plan: Plan, expected: Mapping[str, Expected]) -> list[Row]:
     rows = []
     for step in plan.steps:
-        sources, ops = plan.lineage(step)  # once a step (its 512 sources, through an earlier stage); a list each row
+        sources, ops = plan.lineage(step)  # once a step (512 sources, through an earlier stage); lists of its own a row
         for output in step.outputs:
             status = _status(output, expected.get(output.name))
             rows.append(Row(output.name, list(output.shape), output.dtype, list(sources), list(ops), step.rule, status))
