@@ -178,7 +178,7 @@ class Plan:
         for stage in reversed(self.stages[:-1]):
             makers = list(map(stage.producers.get, names))
             if all(map(is_not, makers, repeat(None))):  # each made by this stage: in C (256 experts a step)
-                ops = list(dict.fromkeys(chain.from_iterable(map(_op_names, makers)))) + ops
+                ops = list(dict.fromkeys(chain.from_iterable(map(_op_names, _alike_once(makers))))) + ops
                 names = list(_sources(makers))
                 continue
             before = [stage.producers[n] for n in names if n in stage.producers]
@@ -218,6 +218,13 @@ class Plan:
 def _sources(steps: Iterable[Step]) -> Iterable[str]:
     """The source names of `steps`, one after another (in C: 92k names for DeepSeek-V3)."""
     return chain.from_iterable(chain.from_iterable(map(attrgetter("groups"), steps)))
+
+
+def _alike_once(steps: list[Step]) -> Iterable[Step]:
+    """One of each kind of step in `steps`, in first-seen order of kinds: steps with the same fill and
+    ops tuple (a rule's steps share theirs) have the same _op_names."""
+    kinds = zip(map(attrgetter("fill"), steps), map(id, map(attrgetter("ops"), steps)))
+    return dict(zip(kinds, steps)).values()
 
 
 def _op_names(step: Step) -> list[str]:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
-from operator import attrgetter, itemgetter
-from typing import Collection
-from typing import Any, Mapping
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Any, Collection, Mapping, Sequence
 
 from remap import __version__
 from remap.check import RuleFinding
 from remap.errors import one_line
 from remap.layouts import get_layout
 from remap.layouts.base import FLOAT, Expected, Layout
-from remap.ops import TensorType
-from remap.plan import Dropped, Output, Plan
+from remap.ops import Loss as PlanLoss, TensorType
+from remap.plan import Dropped, Output, Plan, Step
 from remap import dtypes
 
 
@@ -230,7 +230,7 @@ def _problems(report: Report) -> list[str]:
 def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
     losses: dict[tuple, Loss] = {}
     for stage in plan.stages:
-        for (rule, loss), count in _counted(stage.losses):
+        for (rule, loss), count in _counted_losses(stage.steps):
             key = (stage.name, rule, loss.claim, loss.reason)
             if key in losses:
                 losses[key].count += count
@@ -256,11 +256,13 @@ def _losses(plan: Plan, findings: list[RuleFinding] | None) -> list[Loss]:
     return list(losses.values())
 
 
-def _counted(pairs: list[tuple[str, Any]]) -> list[tuple[tuple[str, Any], int]]:
-    """Each distinct (rule, object) of `pairs` with its count, in first-seen order. Counted in C by
-    the object's identity: a rule's steps share their Loss objects (DeepSeek-V3's 46k rounding
-    losses are 9 objects), and a Loss's own hash would run Python for each."""
-    rules, objects = list(map(itemgetter(0), pairs)), list(map(itemgetter(1), pairs))
-    counts = Counter(zip(rules, map(id, objects)))
-    by_id = dict(zip(map(id, objects), objects))
+def _counted_losses(steps: Sequence[Step]) -> list[tuple[tuple[str, PlanLoss], int]]:
+    """Each distinct (rule, loss) of `steps` (as Stage.losses lists them) with its count, in
+    first-seen order. Counted in C by the loss's identity: a rule's steps share their Loss objects
+    (DeepSeek-V3's 46k rounding losses are 9 objects), and a Loss's own hash would run Python."""
+    per_step = list(map(attrgetter("losses"), steps))
+    rules = chain.from_iterable(map(repeat, map(attrgetter("rule"), steps), map(len, per_step)))
+    losses = list(chain.from_iterable(per_step))
+    counts = Counter(zip(rules, map(id, losses)))
+    by_id = dict(zip(map(id, losses), losses))
     return [((rule, by_id[key]), n) for (rule, key), n in counts.items()]
