@@ -15,7 +15,13 @@ GAP = "  "  # between plain columns, and before each plain row
 
 
 class FittingConsole(Console):
-    """A Console whose lines wrap only on a terminal (rich wraps at 80 columns in a pipe)."""
+    """A Console whose lines wrap only on a terminal (rich wraps at 80 columns in a pipe), and that
+    prints text as it is: a `:name:` in it is no emoji code (rich would print `mine.yaml:100:` as
+    `mine.yaml💯`, and import its 4,000-emoji table to look)."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        options.setdefault("emoji", False)
+        super().__init__(*args, **options)
 
     def print(self, *objects: Any, **options: Any) -> None:
         if not self.is_terminal:
