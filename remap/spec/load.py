@@ -17,7 +17,7 @@ from remap.io.textfiles import read_bounded
 from remap.ops import op_class
 from remap.spec import yaml_lines
 from remap.spec.pattern import Pattern
-from remap.spec.schema_check import check_document, spec_schema  # noqa: F401  (spec_schema: callers import it from here)
+from remap.spec.schema_check import check_document, spec_schema  # noqa: F401  (callers import spec_schema here)
 
 # The repository's top-level mappings/ and schemas/, reached through symlinks inside the package
 # so that a wheel (which copies what they point to) carries them too.
