@@ -31,3 +31,25 @@ def test_same_text_as_json_dumps():
     rng = random.Random(17)
     for value in EDGES + [_random(rng) for _ in range(2000)]:
         assert dumps(value) == json.dumps(value, indent=2), value
+
+
+_CELLS = [0, -5, 10**30, 2.5, float("nan"), True, None, "s", "ü\u2028\"", [], [7168, 2048], [-1, 0], [10**20], [True],
+          [1.5, 2], [1, "x"], ["a.0.w", "a\"],[b"], [[1]], (3, 4), ("t",), {"k": 1}, {}, [[]], ["%s", "%"]]
+
+
+def test_rows_alike_as_json_dumps_writes_them():
+    """Lists of dicts with the same keys (a tensor listing, a report's rows) are written column by
+    column: the same text, whatever their values, and for rows whose keys differ or come in
+    another order."""
+    rng = random.Random(3)
+    keys = ["name", "shape", "100%", 'q"k', "{}"]
+    for _ in range(3000):
+        width = rng.randint(1, 3)
+        columns = [rng.sample(_CELLS, rng.randint(1, 3)) for _ in range(width)]
+        rows = [{keys[k]: rng.choice(column) for k, column in enumerate(columns)} for _ in range(rng.randint(1, 5))]
+        if rng.random() < 0.1:
+            rows[-1] = dict(reversed(rows[-1].items()))
+        if rng.random() < 0.1:
+            rows[0] = {**rows[0], "extra": 1}
+        value = {"tensor_list": rows} if rng.random() < 0.5 else rows
+        assert dumps(value) == json.dumps(value, indent=2), value

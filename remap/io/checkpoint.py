@@ -17,13 +17,15 @@ import re
 import stat
 import zipfile
 from fnmatch import fnmatch
+from itertools import repeat
+from operator import contains
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from remap.errors import RemapError
 from remap.heap import paused_gc
 from remap.dtypes import DTYPES, safetensors_dtype
-from remap.io.headers import DuplicateKey, TensorInfo, read_header, unique_keys
+from remap.io.headers import DuplicateKey, TensorInfo, loads_unique, read_header
 from remap.io.hub import download
 from remap.io.textfiles import read_json
 
@@ -223,7 +225,7 @@ def _checkpoint(src: str, root: Path, files: dict[str, dict[str, TensorInfo]], *
         files,
         config=_read_json_object(root / CONFIG_NAME) if (root / CONFIG_NAME).exists() else None,
         extra_files=tuple(
-            sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch(p.name, x) for x in EXTRA_FILE_PATTERNS))
+            sorted(p for p in root.iterdir() if any(fnmatch(p.name, x) for x in EXTRA_FILE_PATTERNS) and p.is_file())
         ),
         **details,
     )
@@ -231,7 +233,7 @@ def _checkpoint(src: str, root: Path, files: dict[str, dict[str, TensorInfo]], *
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        config = read_json(path, "index" if path.name == INDEX_NAME else "config", pairs=unique_keys)
+        config = read_json(path, "index" if path.name == INDEX_NAME else "config", loads=loads_unique)
     except DuplicateKey as e:
         raise RemapError(f"names '{e}' twice", file=str(path), expected="each key once") from None
     if not isinstance(config, dict):
@@ -285,10 +287,26 @@ def _reject_repeated_names(files: dict[str, dict[str, TensorInfo]], root: Path) 
 def _files_from_index(root: Path) -> dict[str, dict[str, TensorInfo]]:
     index_path = root / INDEX_NAME
     weight_map = _read_json_object(index_path).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not all(map(isinstance, weight_map.values(), repeat(str))):
         raise RemapError("weight_map is missing or not a map of names to files", file=str(index_path),
                          expected='"weight_map": {"tensor name": "file name", ...}')
 
+    # order: files by their first appearance in the index, tensors by offset within each file
+    try:  # (no tensor named for an error: the pass that words it, below, names the first one)
+        files = {file: read_header(_index_entry_path(root, file, "", index_path))[0]
+                 for file in dict.fromkeys(weight_map.values())}
+    except RemapError:
+        files = None
+    if files is None or not _stored_once_as_listed(weight_map, files):
+        # A problem: found again tensor by tensor in index order, as the first one met is reported
+        files = _files_checked_one_by_one(root, weight_map, index_path)
+    return files
+
+
+def _files_checked_one_by_one(root: Path, weight_map: dict[str, str], index_path: Path) -> dict[str, dict[str, TensorInfo]]:
+    """What _files_from_index finds, raising for the first problem: a listed tensor (in the index's
+    order), then a stored one (in file order). Loops in Python over every name (a tenth of
+    DeepSeek-V3's open), so run only where a problem is known."""
     files: dict[str, dict[str, TensorInfo]] = {}
     for name, file in weight_map.items():
         if file not in files:
@@ -296,34 +314,22 @@ def _files_from_index(root: Path) -> dict[str, dict[str, TensorInfo]]:
         if name not in files[file]:
             raise RemapError(f"the index puts it in {file}, which does not hold it", file=str(index_path), tensor=name,
                              expected="each tensor in the file the index names")
-    if not _stored_once_as_listed(weight_map, files):
-        _refuse_unlisted(weight_map, files, index_path)
-    # order: files by their first appearance in the index, tensors by offset within each file
-    return files
-
-
-def _stored_once_as_listed(weight_map: dict[str, str], files: dict[str, dict[str, TensorInfo]]) -> bool:
-    """Whether every stored tensor is in one file only, the one the index puts it in: one comparison
-    of two dicts in C, where a loop over DeepSeek-V3's 92k names took a tenth of the open."""
-    stored: dict[str, str] = {}
-    for file, tensors in files.items():
-        stored.update(dict.fromkeys(tensors, file))
-    return stored == weight_map and sum(map(len, files.values())) == len(stored)
-
-
-def _refuse_unlisted(weight_map: dict[str, str], files: dict[str, dict[str, TensorInfo]], index_path: Path) -> None:
-    """Raise for the first stored tensor (in file order) the index does not put in its file."""
     for file, tensors in files.items():
         for name in tensors:
             listed_in = weight_map.get(name)
             if listed_in != file:
                 listed = f"the index puts it in {listed_in}" if listed_in else "the index does not list it"
-                raise RemapError(
-                    f"stored in {file} but {listed}",
-                    file=str(index_path),
-                    tensor=name,
-                    expected="each tensor in one file",
-                )
+                raise RemapError(f"stored in {file} but {listed}", file=str(index_path), tensor=name,
+                                 expected="each tensor in one file")
+    return files
+
+
+def _stored_once_as_listed(weight_map: dict[str, str], files: dict[str, dict[str, TensorInfo]]) -> bool:
+    """Whether every stored tensor is in one file only, the one the index puts it in (`files` has
+    each file the index names): each listed name is in its file, and the files hold no more
+    tensors than the index lists. Lookups in C, 92k for DeepSeek-V3."""
+    listed_held = map(contains, map(files.__getitem__, weight_map.values()), weight_map.keys())
+    return sum(map(len, files.values())) == len(weight_map) and all(listed_held)
 
 
 def _index_entry_path(root: Path, file: str, tensor: str, index_path: Path) -> Path:

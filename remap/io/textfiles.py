@@ -44,16 +44,15 @@ def read_bounded(path: str | os.PathLike, kind: str) -> bytes:
     return data
 
 
-def read_json(path: str | os.PathLike, kind: str, *, pairs: Callable[[list], Any] | None = None) -> Any:
-    """A JSON file of `kind`, parsed; `pairs` is json's object_pairs_hook (e.g. to refuse
-    duplicate keys)."""
+def read_json(path: str | os.PathLike, kind: str, *, loads: Callable[..., Any] = json.loads) -> Any:
+    """A JSON file of `kind`, parsed by `loads` (json.loads, or one that refuses duplicate keys)."""
     data = read_bounded(path, kind)
     # NaN / Infinity are Python's extension, not JSON: a config holding one would build a model
     # that computes NaN, and be copied on into the output's config.json. remap's own files (a
     # report may measure a NaN) keep them.
     constant = _not_a_number if kind in ("config", "index") else None
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+        return loads(data.decode("utf-8"), parse_constant=constant)
     except UnicodeDecodeError as exc:
         raise RemapError(f"not UTF-8 text: {exc.reason}", file=str(path), expected="a JSON object") from None
     except RecursionError:

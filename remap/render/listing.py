@@ -3,6 +3,7 @@ made in remap/cli.py)."""
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
@@ -21,7 +22,7 @@ def render_inspect(summary: Mapping[str, Any], tensors: Sequence[Any], detection
     """The tensors (alike but for layer indices collapsed into one row unless `full`), the config
     keys that say which model it is, and the detected layout."""
     groups = ([(t.name, [t]) for t in sorted(tensors, key=lambda t: natural_key(t.name))] if full
-              else collapse_sorted(tensors, lambda t: t.name, lambda t: (tuple(t.shape), t.dtype)))
+              else collapse_sorted(tensors, attrgetter("name"), attrgetter("shape", "dtype")))  # (shapes are tuples)
     # a group's members share shape and dtype (the collapse key): their bytes are one's times their count
     rows = [(escape(name), str(list(members[0].shape)), members[0].dtype, f"{len(members) * members[0].nbytes / 2**20:.2f}")
             for name, members in groups]

@@ -3,31 +3,30 @@
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
+
 from rich.console import Console
 from remap.render import escape, jsontext
 from remap.render.card import coverage_text
 from remap.render.table import print_table
 
-from remap.names import collapse
+from remap.names import collapse, collapse_names
 from remap.report import Report, Row
 
 
 def _collapsed_rows(rows: list[Row], full: bool) -> list[tuple[str, list[str], Row]]:
     """(name, collapsed source names, first row) per group of rows alike but for indices."""
     if full:
-        return [(r.name, _collapse_names(r.sources), r) for r in rows]
+        return [(r.name, collapse_names(r.sources), r) for r in rows]
     key = lambda r: (tuple(r.shape), r.dtype, tuple(r.ops), r.status, r.rule)
-    return [(name, _collapse_names([s for m in members for s in m.sources]), members[0])
-            for name, members in collapse(rows, lambda r: r.name, key)]
+    return [(name, collapse_names(chain.from_iterable(map(attrgetter("sources"), members))), members[0])
+            for name, members in collapse(rows, attrgetter("name"), key)]
 
 
 def _from_column(name: str, sources: list[str]) -> list[str]:
     """A tensor that keeps its name shows `=` instead of repeating it."""
     return ["="] if sources == [name] else sources
-
-
-def _collapse_names(names: list[str]) -> list[str]:
-    return [c for c, _ in collapse(dict.fromkeys(names), lambda n: n)]
 
 
 def coverage_line(report: Report) -> str:
@@ -47,7 +46,7 @@ def render_rich(report: Report, console: Console, *, full: bool = False) -> None
         console.print(f"[red]missing[/] {escape(m['name'])} {m['shape']}")
     console.print(coverage_line(report))
     if report.unmatched:
-        console.print("[red]unmatched:[/] " + escape(", ".join(_collapse_names(report.unmatched))))
+        console.print("[red]unmatched:[/] " + escape(", ".join(collapse_names(report.unmatched))))
     if report.losses:
         print_table(console, ("rule", "claim", "what", "x", "measured", "exact when"), _loss_rows(report),
                     title="what the conversion discards or rounds")
