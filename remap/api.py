@@ -88,7 +88,7 @@ def _detected(checkpoint: Checkpoint, raw: Mapping[str, Any] | None,
     for tensors, seen, detection in _last_detection:
         if tensors is checkpoint.tensors and seen == key:
             return detection
-    detection = detect({n: (t.shape, t.dtype) for n, t in checkpoint.tensors.items()}, raw, settings)
+    detection = detect(checkpoint.tensors, raw, settings)  # TensorInfos as they are: no 92k pairs to make
     _last_detection[:] = [(checkpoint.tensors, key, detection)]
     return detection
 

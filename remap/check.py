@@ -8,15 +8,16 @@ not matter, so a report can say *how* lossy a conversion is, not only that it mi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import TYPE_CHECKING, Callable, Collection
 
-import numpy as np
-
-from remap.compute import Reader, StagedReader, step_findings
-from remap.fills import difference
 from remap.ops import Finding
 from remap.ops.base import max_abs
 from remap.plan import Dropped, Plan
+
+# numpy and the step computations (remap.compute, remap.fills) are imported where bytes are read:
+# a report whose plan makes no claim to measure (most, by default) reads none.
+if TYPE_CHECKING:
+    from remap.compute import Reader
 
 
 Progress = Callable[[str, int, int], None]  # (what is read now, items done, items in all)
@@ -31,6 +32,10 @@ class RuleFinding:
 
 
 def drop_finding(drop: Dropped, read: Reader) -> Finding:
+    import numpy as np
+
+    from remap.fills import difference
+
     data = read(drop.name)
     what = f"dropped {drop.name}"
     if drop.equals:
@@ -58,6 +63,10 @@ def check_data(plan: Plan, read_source: Reader, claims: Collection[str] | None =
     for k, stage in enumerate(plan.stages):
         work += [(k, drop) for drop in stage.dropped if wanted(drop.claim)]
         work += [(k, step) for step in stage.steps if step.groups and any(wanted(loss.claim) for loss in step.losses)]
+    if not work:
+        return []
+    from remap.compute import StagedReader, step_findings
+
     readers = [StagedReader(plan.stages[: k + 1], read_source) for k in range(len(plan.stages))]
     findings: list[RuleFinding] = []
     for done, (k, item) in enumerate(work):
@@ -69,6 +78,6 @@ def check_data(plan: Plan, read_source: Reader, claims: Collection[str] | None =
             continue
         findings += [RuleFinding(stage.name, item.rule, item.groups[0][0], finding)
                      for finding in step_findings(item, read) if wanted(finding.claim)]
-    if progress and work:
+    if progress:
         progress("done", len(work), len(work))
     return findings

@@ -11,7 +11,7 @@ from remap.errors import RemapError
 from remap.io.atomic import PARTIAL_SUFFIX, disk_errors, refuse_existing, refuse_overlap
 from remap.io.checkpoint import Checkpoint
 from remap.io.textfiles import read_json
-from remap.io.writer import INCOMPLETE_SUFFIX
+from remap.io.atomic import INCOMPLETE_SUFFIX
 
 MANIFEST = "remap-manifest.json"
 REPORT = "remap-report.json"

@@ -99,11 +99,18 @@ ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", 
 FLOATS = ("F8_E4M3", "F8_E5M2", "BF16", "F16", "F32", "F64")
 
 
+# The dtypes numpy holds, known from the table without importing numpy (a plan checks dtype names).
+_HELD = tuple(name for name, _, module, _ in _ROWS if module is not None)
+
+
+def _check_held(name: str) -> None:
+    if name not in _HELD:
+        raise RemapError(f"unknown dtype '{name}'", expected=", ".join(_HELD))
+
+
 def numpy_dtype(name: str) -> np.dtype:
-    dtype = DTYPES.get(name)
-    if dtype is None or dtype.numpy is None:
-        raise RemapError(f"unknown dtype '{name}'", expected=", ".join(n for n, d in DTYPES.items() if d.numpy is not None))
-    return dtype.numpy
+    _check_held(name)
+    return DTYPES[name].numpy
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -118,7 +125,7 @@ def dtype_name(dtype: np.dtype) -> str:
 def canonical(name: str) -> str:
     """'bfloat16' / 'bf16' / 'BF16' -> 'BF16'."""
     key = ALIASES.get(name.lower(), name.upper())
-    numpy_dtype(key)
+    _check_held(key)
     return key
 
 

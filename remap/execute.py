@@ -25,13 +25,13 @@ from remap import __version__
 from remap.compute import StagedReader, step_pieces
 from remap.destination import CARD, MANIFEST, REPORT, RESUME, check_destination, made_by_remap
 from remap.errors import RemapError
-from remap.io.atomic import PARTIAL_SUFFIX, atomic_output, disk_errors
+from remap.io.atomic import INCOMPLETE_SUFFIX, PARTIAL_SUFFIX, atomic_output, disk_errors
 from remap.io.checkpoint import Checkpoint
 from remap.io.hashing import BLAKE3, file_digest
 from remap.io.textfiles import read_json
 from remap.io.shards import ShardPlan, file_order, write_index
 from remap.io.mlx_safetensors import write_index as write_mlx_index
-from remap.io.writer import INCOMPLETE_SUFFIX, ShardWriter, shard_is_complete
+from remap.io.writer import ShardWriter, shard_is_complete
 from remap.layouts import get_layout
 from remap.layouts.base import FilePlan
 from remap.model_card import source_card

@@ -8,27 +8,62 @@ once per name.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 from remap.names import natural_key
 
-# A dot-separated decimal index, as a pattern's `{i}` matches it (no leading zeros).
+# A dot-separated decimal index, as a pattern's `{i}` matches it (no leading zeros). _LINES reads
+# names joined by newlines, so that one regex call in C does every name (its leading literal dot,
+# where _INDEX looks behind, makes it twice as fast: 92k names in ~0.05 s).
 _INDEX = re.compile(r"(?<=\.)(0|[1-9][0-9]*)(?=\.|$)")
+_LINES = re.compile(r"\.(0|[1-9][0-9]*)(?=[.\n]|\Z)")
 
 
 def by_shape(names: Iterable[str]) -> dict[str, list[str]]:
     """Name shape -> its names, as if the names were sorted by `natural_key` and then grouped:
-    shapes in the order of their first name, names in natural order.
+    shapes in the order of their first name, names in natural order."""
+    return {shape: alike.names for shape, alike in shaped(names).items()}
 
-    Sorting each shape by its numbers alone gives the same order (within a shape the text between
-    the numbers is the same), and costs one regex split per name instead of a natural key."""
-    groups: dict[str, list[tuple[tuple[int, ...], int, str]]] = {}
-    for position, name in enumerate(names):
-        pieces = _INDEX.split(name)  # text, number, text, ...
-        groups.setdefault("#".join(pieces[0::2]), []).append((tuple(map(int, pieces[1::2])), position, name))
-    for members in groups.values():
-        members.sort()  # by numbers: unique within a shape (an index has no leading zeros)
+
+@dataclass(frozen=True)
+class Alike:
+    """The names of one shape, in natural order, and each one's numbers."""
+
+    names: list[str]
+    numbers: list[tuple[int, ...]]
+
+
+def shaped(names: Iterable[str]) -> dict[str, Alike]:
+    """by_shape, with each name's numbers.
+
+    Sorting each shape by its numbers alone gives the natural order (within a shape the text
+    between the numbers is the same), and costs no natural key per name."""
+    names = list(names)
+    joined = "\n".join(names)
+    whole = joined.count("\n") == len(names) - 1  # else a name holds a newline (a hostile header)
+    shapes = _LINES.sub(".#", joined).split("\n") if whole else [_INDEX.sub("#", name) for name in names]
+    groups: dict[str, list[int]] = {}  # shape -> positions of its names
+    for position, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(position)
+    alike, first = {}, {}
+    for shape, members in groups.items():
+        # sorted by numbers: unique within a shape (an index has no leading zeros)
+        ordered = sorted(zip(_numbers([names[k] for k in members], whole), members))
+        alike[shape] = Alike([names[k] for _, k in ordered], [numbers for numbers, _ in ordered])
+        first[shape] = ordered[0][1]
     # a shape's place is its first name's in the natural sort (ties: in the order given, as a stable sort keeps them)
-    ordered = sorted(groups.items(), key=lambda item: (natural_key(item[1][0][2]), item[1][0][1]))
-    return {shape: [name for _, _, name in members] for shape, members in ordered}
+    return dict(sorted(alike.items(), key=lambda item: (natural_key(item[1].names[0]), first[item[0]])))
 
+
+def _numbers(alike: list[str], joinable: bool) -> list[tuple[int, ...]]:
+    """The numbers of each of `alike` (names of one shape: as many numbers each)."""
+    if not joinable:
+        return [tuple(map(int, _INDEX.findall(name))) for name in alike]
+    flat = list(map(int, _LINES.findall("\n".join(alike))))
+    return list(zip(*[iter(flat)] * (len(flat) // len(alike)))) if flat else [()] * len(alike)
+
+
+def slots(name: str) -> list[tuple[int, int]]:
+    """Where `name`'s numbers are: (start, end) of each, as its shape counts them."""
+    return [m.span(1) for m in _INDEX.finditer(name)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections import ChainMap
 from operator import itemgetter
 from typing import Any, Mapping
@@ -19,12 +18,12 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
-from remap.name_shapes import by_shape
-from remap.ops import Loss, Op, TensorType, build_op, op_class, tensor_types
+from remap.name_shapes import shaped
+from remap.ops import Loss, Op, TensorType, build_op, op_class
 from remap.names import natural_key
 from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.spec.load import Rule, Spec
-from remap.spec.pattern import Pattern
+from remap.spec.pattern import Pattern, ShapeMatch
 
 
 def translate_config(change: Mapping[str, Any], raw: Mapping[str, Any], names: Mapping[str, Any]) -> dict:
@@ -80,13 +79,14 @@ def build_plan(
     and the source's config.json. `allow_nonfinite` lets quantizing ops take NaN and Inf."""
     if spec.parts:
         return _compose(spec, tensors, raw_config, params or {}, dtype, variant, source_variant, allow_nonfinite)
-    return Plan((_stage(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite),), spec.name)
+    return Plan((_stage(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite)[0],), spec.name)
 
 
 def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[str, Any] | None,
            params: Mapping[str, Any] | None, dtype: str | None, variant: str | None, source_variant: str | None,
-           allow_nonfinite: bool = False) -> Stage:
-    """One plain spec (no parts) applied to the tensors: a Stage."""
+           allow_nonfinite: bool = False) -> tuple[Stage, dict[str, TensorType]]:
+    """One plain spec (no parts) applied to the tensors: a Stage, and its outputs' types (a
+    next stage's sources)."""
     raw = dict(raw_config or {})
     source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
     variants = {
@@ -101,7 +101,8 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
     target_config = target.write_config(translate_config(spec.config, raw, names))
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
-    planner = _Planner(dict(tensors), names, dtypes.canonical(dtype) if dtype else None, target, allow_nonfinite)
+    tensors = dict(tensors)
+    planner = _Planner(tensors, names, dtypes.canonical(dtype) if dtype else None, target, allow_nonfinite)
     for rule in spec.rules:
         try:
             planner.add(rule)
@@ -109,10 +110,10 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
             raise exc.within(file=spec.where(rule), rule=rule.id) from None
     planner.finish()
     target.record(target_config, planner.steps)
-    return Stage(spec, dict(tensors), raw, target_config, names, steps=tuple(planner.steps),
+    return Stage(spec, tensors, raw, target_config, names, steps=tuple(planner.steps),
                  dropped=tuple(planner.dropped), unmatched=tuple(planner.unmatched),
                  reused={name: tuple(rules) for name, rules in planner.reused.items()},
-                 variant_pinned=bool(variant or spec.variant))
+                 variant_pinned=bool(variant or spec.variant)), planner.output_types
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite) -> Plan:
@@ -123,7 +124,7 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, 
     stages: list[Stage] = []
     last = len(spec.parts) - 1
     for k, part in enumerate(spec.parts):
-        stage = _stage(
+        stage, tensors = _stage(
             part, tensors, raw_config,
             {key: v for key, v in params.items() if key in part.params},
             dtype if k == last else None,
@@ -133,7 +134,6 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, 
             allow_nonfinite,
         )
         stages.append(stage)
-        tensors = tensor_types((o.name, o.shape, o.dtype) for o in stage.outputs)
         raw_config = stage.target_config
     stages[-1] = dataclasses.replace(stages[-1], variant_pinned=stages[-1].variant_pinned or bool(spec.variant))
     return Plan(tuple(stages), spec.name)
@@ -153,9 +153,10 @@ class _Planner:
         self.unmatched: list[str] = []
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
+        self.output_types: dict[str, TensorType] = {}  # output -> its type (shared by alike outputs): a next stage's sources
         self.op_cache: dict[tuple, tuple[Op, ...]] = {}
         self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
-        self.shapes = by_shape(tensors)  # name shape (numbers as #) -> names, in natural order
+        self.shapes = shaped(tensors)  # name shape (numbers as #) -> its names in natural order, their numbers
         self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
         self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
         self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
@@ -169,53 +170,46 @@ class _Planner:
     def add(self, rule: Rule) -> None:
         {"map": self._map, "drop": self._drop, "fill": self._fill}[rule.kind](rule)
 
-    def _matches(self, pattern: Pattern) -> list[tuple[str, dict]]:
-        """(name, binding) of every source name `pattern` matches (shape by shape). Names alike but
-        for their layer / expert numbers share a shape (`model.layers.#.mlp.experts.#.w1`); a
-        pattern without literal digits (in its text or its word lists) or repeated variables
+    def _matches(self, pattern: Pattern) -> list[ShapeMatch]:
+        """Every source name `pattern` matches, shape by shape. Names alike but for their layer /
+        expert numbers share a shape (`model.layers.#.mlp.experts.#.w1`); a `shapewise` pattern
         matches all of a shape or none of it, so one try per shape (~100 for the 92k tensors of
-        DeepSeek-V3) rules out most names before any regex runs on them."""
-        if any(c.isdigit() for c in _VARIABLE_TEXT.sub("", pattern.text)) or any(
-                c.isdigit() for kind in pattern.kinds().values() for c in kind) or len(
-                set(pattern.variables)) != len(_VARIABLE_TEXT.findall(pattern.text)):
-            return [(n, b) for n in self.names if (b := pattern.match(n)) is not None]
+        DeepSeek-V3) rules out most names, and the rest bind by their numbers."""
+        if not pattern.shapewise:
+            return [ShapeMatch.one(n, b) for n in self.names if (b := pattern.match(n)) is not None]
         text, found = self.matched
         if pattern.text != text:  # consecutive rules often share a pattern (FP8 weights, by two scale forms)
-            found = []
-            for members in self.shapes.values():
-                if pattern.match(members[0]) is not None:
-                    found += pattern.match_each(members)
+            found = [m for alike in self.shapes.values() if (m := pattern.match_alike(alike.names, alike.numbers))]
             self.matched = (pattern.text, found)
         return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
-        """Source names matching `pattern` whose variables (and `dtype` and `shape`, the matched
-        tensor's) pass the rule's `when`."""
+        """(name, binding) of the source names matching `pattern` whose variables (and `dtype`
+        and `shape`, the matched tensor's) pass the rule's `when`."""
         found = self._matches(pattern)
         if rule.when is None:
-            return found
+            return [pair for match in found for pair in match.bindings()]
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
-        # experts ask the same `i < num_hidden_layers` 61 times, not 15,616).
+        # experts ask the same `i < num_hidden_layers` 61 times, not 15,616), from the values'
+        # columns, and bind only the names it keeps (a drop of `model.layers.{i}.{rest*}` past the
+        # last layer reads all 92k names of DeepSeek-V3 and keeps none)
         read = names_in(rule.when)
         variables = list(dict.fromkeys(v for v in pattern.variables if v in read))
-        dtype, shape = "dtype" in read, "shape" in read
-        values = itemgetter(*variables) if variables else lambda _: ()
-        tensors, decided = self.tensors, {}
-        kept = []
-        for name, binding in found:
-            key = values(binding)
-            if dtype or shape:
-                key = (key, tensors[name].dtype if dtype else None, tensors[name].shape if shape else None)
-            verdict = decided.get(key)
-            if verdict is None:
-                scope = {v: binding[v] for v in variables}
-                if dtype:
-                    scope["dtype"] = tensors[name].dtype
-                if shape:
-                    scope["shape"] = tensors[name].shape
-                verdict = decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
-            if verdict:
-                kept.append((name, binding))
+        tensors, decided, kept = self.tensors, {}, []
+        for match in found:
+            columns = [match.column(v) for v in variables]
+            if "dtype" in read:
+                columns.append([tensors[n].dtype for n in match.names])
+            if "shape" in read:
+                columns.append([tensors[n].shape for n in match.names])
+            keys = list(zip(*columns)) if columns else [()] * len(match.names)
+            for key in dict.fromkeys(keys):  # (in name order: an expression that fails, fails on the first name)
+                if key not in decided:
+                    scope = dict(zip(variables, key))
+                    scope.update(zip([k for k in ("dtype", "shape") if k in read], key[len(variables):]))
+                    decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
+            keep = [k for k, key in enumerate(keys) if decided[key]]
+            kept += match.bindings(keep if len(keep) < len(keys) else None)
         return kept
 
     def _map(self, rule: Rule) -> None:
@@ -265,10 +259,10 @@ class _Planner:
                              expected=f"{len(rule.to)} tensors after the last op")
         if rule.stack:
             types = [t.with_shape((len(groups),) + t.shape) for t in types]
-        outputs = tuple(Output(name, t.shape, t.dtype) for name, t in zip(names, types))
+        outputs = tuple([Output.of(name, t.shape, t.dtype) for name, t in zip(names, types)])
         self._record(rule, groups, outputs)
-        self.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops,
-                                    stacked=bool(rule.stack), losses=tuple(losses)))
+        self.output_types.update(zip(names, types))
+        self.steps.append(Step.of(rule.id, outputs, tuple(map(tuple, groups)), ops, bool(rule.stack), losses=tuple(losses)))
 
     def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
         """The rule's ops, built once per distinct value of the variables they read (usually
@@ -296,10 +290,10 @@ class _Planner:
             raise RemapError(f"ops leave {len(out_types)} tensors for {len(rule.to)} `to` patterns")
         for index in range(counts.pop()):
             names = {**binding, rule.unstack: index}
-            outputs = tuple(Output(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
+            outputs = tuple(Output.of(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
             self._record(rule, [group] if index == 0 else [], outputs)
-            self.steps.append(Step(rule=rule.id, outputs=outputs, groups=(tuple(group),), ops=ops, take=index,
-                                        losses=tuple(losses)))
+            self.output_types.update((o.name, t) for o, t in zip(outputs, out_types))
+            self.steps.append(Step.of(rule.id, outputs, (tuple(group),), ops, take=index, losses=tuple(losses)))
 
     def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
         """The output types of `ops` on `types` (and the ops with --dtype's casts added), adding
@@ -386,15 +380,15 @@ class _Planner:
             dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
                 self.tensors[like].dtype if like else "F32")
             name = rule.to[0].fill(binding)
-            outputs = (Output(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
+            outputs = (Output.of(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
-            self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
+            self.output_types[name] = TensorType(outputs[0].shape, outputs[0].dtype)
+            self.steps.append(Step.of(rule.id, outputs, fill=rule.fill))
 
     def finish(self) -> None:
         # sorting what is left gives the order of the sorted names, filtered (a stable sort)
         used, reused = self.used, self.reused
         self.unmatched = sorted((n for n in self.tensors if n not in used and n not in reused), key=natural_key)
 
-_VARIABLE_TEXT = re.compile(r"\{[^}]*\}")
 
 

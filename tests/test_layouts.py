@@ -13,7 +13,9 @@ for a consistent model-parallel split and for holding exactly hf's tensors under
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -42,6 +44,7 @@ from transformers.modeling_layers import MtpModel
 from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 from remap.errors import RemapError
+from remap.io.headers import TensorInfo
 from remap.layouts import LAYOUTS, detect, get_layout
 from remap.layouts.base import F32, FLOAT, FP8, U32
 from remap.layouts.deepseek import LAYOUT as DEEPSEEK
@@ -51,6 +54,7 @@ from remap.layouts.hf import LAYOUT as HF
 from remap.layouts.mlx import LAYOUT as MLX
 from remap.layouts.mlx import MODEL_TYPES as MLX_MODEL_TYPES
 from remap.layouts.mlx_config import PLAIN_V2_ROPE
+from tests.fp8_checkpoints import FP8_FORMS
 
 TINY = {
     "vocab_size": 64,
@@ -624,6 +628,42 @@ def test_each_layout_variant_detects_as_itself(layout, name):
         detection = detect(_as_checkpoint(layout.expected(layout.read_config(raw), variant)), raw)
         assert (detection.layout, detection.variant) == (layout.name, variant)
         assert detection.config == layout.read_config(raw)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_what_detection_builds_is_what_expected_holds(name):
+    """`shapes` and `count`, what detection builds instead of `expected`, agree with it in every
+    layout and variant: plain, official FP8, and a form that leaves modules alone by name (its
+    experts are not stamped)."""
+    forms = [None] if CONFIGS[name]["model_type"] == "mistral4" else [None, FP8_FORMS["ue8m0"], FP8_FORMS["ct-channel"]]
+    for form, layout in itertools.product(forms, (HF, MLX, DEEPSEEK)):
+        raw = {**CONFIGS[name], "num_nextn_predict_layers": 1, "quantization_config": form}
+        try:
+            config = layout.read_config(raw)
+        except RemapError:
+            continue
+        for variant in layout.variants:
+            try:
+                expected = layout.expected(config, variant)
+            except RemapError:
+                with pytest.raises(RemapError):
+                    layout.shapes(config, variant)
+                continue
+            assert list(layout.shapes(config, variant).items()) == [(n, e.shape) for n, e in expected.items()]
+            assert layout.count(config, variant) in (None, len(expected))
+
+
+def test_a_checkpoints_tensor_infos_detect_as_their_shape_dtype_pairs():
+    """api passes the TensorInfos as they are; a layout reading a config off the shapes still gets pairs."""
+    raw = {**CONFIGS["v3-qlora-dense1"], "num_nextn_predict_layers": 1}
+    for variant, changed in itertools.product(HF.variants, (False, True)):
+        pairs = _as_checkpoint(HF.expected(HF.read_config(raw), variant))
+        if changed:
+            pairs["model.layers.1.self_attn.kv_b_proj.weight"] = ((64, 8), "BF16")
+        infos = {n: TensorInfo(n, dtype, tuple(shape), Path("model.safetensors")) for n, (shape, dtype) in pairs.items()}
+        for config in (raw, None):
+            got, want = detect(infos, config), detect(pairs, config)
+            assert (got.layout, got.variant, got.describe(), got.closest) == (want.layout, want.variant, want.describe(), want.closest)
 
 
 def test_mistral4_detects_as_hf_and_mlx_and_no_other_variant(saved):

@@ -3,7 +3,8 @@
 import random
 import re
 
-from remap.name_shapes import by_shape
+from remap.name_shapes import by_shape, shaped
+from remap.spec.pattern import Pattern
 from remap.names import collapse, collapse_sorted, natural_key
 
 _INDEX = re.compile(r"(?<=\.)(?:0|[1-9][0-9]*)(?=\.|$)")
@@ -24,6 +25,8 @@ def _names(seed: int) -> list[str]:
 def test_by_shape_is_the_natural_sort_grouped():
     for seed in range(20):
         names = _names(seed)
+        if seed % 2:  # names with newlines (a hostile header's) take the one-name-at-a-time path
+            names += ["model.3\n", "model.3\n.1", "model.3\n.0", "x\n0.2"]
         grouped: dict[str, list[str]] = {}
         for name in sorted(names, key=natural_key):
             grouped.setdefault(_INDEX.sub("#", name), []).append(name)
@@ -35,3 +38,34 @@ def test_collapse_sorted_is_collapse_of_the_natural_sort():
         names = _names(seed)
         kind = {name: len(name) % 3 for name in names}
         assert collapse_sorted(names, str, kind.get) == collapse(sorted(names, key=natural_key), str, kind.get)
+
+
+PATTERNS = ["model.layers.{i}.{w*}.weight", "model.{rest*}", "{a}.layers.{b}", "{x*}", "{x*}.{i}",
+            "model.layers.{i}.mlp.experts.{e}.{w:weight|mlp}", "model.{w:layers|mlp}.{i}.{r*}", "layers.{i}",
+            "{i}.{j}.{k}", "model.{a*}.experts.{e}.weight", "model.layers.{i}.{j}"]
+
+
+def test_a_shape_matches_whole_and_binds_by_its_numbers():
+    """match_alike (bindings read off each name's numbers) gives what match() gives name by name,
+    and a shapewise pattern matches every name of a shape or none."""
+    tried = 0
+    for seed in range(20):
+        names = _names(seed) + [f"model.layers.{i}.mlp.experts.{e}.w1" for i in (0, 3, 10) for e in (0, 7, 12)]
+        for text in PATTERNS:
+            pattern = Pattern(text)
+            assert pattern.shapewise
+            for alike in shaped(names).values():
+                each = [(n, pattern.match(n)) for n in alike.names]
+                assert len({b is None for _, b in each}) == 1, (text, alike.names)
+                expected = [] if each[0][1] is None else each
+                match = pattern.match_alike(alike.names, alike.numbers)
+                got = match.bindings() if match else []
+                assert [(n, list(b.items())) for n, b in got] == [(n, list(b.items())) for n, b in expected]
+                tried += len(got)
+    assert tried > 1000
+
+
+def test_patterns_with_digits_or_a_repeated_variable_are_not_shapewise():
+    assert not Pattern("model.layers.3.{w*}").shapewise
+    assert not Pattern("model.{w:w1|w2}.{i}").shapewise
+    assert not Pattern("{i}.x.{i}").shapewise

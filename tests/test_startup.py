@@ -1,13 +1,17 @@
 """Each command imports only what it needs: `remap --version` and `inspect` load no numpy, planner,
-spec loader (jsonschema, yaml), pydantic, torch or mlx; `convert` and `verify` (which replays the
-conversion's plan) load no pydantic, torch or transformers. And typer's values turned into types without pydantic (remap.cli_shell.PlainValues)
-are typer's own, error words included."""
+spec loader (jsonschema, yaml), pydantic, torch or mlx; `report`, which plans from headers with a
+bundled spec, loads no numpy or jsonschema either (where it has no claim to measure on the bytes);
+`convert` and `verify` (which replays the conversion's plan) load no jsonschema, pydantic, torch or
+transformers. The lazy-import tables of remap.api and remap.io name what their modules hold, and
+remap/spec/validated.py records what the bundled specs are. And typer's values turned into types
+without pydantic (remap.cli_shell.PlainValues) are typer's own, error words included."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,13 @@ from typer._coercion import build_runtime_param
 from typer._click.exceptions import BadParameter
 from typer.main import get_command
 
+from remap import api, io
 from remap.cli import app
 from remap.cli_shell import PlainValues
-from tests.helpers import CLI_ENV, ROOT
+from remap.errors import RemapError
+from remap.spec import schema_check
+from remap.spec.load import MAPPINGS, parse_spec
+from tests.helpers import CLI_ENV, ROOT, remap
 
 # Prints the modules loaded once the command has run (atexit: after its sys.exit).
 LOADED = """
@@ -30,6 +38,9 @@ run()
 """
 HEAVY = ("numpy", "ml_dtypes", "jsonschema", "yaml", "pydantic", "torch", "mlx", "transformers", "huggingface_hub",
          "remap.plan", "remap.planner", "remap.compute", "remap.execute", "remap.spec.load", "remap.ops")
+# What planning from headers with a bundled spec does without: array code, and the schema check.
+PLANNING_HEAVY = ("numpy", "ml_dtypes", "jsonschema", "pydantic", "torch", "mlx", "transformers", "remap.compute",
+                  "remap.fills", "remap.execute")
 
 
 def loaded(*args: object) -> set[str]:
@@ -48,6 +59,27 @@ def test_light_commands_import_nothing_heavy(args):
     assert heavy(loaded(*args)) == []
 
 
+@pytest.mark.parametrize("args", [
+    ["report", "fixtures/hf-bf16", "--spec", "hf-to-mlx"],
+    ["report", "fixtures/hf-fp8-mtp", "--spec", "hf-fp8-to-mlx", "--json", "-"],
+    ["report", "fixtures/hf-bf16", "--to", "mlx", "--json", "-"],  # every bundled spec and inverse, to pick one
+    ["report", "fixtures/mlx", "--to", "hf", "--json", "-"],
+    ["report", "fixtures/hf-bf16", "--spec", "hf-to-mlx", "-q", "--json", "-"],
+], ids=lambda args: " ".join(args[1:]))
+def test_report_plans_without_numpy_or_jsonschema(args):
+    assert heavy(loaded(*args), PLANNING_HEAVY) == []
+
+
+def test_a_spec_of_ones_own_is_still_checked_by_jsonschema(tmp_path):
+    bundled = (MAPPINGS / "hf-to-mlx.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text(bundled.replace("name: hf-to-mlx", "name: mine"))
+    assert "jsonschema" in loaded("report", "fixtures/hf-bf16", "--spec", tmp_path / "mine.yaml")
+    (tmp_path / "bad.yaml").write_text(bundled.replace("remap: 1", "remap: 1\ncolour: red"))
+    run = remap("report", "fixtures/hf-bf16", "--spec", tmp_path / "bad.yaml")
+    assert run.returncode == 2
+    assert "bad.yaml:1: (top level): Additional properties are not allowed ('colour' was unexpected)" in run.stderr
+
+
 def test_verify_imports_no_pydantic_torch_or_transformers(tmp_path):
     out = tmp_path / "mlx"
     subprocess.run([sys.executable, "-m", "remap.cli", "convert", "fixtures/hf-bf16", str(out), "--spec", "hf-to-mlx",
@@ -55,9 +87,31 @@ def test_verify_imports_no_pydantic_torch_or_transformers(tmp_path):
     assert heavy(loaded("verify", out), ("pydantic", "torch", "transformers")) == []
 
 
-def test_convert_imports_no_pydantic_torch_or_transformers(tmp_path):
+def test_convert_imports_no_jsonschema_pydantic_torch_or_transformers(tmp_path):
     modules = loaded("convert", "fixtures/hf-bf16", tmp_path / "out", "--spec", "hf-to-mlx", "--quiet", "--workers", "2")
-    assert heavy(modules, ("pydantic", "torch", "transformers")) == []
+    assert heavy(modules, ("jsonschema", "pydantic", "torch", "transformers")) == []
+
+
+@pytest.mark.parametrize("module, table", [(api, api._LAZY), (io, io._HOMES)], ids=["api", "io"])
+def test_lazy_import_tables_name_what_their_modules_hold(module, table):
+    for name, home in table.items():
+        assert name == "execute" or hasattr(import_module(home), name), (module.__name__, name, home)
+        assert getattr(module, name) is not None
+
+
+def test_the_record_of_specs_known_to_pass_the_schema_is_current():
+    """Written by validating every bundled spec, stage and inverse (stale: they are checked at every run)."""
+    if schema_check.record_text() != schema_check.RECORD_PATH.read_text():
+        pytest.fail(f"remap/spec/validated.py is stale: run `{schema_check.REGENERATE}`",
+                    pytrace=False)
+
+
+def test_a_known_document_is_known_by_its_exact_data():
+    """`remap: true` is no `remap: 1` (Python's True == 1): the digest tells them apart, the schema refuses it."""
+    text = (MAPPINGS / "hf-to-mlx.yaml").read_text()
+    parse_spec(text, "mine.yaml")
+    with pytest.raises(RemapError, match=r"mine.yaml:1: remap: 1 was expected"):
+        parse_spec(text.replace("remap: 1", "remap: true"), "mine.yaml")
 
 
 def _typer(descriptor: Any, value: Any, param: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 from remap.errors import RemapError
 
 PARTIAL_SUFFIX = ".partial"
+INCOMPLETE_SUFFIX = ".incomplete"  # a file being written (remap.io.writer), renamed once whole
 
 
 def refuse_overlap(dst: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> None:

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from huggingface_hub.serialization import split_state_dict_into_shards_factory
-
 from remap.errors import RemapError
 from remap.io.checkpoint import INDEX_NAME
 from remap.dtypes import DTYPES, byte_size
@@ -76,6 +74,8 @@ def plan_shards(entries: Iterable[EntryLike], max_shard_size: int | str = "5GB")
         if entry.name in by_name:
             raise RemapError("two output tensors have this name", tensor=entry.name)
         by_name[entry.name] = entry
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory  # (only where files are cut: ~10 ms)
+
     split = split_state_dict_into_shards_factory(
         by_name,
         get_storage_size=lambda entry: entry.nbytes,

@@ -18,14 +18,12 @@ from typing import Iterable
 import numpy as np
 
 from remap.errors import RemapError
-from remap.io.atomic import disk_errors
+from remap.io.atomic import INCOMPLETE_SUFFIX, disk_errors
 from remap.io.hashing import SHA256, following_hash
 from remap.io.mlx_safetensors import header as mlx_header
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
-
-INCOMPLETE_SUFFIX = ".incomplete"
 
 
 def _layout(

@@ -114,6 +114,17 @@ class Layout:
         """Every tensor this layout holds for `config` (already read_config'ed), by name."""
         raise NotImplementedError
 
+    def shapes(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, tuple[int, ...]]:
+        """name -> shape of every tensor `expected` holds, in its order: all detection compares.
+        Override it where that is much cheaper to build than `expected`."""
+        return {name: want.shape for name, want in self.expected(config, variant).items()}
+
+    def count(self, config: Mapping[str, Any], variant: str | None = None) -> int | None:
+        """How many tensors `expected` holds, where the layout tells without building them:
+        detection skips a variant of another count when it looks for the exact one. None (the
+        default): it cannot tell."""
+        return None
+
     # Config keys `infer_config` cannot read off shapes and fills with a default (say so to users).
     assumed: tuple[str, ...] = ()
 

@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from remap.errors import RemapError
-from remap.layouts.base import F32, FLOAT, Expected, FilePlan, Layout, Placement, Sections
+from remap.layouts.base import F32, FLOAT, Expected, FilePlan, Placement, Sections
 from remap.layouts.hf import (
+    CollectedLayout,
     ExpectedTensors,
     config_error,
     indexer,
@@ -168,8 +169,7 @@ def _block(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
         # convert.py copies the file's dtype: float32 in the FP8 releases, any float (bf16 from a
         # bf16 save_pretrained) otherwise; model.py loads either into its float32 parameter
         t.add(f"{p}.ffn.gate.bias", (experts,), F32 if t.scheme else FLOAT)
-    for e in range(experts):
-        _mlp(t, f"{p}.ffn.experts.{e}", hidden, width)
+    t.experts(f"{p}.ffn.experts", experts, hidden, width, mlp=_mlp)
     _mlp(t, f"{p}.ffn.shared_experts", hidden, width * c["n_shared_experts"])
 
 
@@ -274,7 +274,7 @@ def _cut_back(files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]], mp: 
     return placements
 
 
-class DeepseekLayout(Layout):
+class DeepseekLayout(CollectedLayout):
     name = "deepseek"
     variants = ("bf16", "fp8")
     format = "pt"
@@ -292,17 +292,17 @@ class DeepseekLayout(Layout):
     def keeps_dtype(self, name: str) -> bool:
         return name.endswith(".scale")  # the float32 FP8 block scales
 
-    def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
-        """The tensors of the single-rank file, model0-mp1.safetensors."""
+    def _collect(self, kind: type[ExpectedTensors], config: Mapping[str, Any], variant: str | None) -> ExpectedTensors:
+        """The tensors of the single-rank file, model0-mp1.safetensors, collected by `kind`."""
         c, variant = config, self.variant(variant)
-        t = ExpectedTensors(BLOCK if variant == "fp8" else None, scale="scale")
+        t = kind(BLOCK if variant == "fp8" else None, scale="scale")
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         t.add("embed.weight", (vocab, hidden))
         for i in range(c["num_hidden_layers"]):
             _block(t, i, c)
         t.add("norm.weight", (hidden,))
         t.linear("head", vocab, hidden, quantized=False)
-        return t.out
+        return t
 
     def shards(self, config: Mapping[str, Any], mp: int, variant: str | None = None) -> dict[str, dict[str, Expected]]:
         """Every rank's file for model parallelism `mp`, as convert.py cuts the mp=1 tensors."""

@@ -47,7 +47,7 @@ layouts cannot drift apart.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from remap.errors import RemapError
 from remap.layouts.base import F32, FLOAT, FP8, Expected, Layout, Sections
@@ -102,21 +102,49 @@ class ExpectedTensors:
         if bias:
             self.add(f"{name}.bias", (rows,))
 
-    def experts(self, prefix: str, count: int, hidden: int, width: int) -> None:
-        """Routed experts `{prefix}.0` .. `{prefix}.{count - 1}`. Where the FP8 form leaves no
-        module alone by name, every expert quantizes alike: the first is built, the rest stamped
-        from it by name (61 layers x 256 experts x 6 tensors)."""
+    def experts(self, prefix: str, count: int, hidden: int, width: int, mlp: Callable[..., None] | None = None) -> None:
+        """Routed experts `{prefix}.0` .. `{prefix}.{count - 1}`, each an `mlp` (this layout's
+        gate/up/down by default). Where the FP8 form leaves no module alone by name, every expert
+        quantizes alike: the first is built, the rest stamped from it by name (61 layers x 256
+        experts x 6 tensors)."""
+        mlp = mlp or _mlp
         if self.scheme and (self.scheme.skip or self.scheme.ignore):
             for e in range(count):
-                _mlp(self, f"{prefix}.{e}", hidden, width)
+                mlp(self, f"{prefix}.{e}", hidden, width)
             return
         one = ExpectedTensors(None, scheme=self.scheme)
-        _mlp(one, "", hidden, width)
+        mlp(one, "", hidden, width)
+        self.stamp(prefix, count, one.out)
+
+    def stamp(self, prefix: str, count: int, one: Mapping[str, Expected]) -> None:
+        """`one` expert's tensors (names relative to it) for each of `count` experts."""
         out = self.out
         for e in range(count):
             head = f"{prefix}.{e}"
-            for tail, want in one.out.items():
+            for tail, want in one.items():
                 out[head + tail] = Expected(head + tail, want.shape, want.dtype)
+
+
+class ShapeTensors(ExpectedTensors):
+    """Collects name -> shape alone in `out`: all detection compares, without an Expected object
+    per tensor (92k for DeepSeek-V3)."""
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: str = FLOAT) -> None:
+        self.out[name] = shape
+
+    def stamp(self, prefix: str, count: int, one: Mapping[str, Expected]) -> None:
+        names = [head + tail for head in [f"{prefix}.{e}" for e in range(count)] for tail in one]
+        self.out.update(zip(names, [want.shape for want in one.values()] * count))  # in C, not a loop of 90k
+
+
+class CountTensors(ShapeTensors):
+    """Counts the tensors without naming the stamped experts: `len(out) + stamped`. Detection
+    skips a variant whose count is not the checkpoint's before building its 92k names."""
+
+    stamped = 0
+
+    def stamp(self, prefix: str, count: int, one: Mapping[str, Expected]) -> None:
+        self.stamped += count * len(one)  # expert names are their own: none repeats another
 
 
 def _attention(t: ExpectedTensors, p: str, c: Mapping[str, Any]) -> None:
@@ -188,7 +216,25 @@ def _mtp_extras(t: ExpectedTensors, i: int, c: Mapping[str, Any]) -> None:
 TRANSFORMERS_SECTIONS = Sections(("model.embed_tokens.",), "model.layers.{i}.", ("model.norm.", "lm_head."))
 
 
-class HfLayout(Layout):
+class CollectedLayout(Layout):
+    """A layout whose `_collect` fills an ExpectedTensors of the kind asked: Expected objects for
+    `expected`, bare shapes for detection's `shapes`, or the stamped experts only counted."""
+
+    def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
+        return self._collect(ExpectedTensors, config, variant).out
+
+    def shapes(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, tuple[int, ...]]:
+        return self._collect(ShapeTensors, config, variant).out
+
+    def count(self, config: Mapping[str, Any], variant: str | None = None) -> int:
+        counted = self._collect(CountTensors, config, variant)
+        return len(counted.out) + counted.stamped
+
+    def _collect(self, kind: type[ExpectedTensors], config: Mapping[str, Any], variant: str | None) -> ExpectedTensors:
+        raise NotImplementedError
+
+
+class HfLayout(CollectedLayout):
     name = "hf"
     variants = ("bf16", "bf16-mtp", "fp8", "fp8-mtp")
     format = "pt"
@@ -211,13 +257,14 @@ class HfLayout(Layout):
 
         return transformers_runtime(checkpoint, dtype)
 
-    def expected(self, config: Mapping[str, Any], variant: str | None = None) -> dict[str, Expected]:
+    def _collect(self, kind: type[ExpectedTensors], config: Mapping[str, Any], variant: str | None) -> ExpectedTensors:
+        """The variant's tensors, collected by `kind` (as Expected, as shapes, or counted)."""
         variant = self.variant(variant)
         c = config
         if variant.startswith("fp8") and c["model_type"] in FUSED_EXPERTS:
             raise RemapError(f"the {variant} variant is DeepSeek's official FP8 release, not {c['model_type']}",
                              rule="layout hf", expected="bf16")
-        t = ExpectedTensors(None, scheme=fp8_scheme(c["quantization_config"]) if variant.startswith("fp8") else None)
+        t = kind(None, scheme=fp8_scheme(c["quantization_config"]) if variant.startswith("fp8") else None)
         hidden, vocab = c["hidden_size"], c["vocab_size"]
         t.add("model.embed_tokens.weight", (vocab, hidden))
         layers = c["num_hidden_layers"]
@@ -230,7 +277,7 @@ class HfLayout(Layout):
             for i in range(layers, layers + c["num_nextn_predict_layers"]):
                 _decoder_layer(t, i, c)
                 _mtp_extras(t, i, c)
-        return t.out
+        return t
 
 
 LAYOUT = HfLayout()

@@ -12,6 +12,10 @@ evaluates them once at plan time, so a planned op holds plain integers.
 
 Defining an Op subclass with a `name` registers it (REGISTRY): specs can use it, and the op part
 of schemas/spec.schema.json is generated from the classes (remap/ops/schema.py).
+
+numpy (and ml_dtypes) are imported by the functions that compute on arrays (`apply`, `check` and
+their helpers), in every op module: planning from headers (`report`, `inspect`, a convert's plan)
+runs `types` and `loss` only, and skips their ~70 ms of start-up.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 from remap.dtypes import byte_size
 from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Shape = tuple[int, ...]
 
@@ -201,6 +206,8 @@ def expr_text(value: Any) -> str:
 def nonfinite(array: np.ndarray, block: int = 1 << 22) -> tuple[int, int]:
     """(NaN count, Inf count) of a float array, `block` values at a time (bf16 has no numpy float
     kind: a whole tensor converted to float32 at once would double its memory)."""
+    import numpy as np
+
     flat, nan, inf = np.asarray(array).reshape(-1), 0, 0
     for start in range(0, flat.size, block):
         values = flat[start:start + block]
@@ -216,6 +223,8 @@ _EXPONENT = {"bfloat16": 0x7F80, "float16": 0x7C00}
 
 def any_nonfinite(array: np.ndarray) -> bool:
     """Whether a float array holds a NaN or an Inf, as cheaply as its dtype allows."""
+    import numpy as np
+
     mask = _EXPONENT.get(array.dtype.name)
     if mask is None:
         return any(nonfinite(array))
@@ -234,4 +243,6 @@ def refuse_nonfinite(op: "Op", array: np.ndarray) -> None:
 
 
 def max_abs(array: np.ndarray) -> float:
+    import numpy as np
+
     return float(np.max(np.abs(array.astype(np.float32)))) if array.size else 0.0

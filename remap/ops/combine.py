@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from remap.errors import RemapError
 from remap.ops.base import NotInvertible, Op, TensorType
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Concat(Op):
         return [*inputs[: span.start], joined, *inputs[span.stop :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         span = self._span(len(arrays))
         joined = np.concatenate([arrays[k] for k in span], axis=self.axis)
         return [*arrays[: span.start], joined, *arrays[span.stop :]]
@@ -89,6 +92,8 @@ class Split(Op):
         return [*inputs[: self.input], *pieces, *inputs[self.input + 1 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         x = self._pick(arrays)
         cuts = np.cumsum(self.sizes)[:-1]
         pieces = np.split(x, cuts, axis=self.axis)

@@ -11,14 +11,14 @@ rank(W) <= rank, and `check` measures by how much it is not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import ml_dtypes
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from remap import dtypes
 from remap.errors import RemapError
 from remap.ops.base import Finding, Loss, NotInvertible, Op, TensorType, max_abs
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    import numpy as np
 
 _FLOATS = ("BF16", "F16", "F32", "F64")
 
@@ -56,6 +56,8 @@ class LowRankFuse(Op):
         return [*inputs[: self.input], fused, *inputs[self.input + 2 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         left, right = arrays[self.input], arrays[self.input + 1]
         fused = (left.astype(np.float64) @ right.astype(np.float64)).astype(left.dtype)
         return [*arrays[: self.input], fused, *arrays[self.input + 2 :]]
@@ -96,6 +98,8 @@ class LowRankSplit(Op):
 
     def _factors(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(left, right) in W's dtype, and every singular value of W (float64, descending)."""
+        import numpy as np
+
         u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
         root = np.sqrt(s[: self.rank])
         left = (u[:, : self.rank] * root).astype(w.dtype)
@@ -118,6 +122,9 @@ class LowRankSplit(Op):
         at most u * |W|_F (Weyl), u half of eps, so eps * |W|_F leaves room; plus numpy's
         matrix_rank tolerance for the float64 SVD itself. (A product of rank-`rank` factors
         rounded to bf16 is not exactly of rank `rank`; this still says it holds.)"""
+        import ml_dtypes
+        import numpy as np
+
         w = self._pick(arrays)
         left, right, s = self._factors(w)
         error = max_abs(w.astype(np.float64) - left.astype(np.float64) @ right.astype(np.float64))

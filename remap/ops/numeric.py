@@ -2,37 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import ml_dtypes
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from remap import dtypes
 from remap.errors import RemapError
 from remap.ops.base import Loss, NotInvertible, Op, TensorType, any_nonfinite
 
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    import numpy as np
 
 # (exponent bits, mantissa bits) of each float dtype.
-# Every e4m3 code's float32 value: decoding by table lookup is exact (each code has one value).
-_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-# ... and of each pair of codes (a uint16, little-endian: the low byte is the first value), as one
-# uint64: decoding two at a time halves the lookups. 512 KB, so it stays in cache.
-_E4M3_PAIRS_TO_F32 = np.stack(np.meshgrid(_E4M3_TO_F32, _E4M3_TO_F32), -1).reshape(-1, 2).view(np.uint64).ravel()
 _FLOAT_BITS = {"F8_E4M3": (4, 3), "F8_E5M2": (5, 2), "BF16": (8, 7), "F16": (5, 10), "F32": (8, 23), "F64": (11, 52)}
+
+
+@functools.cache
+def _e4m3_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Every e4m3 code's float32 value (decoding by table lookup is exact: each code has one value),
+    and each pair of codes' (a uint16, little-endian: the low byte is the first value) as one
+    uint64: decoding two at a time halves the lookups. 512 KB, so it stays in cache."""
+    import ml_dtypes
+    import numpy as np
+
+    single = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    pairs = np.stack(np.meshgrid(single, single), -1).reshape(-1, 2).view(np.uint64).ravel()
+    return single, pairs
 
 
 def _decode_e4m3(codes: np.ndarray) -> np.ndarray:
     """e4m3 codes -> their float32 values, exactly (~4x faster than ml_dtypes' cast)."""
+    import numpy as np
+
+    single, pairs = _e4m3_tables()
     codes = np.ascontiguousarray(codes).view(np.uint8)
     if codes.shape[-1] % 2:
-        return _E4M3_TO_F32[codes]
-    return _E4M3_PAIRS_TO_F32[codes.view(np.uint16)].view(np.float32)
+        return single[codes]
+    return pairs[codes.view(np.uint16)].view(np.float32)
 
 
 def _made_nonfinite(source: np.ndarray, cast: np.ndarray, block: int = 1 << 22) -> int:
     """How many finite values of `source` are Inf or NaN in `cast` (given ones stay what they were),
     a block at a time: a whole tensor in float32 would double its memory."""
+    import numpy as np
+
     before, after, made = source.reshape(-1), cast.reshape(-1), 0
     for start in range(0, before.size, block):
         finite = np.isfinite(before[start:start + block].astype(np.float32))
@@ -70,6 +83,8 @@ class Cast(Op):
         return self._replace(inputs, TensorType(t.shape, self.dtype))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         source = self._pick(arrays)
         with np.errstate(over="ignore"):  # overflow is refused below, or kept when asked: no warning line
             cast = source.astype(dtypes.numpy_dtype(self.dtype))
@@ -100,6 +115,9 @@ _SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
 
 def _scale_values(scale: np.ndarray) -> np.ndarray:
     """A scale tensor's float32 values: 2^(byte - 127) for E8M0 bytes (0xFF is NaN)."""
+    import ml_dtypes
+    import numpy as np
+
     if scale.dtype == np.uint8:
         scale = scale.view(ml_dtypes.float8_e8m0fnu)
     return scale.astype(np.float32)
@@ -150,6 +168,9 @@ class DequantFP8(Op):
         return (), (1,), (1, 1), (shape[0], 1)
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import ml_dtypes
+        import numpy as np
+
         w, s = arrays[self.input], _scale_values(arrays[self.input + 1])
         # A 16-bit float scale: the product rounds to its dtype first, as compressed-tensors
         # computes in the scale's dtype (for bf16 the same bits: 4 x 8 significant bits are exact)

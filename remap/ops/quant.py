@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
-
-import ml_dtypes
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from remap import dtypes
 from remap.errors import RemapError
 from remap.ops.base import Finding, Loss, Op, Shape, TensorType, any_nonfinite, max_abs, nonfinite, refuse_nonfinite
 from remap.ops.numeric import DequantFP8
 from remap.quant_sizes import MLX_BITS, MLX_GROUP_SIZES
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
 # What mx.quantize accepts in affine mode (its documented table, mlx 0.32).
 MLX_MODES = ("affine",)
@@ -67,6 +68,9 @@ class QuantFP8(Op):
         return [*inputs[: self.input], codes, scales, *inputs[self.input + 1 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import ml_dtypes
+        import numpy as np
+
         x = self._pick(arrays).astype(np.float32)
         refuse_nonfinite(self, x)
         rows, cols = x.shape
@@ -86,6 +90,8 @@ class QuantFP8(Op):
                     "e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 + scale / 1024 per weight")
 
     def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        import numpy as np
+
         x = self._pick(arrays)
         if (found := _nonfinite_finding(x)) is not None:
             return [found]
@@ -122,6 +128,9 @@ def _mx() -> Any:
 
 
 def _to_mlx(array: np.ndarray) -> Any:
+    import ml_dtypes
+    import numpy as np
+
     mx = _mx()
     array = np.ascontiguousarray(array)
     if array.dtype == ml_dtypes.bfloat16:  # mlx reads no ml_dtypes: move the bits as uint16
@@ -131,6 +140,9 @@ def _to_mlx(array: np.ndarray) -> Any:
 
 def _view(x: Any) -> np.ndarray:
     """A numpy view of an mlx array's memory (it evaluates the array; the view keeps it alive)."""
+    import ml_dtypes
+    import numpy as np
+
     mx = _mx()
     if x.dtype == mx.bfloat16:  # numpy has no bfloat16 of its own: read the bits as uint16
         return np.asarray(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
@@ -144,6 +156,8 @@ _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
 def _threads() -> ThreadPoolExecutor:
     """A thread per core, to evaluate blocks of one tensor side by side. Since mlx 0.31.2 each
     thread has its own default stream, so blocks made and evaluated in one thread run in parallel."""
+    from concurrent.futures import ThreadPoolExecutor  # (and its logging): only where mlx quantizes
+
     return ThreadPoolExecutor(_CORES, thread_name_prefix="remap-mlx")
 
 
@@ -219,6 +233,8 @@ class QuantizeMLX(Op):
         return [*inputs[: self.input], weight, scales, scales, *inputs[self.input + 1 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         mx = _mx()
         x = self._pick(arrays)
         rows = x.reshape(-1, x.shape[-1])
@@ -241,6 +257,8 @@ class QuantizeMLX(Op):
         return Loss("quantization", what, "2^bits levels per group: |error| <= |scale| + |bias| / 256 per weight")
 
     def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        import numpy as np
+
         x = self._pick(arrays)
         if (found := _nonfinite_finding(x)) is not None:
             return [found]
@@ -302,6 +320,8 @@ class DequantizeMLX(Op):
         return [*inputs[: self.input], out, *inputs[self.input + 3 :]]
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         mx = _mx()
         w, scales, biases = arrays[self.input : self.input + 3]
         target = self.dtype or dtypes.dtype_name(scales.dtype)

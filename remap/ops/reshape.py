@@ -4,12 +4,13 @@ row permutation between the two RoPE pairings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from remap.errors import RemapError
 from remap.ops.base import NotInvertible, Op, TensorType
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class Transpose(Op):
         return self._replace(inputs, t.with_shape([t.shape[a] for a in self.axes]))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         return self._replace(arrays, np.ascontiguousarray(self._pick(arrays).transpose(self.axes)))
 
     @classmethod
@@ -134,21 +137,28 @@ class RopePermute(Op):
         if self.dim is None or self.dim <= 0 or self.dim % 2:
             raise RemapError(f"rope_permute: dim {self.dim}", expected="the rope dim, a positive even size")
 
-    def _rows(self, extent: int) -> np.ndarray:
-        """Which input row each output row takes, along an axis of `extent` rows."""
+    def _check_extent(self, extent: int) -> None:
         if extent % self.dim:
             raise RemapError(f"rope_permute: extent {extent} does not cut into blocks of dim {self.dim}",
                              expected=f"a multiple of {self.dim}")
+
+    def _rows(self, extent: int) -> np.ndarray:
+        """Which input row each output row takes, along an axis of `extent` rows."""
+        import numpy as np
+
+        self._check_extent(extent)
         pairs = (2, self.dim // 2) if self.order == "interleave" else (self.dim // 2, 2)
         block = np.arange(self.dim).reshape(pairs).T.ravel()  # interleave: [0, d/2, 1, d/2+1, ...]
         return (np.arange(0, extent, self.dim)[:, None] + block).ravel()
 
     def types(self, inputs: list[TensorType]) -> list[TensorType]:
         t = self._pick(inputs)
-        self._rows(t.shape[self._axis(t.shape, self.axis)])
+        self._check_extent(t.shape[self._axis(t.shape, self.axis)])
         return inputs
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         x = self._pick(arrays)
         return self._replace(arrays, np.take(x, self._rows(x.shape[self.axis]), axis=self.axis))
 

@@ -4,12 +4,13 @@ pad, and repeat (the exact inverse of keeping one of several identical copies)."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from remap.errors import RemapError
 from remap.ops.base import CLAIMS, Finding, Loss, NotInvertible, Op, TensorType, expr_text, max_abs
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute on arrays (remap/ops/base.py)
+    import numpy as np
 
 
 def _check_size(op: Op, shape: tuple[int, ...], axis: int, size: int | None) -> None:
@@ -52,6 +53,8 @@ class Slice(Op):
         return self._replace(inputs, t.with_shape(t.shape[:axis] + (stop - start,) + t.shape[axis + 1 :]))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         x = self._pick(arrays)
         start, stop = self._bounds(x.shape[self.axis])
         return self._replace(arrays, np.ascontiguousarray(np.take(x, range(start, stop), axis=self.axis)))
@@ -66,6 +69,8 @@ class Slice(Op):
         return Loss(self.claim, what, self.reason)
 
     def check(self, arrays: list[np.ndarray]) -> list[Finding]:
+        import numpy as np
+
         x = self._pick(arrays).astype(np.float32)
         start, stop = self._bounds(x.shape[self.axis])
         loss = self.loss([TensorType(a.shape, "F32") for a in arrays])
@@ -126,6 +131,8 @@ class Pad(Op):
         return self._replace(inputs, t.with_shape(t.shape[:axis] + (t.shape[axis] + before + after,) + t.shape[axis + 1 :]))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         x = self._pick(arrays)
         widths = [(0, 0)] * x.ndim
         widths[self.axis % x.ndim] = self._widths(x.shape[self.axis])
@@ -164,6 +171,8 @@ class Repeat(Op):
         return self._replace(inputs, t.with_shape(t.shape[:axis] + (t.shape[axis] * self.times,) + t.shape[axis + 1 :]))
 
     def apply(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
         x = self._pick(arrays)
         return self._replace(arrays, np.concatenate([x] * self.times, axis=self.axis))
 

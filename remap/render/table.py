@@ -8,14 +8,19 @@ from typing import Any, Iterable, Sequence
 
 from rich.cells import cell_len
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 GAP = "  "  # between plain columns, and before each plain row
 
 
 class FittingConsole(Console):
-    """A Console whose lines wrap only on a terminal (rich wraps at 80 columns in a pipe)."""
+    """A Console whose lines wrap only on a terminal (rich wraps at 80 columns in a pipe), and that
+    prints text as it is: a `:name:` in it is no emoji code (rich would print `mine.yaml:100:` as
+    `mine.yaml💯`, and import its 4,000-emoji table to look)."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        options.setdefault("emoji", False)
+        super().__init__(*args, **options)
 
     def print(self, *objects: Any, **options: Any) -> None:
         if not self.is_terminal:
@@ -29,6 +34,8 @@ def print_table(console: Console, columns: Sequence[str], rows: Iterable[Sequenc
     rich table (`no_wrap` columns are never folded); elsewhere plain aligned lines."""
     rows = list(rows)
     if console.is_terminal:
+        from rich.table import Table  # a terminal's only: a pipe or a log gets plain lines
+
         table = Table(title=title, header_style="bold", title_justify="left")
         for column in columns:
             table.add_column(column, overflow="fold", no_wrap=column in no_wrap)
@@ -37,7 +44,7 @@ def print_table(console: Console, columns: Sequence[str], rows: Iterable[Sequenc
         console.print(table)
         return
     if title:
-        console.print(Text.from_markup(title, style="bold"), soft_wrap=True)
+        console.print(Text.from_markup(title, style="bold", emoji=False), soft_wrap=True)
     for line in plain_lines(columns, rows):
         console.print(line, soft_wrap=True)
 
@@ -46,7 +53,7 @@ def plain_lines(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[T
     """The table as aligned lines: every column as wide as its widest line, a cell of several
     lines continued on the next lines in its own column, no trailing spaces."""
     header = [[Text(c, style="bold")] for c in columns]
-    table = [header] + [[Text.from_markup(cell).split("\n") for cell in row] for row in rows]
+    table = [header] + [[Text.from_markup(cell, emoji=False).split("\n") for cell in row] for row in rows]
     widths = [max(cell_len(line.plain) for row in table for line in row[k]) for k in range(len(columns))]
     lines = []
     for row in table:

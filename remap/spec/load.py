@@ -1,14 +1,15 @@
-"""Load a mapping spec: YAML (safe, with line numbers) -> JSON Schema check -> Spec (plain data)."""
+"""Load a mapping spec: YAML (safe, with line numbers) -> JSON Schema check -> Spec (plain data).
+
+The schema check (remap/spec/schema_check.py) imports jsonschema only for a document not known to
+pass it: the bundled specs and their inverses are known."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from remap.errors import RemapError
@@ -16,6 +17,7 @@ from remap.io.textfiles import read_bounded
 from remap.ops import op_class
 from remap.spec import yaml_lines
 from remap.spec.pattern import Pattern
+from remap.spec.schema_check import check_document, spec_schema  # noqa: F401  (callers import spec_schema here)
 
 # The repository's top-level mappings/ and schemas/, reached through symlinks inside the package
 # so that a wheel (which copies what they point to) carries them too.
@@ -73,11 +75,6 @@ class Spec:
         return f"{self.path}:{rule.line}" if rule.line else self.path
 
 
-@lru_cache(maxsize=1)
-def spec_schema() -> dict:
-    return json.loads((SCHEMAS / "spec.schema.json").read_text())
-
-
 def bundled_specs() -> list[Path]:
     return sorted(MAPPINGS.glob("*.yaml"))
 
@@ -122,12 +119,7 @@ def parse_spec(text: str, path: str = "<memory>") -> Spec:
 
 
 def spec_from_document(document: Any, path: str = "<memory>") -> Spec:
-    validator = jsonschema.Draft202012Validator(spec_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
-    if error is not None:
-        line = yaml_lines.line_of(document, list(error.absolute_path))
-        at = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise RemapError(f"{at}: {error.message}", file=f"{path}:{line}", expected="a spec matching schemas/spec.schema.json")
+    check_document(document, path)
     rules = tuple(_rule(k, raw, path) for k, raw in enumerate(document.get("rules", [])))
     parts = tuple(_part(item, path) for item in document.get("compose", []))
     for before, after in zip(parts, parts[1:]):
