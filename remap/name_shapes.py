@@ -20,12 +20,6 @@ _INDEX = re.compile(r"(?<=\.)(0|[1-9][0-9]*)(?=\.|$)")
 _LINES = re.compile(r"\.(0|[1-9][0-9]*)(?=[.\n]|\Z)")
 
 
-def by_shape(names: Iterable[str]) -> dict[str, list[str]]:
-    """Name shape -> its names, as if the names were sorted by `natural_key` and then grouped:
-    shapes in the order of their first name, names in natural order."""
-    return {shape: alike.names for shape, alike in shaped(names).items()}
-
-
 @dataclass(frozen=True)
 class Alike:
     """The names of one shape, in natural order, and each one's numbers."""
@@ -35,7 +29,8 @@ class Alike:
 
 
 def shaped(names: Iterable[str]) -> dict[str, Alike]:
-    """by_shape, with each name's numbers.
+    """Name shape -> its names and their numbers, as if the names were sorted by `natural_key`
+    and then grouped: shapes in the order of their first name, names in natural order.
 
     Sorting each shape by its numbers alone gives the natural order (within a shape the text
     between the numbers is the same), and costs no natural key per name."""

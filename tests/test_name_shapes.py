@@ -3,7 +3,7 @@
 import random
 import re
 
-from remap.name_shapes import by_shape, shaped
+from remap.name_shapes import shaped
 from remap.spec.pattern import Pattern
 from remap.names import collapse, collapse_sorted, natural_key
 
@@ -22,7 +22,7 @@ def _names(seed: int) -> list[str]:
     return shuffled
 
 
-def test_by_shape_is_the_natural_sort_grouped():
+def test_shapes_are_the_natural_sort_grouped():
     for seed in range(20):
         names = _names(seed)
         if seed % 2:  # names with newlines (a hostile header's) take the one-name-at-a-time path
@@ -30,7 +30,7 @@ def test_by_shape_is_the_natural_sort_grouped():
         grouped: dict[str, list[str]] = {}
         for name in sorted(names, key=natural_key):
             grouped.setdefault(_INDEX.sub("#", name), []).append(name)
-        assert list(by_shape(names).items()) == list(grouped.items())
+        assert [(shape, alike.names) for shape, alike in shaped(names).items()] == list(grouped.items())
 
 
 def test_collapse_sorted_is_collapse_of_the_natural_sort():
