@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib import import_module
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -165,7 +166,8 @@ def plan_recipe(recipe: Conversion, checkpoint: Checkpoint,
         params = {**quant_params, **params}
     detected = _detected(checkpoint, raw)
     source_variant = detected.variant if detected.layout == loaded.source_layout else None
-    tensors = tensor_types((n, t.shape, t.dtype) for n, t in checkpoint.tensors.items())
+    infos = checkpoint.tensors.values()
+    tensors = tensor_types(checkpoint.tensors, map(attrgetter("shape"), infos), map(attrgetter("dtype"), infos))
     built = build_plan(loaded, tensors, raw, params=params, dtype=recipe.dtype, variant=recipe.variant,
                        source_variant=source_variant, allow_nonfinite=recipe.allow_nonfinite)
     return dataclasses.replace(built, recipe=recipe), checkpoint

@@ -28,16 +28,19 @@ class Alike:
     numbers: list[tuple[int, ...]]
 
 
-def shaped(names: Iterable[str]) -> dict[str, Alike]:
+def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
     """Name shape -> its names and their numbers, as if the names were sorted by `natural_key`
-    and then grouped: shapes in the order of their first name, names in natural order.
+    and then grouped: shapes in the order of their first name, names in natural order. (A name
+    holding `#` is a shape of its own, keyed `(name,)`.)
 
     Sorting each shape by its numbers alone gives the natural order (within a shape the text
     between the numbers is the same), and costs no natural key per name."""
     names = list(names)
     joined = "\n".join(names)
     whole = joined.count("\n") == len(names) - 1  # else a name holds a newline (a hostile header)
-    shapes = _LINES.sub(".#", joined).split("\n") if whole else [_INDEX.sub("#", name) for name in names]
+    shapes: list = _LINES.sub(".#", joined).split("\n") if whole else [_INDEX.sub("#", name) for name in names]
+    if "#" in joined:  # a name holding `#` would pass for the shape of others (`a.#.b`, `a.5.b`): it goes alone
+        shapes = [(name,) if "#" in name else shape for name, shape in zip(names, shapes)]
     groups: dict[str, list[int]] = {}  # shape -> positions of its names
     for position, shape in enumerate(shapes):
         groups.setdefault(shape, []).append(position)

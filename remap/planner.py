@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import ChainMap
-from operator import itemgetter
+from itertools import chain, compress
+from operator import attrgetter, itemgetter
 from typing import Any, Mapping
 
 from remap import dtypes
@@ -19,49 +20,13 @@ from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
 from remap.name_shapes import shaped
-from remap.ops import Loss, Op, TensorType, build_op, op_class
+from remap.ops import Loss, TensorType
 from remap.names import natural_key
 from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.spec.load import Rule, Spec
+from remap.namespace import namespace, translate_config
+from remap.op_types import OpTypes
 from remap.spec.pattern import Pattern, ShapeMatch
-
-
-def translate_config(change: Mapping[str, Any], raw: Mapping[str, Any], names: Mapping[str, Any]) -> dict:
-    """The target config.json: the source's (or, with `keep: false`, nothing), with the spec's
-    `set`, `derive` and `remove` applied."""
-    out = dict(raw) if change.get("keep", True) else {}
-    out.update(change.get("set", {}))
-    for key, expression in change.get("derive", {}).items():
-        try:
-            out[key] = _derive(expression, names)
-        except RemapError as exc:
-            raise exc.within(rule=f"config.derive.{key}") from None
-    for key in change.get("remove", []):
-        out.pop(key, None)
-    return out
-
-
-def _derive(expression: Any, names: Mapping[str, Any]) -> Any:
-    """An expression, or a mapping whose values are (a JSON object for config.json)."""
-    if isinstance(expression, dict):
-        return {key: _derive(value, names) for key, value in expression.items()}
-    return evaluate(expression, names)
-
-
-def namespace(spec: Spec, config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
-    """Config values plus the spec's params: a default may be an expression over the config; a
-    user's override (`--param key=value`) is a value, taken as given."""
-    names = dict(config)
-    for key, default in spec.params.items():
-        if key in (overrides or {}):
-            names[key] = overrides[key]
-        else:
-            names[key] = evaluate(default, names) if isinstance(default, str) else default
-    unknown = set(overrides or {}) - set(spec.params)
-    if unknown:
-        raise RemapError(f"unknown parameter '{sorted(unknown)[0]}'", file=spec.path,
-                         expected=", ".join(spec.params) or "no parameters")
-    return names
 
 
 def build_plan(
@@ -146,7 +111,6 @@ class _Planner:
     def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
                  target: Layout, allow_nonfinite: bool = False):
         self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
-        self.allow_nonfinite = allow_nonfinite
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
         self.reused: dict[str, list[str]] = {}  # tensor -> rules re-reading it
@@ -154,12 +118,9 @@ class _Planner:
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.output_types: dict[str, TensorType] = {}  # output -> its type (shared by alike outputs): a next stage's sources
-        self.op_cache: dict[tuple, tuple[Op, ...]] = {}
-        self.op_reads: dict[int, list[str]] = {}  # rule -> the names its ops' expressions read
+        self.op_types = OpTypes(namespace, dtype, target, allow_nonfinite)
         self.shapes = shaped(tensors)  # name shape (numbers as #) -> its names in natural order, their numbers
-        self.type_cache: dict[tuple, tuple[list[TensorType], tuple[Op, ...], list[Loss]]] = {}
         self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
-        self.last_types: tuple | None = None  # (ops, input types, casts, their type_cache entry): the last asked
 
     @functools.cached_property
     def names(self) -> list[str]:
@@ -186,9 +147,14 @@ class _Planner:
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
         """(name, binding) of the source names matching `pattern` whose variables (and `dtype`
         and `shape`, the matched tensor's) pass the rule's `when`."""
+        return [pair for match, keep in self._kept(pattern, rule) for pair in match.bindings(keep)]
+
+    def _kept(self, pattern: Pattern, rule: Rule) -> list[tuple[ShapeMatch, list[int] | None]]:
+        """The matches of `pattern`, each with the positions of the names the rule's `when`
+        keeps (None: all of them)."""
         found = self._matches(pattern)
         if rule.when is None:
-            return [pair for match in found for pair in match.bindings()]
+            return [(match, None) for match in found]
         # `when` reads a few variables; decide once per distinct value of those (61 layers x 256
         # experts ask the same `i < num_hidden_layers` 61 times, not 15,616), from the values'
         # columns, and bind only the names it keeps (a drop of `model.layers.{i}.{rest*}` past the
@@ -198,43 +164,105 @@ class _Planner:
         tensors, decided, kept = self.tensors, {}, []
         for match in found:
             columns = [match.column(v) for v in variables]
-            if "dtype" in read:
-                columns.append([tensors[n].dtype for n in match.names])
-            if "shape" in read:
-                columns.append([tensors[n].shape for n in match.names])
+            for field in ("dtype", "shape"):
+                if field in read:
+                    columns.append(list(map(attrgetter(field), map(tensors.__getitem__, match.names))))
             keys = list(zip(*columns)) if columns else [()] * len(match.names)
             for key in dict.fromkeys(keys):  # (in name order: an expression that fails, fails on the first name)
                 if key not in decided:
                     scope = dict(zip(variables, key))
                     scope.update(zip([k for k in ("dtype", "shape") if k in read], key[len(variables):]))
                     decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
-            keep = [k for k, key in enumerate(keys) if decided[key]]
-            kept += match.bindings(keep if len(keep) < len(keys) else None)
+            passed = list(map(decided.__getitem__, keys))
+            if all(passed):
+                kept.append((match, None))
+            elif any(passed):
+                kept.append((match, list(compress(range(len(keys)), passed))))
         return kept
 
     def _map(self, rule: Rule) -> None:
         first, *others = rule.sources
         if rule.stack:
-            # a stack per value of the other variables (every binding of one pattern has the same ones)
-            found = self._bindings(first, rule)
-            rest = sorted(k for k in found[0][1] if k != rule.stack) if found else []
-            values = itemgetter(*rest) if len(rest) > 1 else lambda b: tuple(b[k] for k in rest)
-            groups: dict[tuple, list[tuple[int, str, dict]]] = {}
-            for name, binding in found:
-                groups.setdefault(values(binding), []).append((binding[rule.stack], name, binding))
-            for key_values, members in groups.items():
-                key = tuple(zip(rest, key_values))
-                members.sort(key=lambda m: m[0])
-                indices = [m[0] for m in members]
-                if indices != list(range(len(indices))):
-                    missing = sorted(set(range(max(indices) + 1)) - set(indices))
-                    raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
-                                     tensor=members[0][1], expected=f"{rule.stack} = 0..{max(indices)} all present")
-                # (a name's own binding fills the first pattern back into the name)
-                self._step(rule, dict(key), [[name, *[p.fill(b) for p in others]] for _, name, b in members])
-            return
-        for name, binding in self._bindings(first, rule):
-            self._step(rule, binding, [[name] + [p.fill(binding) for p in others]])
+            return self._map_stacked(rule)
+        for match, keep in self._kept(first, rule):
+            if not self._steps_alike(rule, match, keep):
+                for name, binding in match.bindings(keep):
+                    self._step(rule, binding, [[name] + [p.fill(binding) for p in others]])
+
+    def _map_stacked(self, rule: Rule) -> None:
+        """A step per value of the variables other than the stacked one (every binding of one
+        pattern has the same ones), its groups the stacked elements in index order."""
+        first, *others = rule.sources
+        rest = sorted(v for v in first.variables if v != rule.stack)
+        stacks: dict[tuple, list[tuple]] = {}
+        for match, keep in self._kept(first, rule):
+            # the other sources' names from templates over each name's numbers (None: a pattern
+            # reads a variable the first does not bind, which fill() reports below)
+            templates = [match.template(p) for p in others]
+            columns = [match.column(v) for v in (*rest, rule.stack)]
+            rows = list(zip(zip(*columns[:-1]), columns[-1], match.names, match.numbers))
+            for key, index, name, values in (rows if keep is None else map(rows.__getitem__, keep)):
+                stacks.setdefault(key, []).append((index, name, values, templates, match.binding))
+        for key_values, members in stacks.items():
+            members.sort(key=itemgetter(0))
+            indices = [m[0] for m in members]
+            if indices != list(range(len(indices))):
+                missing = sorted(set(range(max(indices) + 1)) - set(indices))
+                raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
+                                 tensor=members[0][1], expected=f"{rule.stack} = 0..{max(indices)} all present")
+            groups = []
+            for _, name, values, templates, binding in members:
+                for pattern in others if None in templates else ():
+                    pattern.fill(binding)  # raises: which variable is not bound
+                groups.append([name, *[template.format(*values) for template in templates]])
+            self._step(rule, dict(zip(rest, key_values)), groups)
+
+    def _steps_alike(self, rule: Rule, match: ShapeMatch, keep: list[int] | None) -> bool:
+        """The steps of one shape's names (those at `keep`) at once, where their ops are the same:
+        names filled from templates over their numbers, types worked out once per distinct input
+        types, clashes looked for with sets. False, with nothing recorded, where anything is out of
+        the ordinary (a missing source, a clash, an op refusing its types): the caller then steps
+        name by name, which raises the error where it always has."""
+        reads = self.op_types.reads(rule)
+        varying = [v for v, *_ in (*match.on_number, *match.over_numbers)]
+        if len(match.names) < 2 or rule.unstack or rule.reuse or any(v in reads for v in varying):
+            return False
+        templates = [match.template(p) for p in (*rule.sources[1:], *rule.to)]
+        if None in templates:
+            return False
+        names, numbers = match.names, match.numbers
+        if keep is not None:
+            names, numbers = [names[k] for k in keep], [numbers[k] for k in keep]
+        filled = [[template.format(*values) for values in numbers] for template in templates]
+        sources, outputs = [names, *filled[:len(rule.sources) - 1]], filled[len(rule.sources) - 1:]
+        try:
+            types = [list(map(self.tensors.__getitem__, column)) for column in sources]
+        except KeyError:
+            return False
+        rows = list(zip(*[map(id, column) for column in types]))  # (equal types are one object)
+        if self.dtype:  # whether --dtype casts an output depends on its name
+            rows = list(zip(rows, [tuple(map(self.target.keeps_dtype, made)) for made in zip(*outputs)]))
+        answers = {}
+        try:
+            ops = self.op_types.ops(rule, match.binding)
+            for row, k in dict(zip(reversed(rows), range(len(rows) - 1, -1, -1))).items():  # each row's first
+                losses: list[Loss] = []
+                answers[row] = (*self.op_types.types(ops, [c[k] for c in types], losses, [c[k] for c in outputs]), tuple(losses))
+        except RemapError:
+            return False
+        made, read = list(chain.from_iterable(zip(*outputs))), list(chain.from_iterable(zip(*sources)))
+        if (any(len(out) != len(rule.to) for out, _, _ in answers.values()) or len(set(made)) < len(made)
+                or not self.written.keys().isdisjoint(made) or any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
+            return False
+        self.written.update(dict.fromkeys(made, rule.id))
+        self.used.update(dict.fromkeys(read, rule.id))
+        per_name = list(map(answers.__getitem__, rows))
+        self.output_types.update(zip(made, chain.from_iterable([answer[0] for answer in per_name])))
+        append, output, step, rule_id = self.steps.append, Output.of, Step.of, rule.id
+        for group, made_names, (types, ops, losses) in zip(zip(*sources), zip(*outputs), per_name):
+            outs = tuple([output(name, t.shape, t.dtype) for name, t in zip(made_names, types)])
+            append(step(rule_id, outs, (group,), ops, False, losses=losses))
+        return True
 
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
         tensors = self.tensors
@@ -244,7 +272,7 @@ class _Planner:
             name, group = next((n, g) for g in groups for n in g if n not in tensors)
             raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
                              expected="every `from` pattern to exist for each match of the first") from None
-        ops = self._ops(rule, binding)
+        ops = self.op_types.ops(rule, binding)
         types = group_types[0]
         if rule.unstack:
             return self._unstack(rule, binding, groups[0], ops, types)
@@ -253,7 +281,7 @@ class _Planner:
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
         names = [p.fill(binding) for p in rule.to]
-        types, ops = self._run_types(ops, types, losses, names)
+        types, ops = self.op_types.types(ops, types, losses, names)
         if len(types) != len(rule.to):
             raise RemapError(f"ops leave {len(types)} tensors for {len(rule.to)} `to` patterns",
                              expected=f"{len(rule.to)} tensors after the last op")
@@ -264,28 +292,13 @@ class _Planner:
         self.output_types.update(zip(names, types))
         self.steps.append(Step.of(rule.id, outputs, tuple(map(tuple, groups)), ops, bool(rule.stack), losses=tuple(losses)))
 
-    def _ops(self, rule: Rule, binding: dict) -> tuple[Op, ...]:
-        """The rule's ops, built once per distinct value of the variables they read (usually
-        once per rule: 15,000 expert steps share one `pad`)."""
-        reads = self.op_reads.get(rule.index)
-        if reads is None:
-            reads = self.op_reads[rule.index] = sorted({n for raw in rule.ops for n in op_class(raw["op"]).names_read(raw)})
-        key = (rule.index, tuple((k, binding[k]) for k in reads if k in binding) if reads else ())
-        if key not in self.op_cache:
-            self.op_cache[key] = tuple(build_op(self._nonfinite(raw), {**self.namespace, **binding}) for raw in rule.ops)
-        return self.op_cache[key]
-
-    def _nonfinite(self, raw: Mapping[str, Any]) -> Mapping[str, Any]:
-        """--allow-nonfinite: the ops that refuse NaN and Inf take them."""
-        return {**raw, "nonfinite": "keep"} if self.allow_nonfinite and op_class(raw["op"]).finite_inputs else raw
-
     def _unstack(self, rule: Rule, binding: dict, group: list[str], ops: tuple, types: list[TensorType]) -> None:
         counts = {t.shape[0] for t in types}
         if len(counts) != 1 or any(len(t.shape) < 2 for t in types):
             raise RemapError(f"cannot unstack {group}: leading axes {[list(t.shape) for t in types]} differ")
         sliced = [t.with_shape(t.shape[1:]) for t in types]
         losses: list[Loss] = []
-        out_types, ops = self._run_types(ops, sliced, losses, [p.fill({**binding, rule.unstack: 0}) for p in rule.to])
+        out_types, ops = self.op_types.types(ops, sliced, losses, [p.fill({**binding, rule.unstack: 0}) for p in rule.to])
         if len(out_types) != len(rule.to):
             raise RemapError(f"ops leave {len(out_types)} tensors for {len(rule.to)} `to` patterns")
         for index in range(counts.pop()):
@@ -294,50 +307,6 @@ class _Planner:
             self._record(rule, [group] if index == 0 else [], outputs)
             self.output_types.update((o.name, t) for o, t in zip(outputs, out_types))
             self.steps.append(Step.of(rule.id, outputs, (tuple(group),), ops, take=index, losses=tuple(losses)))
-
-    def _run_types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
-        """The output types of `ops` on `types` (and the ops with --dtype's casts added), adding
-        their losses to `losses`. Computed once per distinct ops, input types and cast choices:
-        45,808 experts of one shape ask the same question."""
-        casts = tuple(self.target.keeps_dtype(o) for o in outputs) if self.dtype else ()
-        last = self.last_types
-        # a rule's steps come name shape by name shape: most ask what the step before asked, and
-        # comparing with it is cheap (equal types are one object: `types ==` compares identities)
-        if last is not None and last[0] is ops and last[2] == casts and last[1] == types:
-            out, ops, found = last[3]
-        else:
-            key = (id(ops), tuple(types), casts)  # (ops are held by op_cache, so their id stays theirs)
-            if key not in self.type_cache:
-                found = []
-                self.type_cache[key] = (*self._types(ops, list(types), found, outputs), found)
-            self.last_types = (ops, list(types), casts, self.type_cache[key])
-            out, ops, found = self.type_cache[key]
-        losses.extend(found)
-        return list(out), ops
-
-    def _types(self, ops: tuple[Op, ...], types: list[TensorType], losses: list[Loss], outputs: list[str]):
-        for op in ops:
-            loss = op.loss(types)
-            types = op.types(types)
-            if loss:
-                losses.append(loss)
-        if self.dtype:  # --dtype: a final cast of every floating output (not fp8 codes: those are data)
-            extra = []
-            for k, t in enumerate(types):
-                if self._casts(t.dtype, outputs[k] if k < len(outputs) else None):
-                    cast = build_op(self._nonfinite({"op": "cast", "dtype": self.dtype, "input": k}), {})
-                    if (loss := cast.loss(types)):
-                        losses.append(loss)
-                    types = cast.types(types)
-                    extra.append(cast)
-            ops = ops + tuple(extra)
-        return types, ops
-
-    def _casts(self, dtype: str, output: str | None) -> bool:
-        """Whether --dtype casts an output of `dtype`: floats, not fp8 codes (data), not what the
-        target layout keeps in its own dtype (float32 scales)."""
-        keep = output is not None and self.target.keeps_dtype(output)
-        return dtypes.is_float(dtype) and not dtype.startswith("F8") and dtype != self.dtype and not keep
 
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
         written, used, rule_id = self.written, self.used, rule.id
@@ -380,15 +349,15 @@ class _Planner:
             dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
                 self.tensors[like].dtype if like else "F32")
             name = rule.to[0].fill(binding)
-            outputs = (Output.of(name, shape, self.dtype if self.dtype and self._casts(dtype, name) else dtype),)
+            outputs = (Output.of(name, shape, self.dtype if self.dtype and self.op_types.casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
             self.output_types[name] = TensorType(outputs[0].shape, outputs[0].dtype)
             self.steps.append(Step.of(rule.id, outputs, fill=rule.fill))
 
     def finish(self) -> None:
         # sorting what is left gives the order of the sorted names, filtered (a stable sort)
-        used, reused = self.used, self.reused
-        self.unmatched = sorted((n for n in self.tensors if n not in used and n not in reused), key=natural_key)
+        left = self.tensors.keys() - self.used.keys() - self.reused.keys()
+        self.unmatched = sorted((n for n in self.tensors if n in left), key=natural_key) if left else []
 
 
 

@@ -52,16 +52,13 @@ class TensorType:
         return TensorType(tuple(int(s) for s in shape), self.dtype)
 
 
-def tensor_types(items: Iterable[tuple[str, Sequence[int], str]]) -> dict[str, TensorType]:
-    """name -> TensorType, from (name, shape, dtype): one object per distinct type. The 45k experts
-    of one shape share theirs, so a step tells that its types are the step before's by identity."""
-    alike: dict[tuple, TensorType] = {}
-    types = {}
-    for name, shape, dtype in items:
-        key = (tuple(shape), dtype)
-        found = alike.get(key)
-        types[name] = found if found is not None else alike.setdefault(key, TensorType(*key))
-    return types
+def tensor_types(names: Iterable[str], shapes: Iterable[Sequence[int]], dtypes: Iterable[str]) -> dict[str, TensorType]:
+    """name -> TensorType, from the names and their shapes and dtypes: one object per distinct
+    type. The 45k experts of one shape share theirs, so a step tells that its types are the step
+    before's by identity. (Columns, so that the 140k tensors of Kimi-K2 map in C.)"""
+    keys = list(zip(map(tuple, shapes), dtypes))
+    alike = {key: TensorType(*key) for key in dict.fromkeys(keys)}
+    return dict(zip(names, map(alike.__getitem__, keys)))
 
 
 @dataclass(frozen=True)

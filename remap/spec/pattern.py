@@ -17,6 +17,7 @@ from remap.name_shapes import slots
 
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*|:[A-Za-z0-9_|]+)?\}")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-]+")
+_NUMBER_SLOT = re.compile("\0([0-9]+)\0")  # where ShapeMatch.template puts a name's k-th number
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,21 @@ class ShapeMatch:
             if name == variable:
                 return [template.format(*values[a:b]) for values in self.numbers]
         return [self.binding[variable]] * len(self.names)
+
+    def template(self, pattern: "Pattern") -> str | None:
+        """A str.format template over a name's numbers that gives `pattern` filled with that
+        name's binding (`template.format(*numbers)`): the planner fills a shape's names in one C
+        call each, not a binding dict and format_map per name. None where the pattern reads a
+        variable this match does not bind (fill() then says which)."""
+        if not set(pattern.variables) <= self.binding.keys() or any("\0" in str(v) for v in self.binding.values()):
+            return None
+        values = dict(self.binding)
+        for variable, k in self.on_number:
+            values[variable] = f"\0{k}\0"
+        for variable, template, a, b in self.over_numbers:
+            values[variable] = template.format(*[f"\0{k}\0" for k in range(a, b)])
+        text = pattern.fill(values).replace("{", "{{").replace("}", "}}")
+        return _NUMBER_SLOT.sub(r"{\1}", text)
 
     def bindings(self, keep: list[int] | None = None) -> list[tuple[str, dict[str, int | str]]]:
         """(name, binding) of every name, or of those at the positions `keep`."""
