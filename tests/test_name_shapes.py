@@ -71,3 +71,27 @@ def test_patterns_with_digits_or_a_repeated_variable_are_not_shapewise():
     assert not Pattern("model.layers.3.{w*}").shapewise
     assert not Pattern("model.{w:w1|w2}.{i}").shapewise
     assert not Pattern("{i}.x.{i}").shapewise
+
+
+def test_a_shape_fills_other_patterns_from_a_template_over_its_numbers():
+    """ShapeMatch.template(p).format(*numbers) is p filled with each name's binding (the planner
+    names a shape's other sources and outputs this way), for the pattern itself (which gives the
+    name back) and for patterns that reorder, repeat or leave out its variables."""
+    tried = 0
+    for seed in range(10):
+        names = _names(seed) + [f"model.layers.{i}.mlp.experts.{e}.w1" for i in (0, 3, 10) for e in (0, 7, 12)]
+        for text in PATTERNS:
+            pattern = Pattern(text)
+            variables = pattern.variables
+            others = [pattern, Pattern("out." + ".x.".join("{%s}" % v for v in reversed(variables))),
+                      Pattern("y.{%s}.z.{%s}.w" % (variables[0], variables[0])), Pattern("plain.name")]
+            for alike in shaped(names).values():
+                match = pattern.match_alike(alike.names, alike.numbers)
+                if match is None:
+                    continue
+                for other in others:
+                    template = match.template(other)
+                    assert [template.format(*n) for n in match.numbers] == [other.fill(b) for _, b in match.bindings()]
+                    tried += len(match.names)
+                assert match.template(Pattern("{unbound}.w")) is None
+    assert tried > 1000
