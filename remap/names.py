@@ -8,14 +8,15 @@ collapsed line with two sets does not promise every combination exists.
 from __future__ import annotations
 
 import re
-from itertools import repeat
+from itertools import compress, repeat
 from operator import itemgetter
-from typing import Callable, Hashable, Iterable, TypeVar
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
 # A dot-separated number, split off with the dot before it (text, number, text, ...): joined with
 # ".#", the texts give the template. (No lookbehind for that dot: it made the split 1.4x slower.)
 _NUMBER = re.compile(r"\.(\d+)(?=\.|$)")
+_NUMBER_LINES = re.compile(r"\.(\d+)(?=[.\n]|\Z)")  # the same, in names joined by newlines
 
 
 def template(name: str) -> tuple[str, tuple[int, ...]]:
@@ -49,25 +50,47 @@ def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Ha
     split = _NUMBER.split
     for item in items:  # template() inline, its numbers left as text: a report collapses ~92k names
         pieces = split(name(item))
-        groups.setdefault((".#".join(pieces[0::2]), key(item)), []).append((item, pieces[1::2]))
-    return [(_filled(pattern, [numbers for _, numbers in members]), [item for item, _ in members])
-            for (pattern, _), members in groups.items()]
+        groups.setdefault((tuple(pieces[0::2]), key(item)), []).append((item, pieces[1::2]))
+    return [(_filled(texts, _indices(zip(*[numbers for _, numbers in members]))), [item for item, _ in members])
+            for (texts, _), members in groups.items()]
 
 
 def collapse_names(names: Iterable[str]) -> list[str]:
     """The lines of collapse(dict.fromkeys(names), str) (a name given twice changes no line), without
-    the members: a report's text collapses its ~90k source names so, with no function call per name."""
-    groups: dict[str, list[list[str]]] = {}
-    for pieces in map(_NUMBER.split, names):
-        groups.setdefault(".#".join(pieces[0::2]), []).append(pieces[1::2])
-    return [_filled(pattern, numbers) for pattern, numbers in groups.items()]
+    the members: a report's text collapses its ~140k source names so. The names are read joined,
+    one regex pass in C for all; a name holding a newline or `#` (a hostile header's) would blur
+    the lines or the slots, and sends all through the name-by-name path."""
+    names = list(names)
+    joined = "\n".join(names)
+    if "#" in joined or joined.count("\n") != len(names) - 1:
+        groups: dict[tuple, list[list[str]]] = {}
+        for pieces in map(_NUMBER.split, names):
+            groups.setdefault(tuple(pieces[0::2]), []).append(pieces[1::2])
+        return [_filled(texts, _indices(zip(*numbers))) for texts, numbers in groups.items()]
+    shapes = _NUMBER_LINES.sub(".#", joined).split("\n")
+    alike = dict.fromkeys(shapes)
+    if len(alike) > 16:  # many shapes: one pass that sorts names into them (else a pass per shape, in C)
+        by_shape: dict[str, list[str]] = {}
+        for name, shape in zip(names, shapes):
+            by_shape.setdefault(shape, []).append(name)
+    else:
+        by_shape = {shape: list(compress(names, map(shape.__eq__, shapes))) for shape in alike}
+    lines = []
+    for shape, members in by_shape.items():
+        count = shape.count("#")
+        flat = _NUMBER_LINES.findall("\n".join(members))
+        lines.append(_filled(shape.split(".#"), _indices(flat[k::count] for k in range(count))))
+    return lines
 
 
-def _filled(pattern: str, numbers: list[list[str]]) -> str:
-    """`pattern` with each # replaced by its column of `numbers`: the distinct digit strings as
-    numbers (`7` and `007` are one index)."""
-    parts = iter([format_indices(map(int, set(column))) for column in zip(*numbers)])
-    return re.sub("#", lambda _: next(parts), pattern)
+def _indices(columns: Iterable[Iterable[str]]) -> list[str]:
+    """Each column of digit strings as its set of numbers (`7` and `007` are one index)."""
+    return [format_indices(map(int, set(column))) for column in columns]
+
+
+def _filled(texts: Sequence[str], parts: Iterable[str]) -> str:
+    """The name of `texts` (what lies around its numbers) with `parts` in the number slots."""
+    return texts[0] + "".join(f".{part}{text}" for part, text in zip(parts, texts[1:]))
 
 
 def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
@@ -78,16 +101,15 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
     items = list(items)
     pieces = list(map(_NUMBER.split, map(name, items)))  # text, number, text, ...
     groups: dict[tuple, list[int]] = {}
-    for position, group in enumerate(zip(map(".#".join, map(_TEXTS, pieces)), map(key, items))):
+    for position, group in enumerate(zip(map(tuple, map(_TEXTS, pieces)), map(key, items))):
         groups.setdefault(group, []).append(position)  # (the one loop in Python: inspect's 92k tensors)
     placed = []
-    for (pattern, _), positions in groups.items():
+    for (texts, _), positions in groups.items():
         numbers = list(map(tuple, map(map, repeat(int), map(_NUMBERS, map(pieces.__getitem__, positions)))))
         # numbers, then the order given (ties: 7 and 007)
         order = list(map(itemgetter(1), sorted(zip(numbers, positions))))
-        parts = iter([format_indices(column) for column in zip(*numbers)])
         first = order[0]
-        placed.append(((natural_key(name(items[first])), first), re.sub("#", lambda _: next(parts), pattern),
+        placed.append(((natural_key(name(items[first])), first), _filled(texts, map(format_indices, zip(*numbers))),
                        list(map(items.__getitem__, order))))
     placed.sort(key=itemgetter(0))
     return [(collapsed, members) for _, collapsed, members in placed]

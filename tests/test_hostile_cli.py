@@ -384,3 +384,17 @@ def test_every_command_survives_hostile_inputs(base, kind, examples):
             shutil.rmtree(work, ignore_errors=True)
 
     hostile()
+
+
+@pytest.mark.parametrize("args", [["inspect", "src"], ["report", "src", "--spec", "hf-to-mlx"]], ids=lambda args: args[0])
+def test_a_hash_sign_in_a_name_is_text_not_a_number_slot(tmp_path, args):
+    """Collapsed listings write a name's numbers as `#` while grouping: a `#` of a name's own
+    (`model.layers.#.w`, beside `model.layers.0.w`) once took the place of a number and crashed
+    inspect and report with a traceback. It is listed as it is, as a tensor no rule matches."""
+    shutil.copytree(FIXTURE, tmp_path / "src")
+    edit_header(tmp_path / "src" / "model.safetensors",
+                lambda t: t.replace('"model.layers.0.input_layernorm.weight"', '"model.layers.#.input_layernorm.weight"', 1))
+    run = subprocess.run([sys.executable, "-m", "remap.cli", *args], cwd=tmp_path, env=ENV, timeout=TIMEOUT,
+                         capture_output=True, text=True)
+    check(Case(args), run)
+    assert "model.layers.#.input_layernorm.weight" in run.stdout + run.stderr
