@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from itertools import compress
+from typing import Collection, Iterable
 
 from remap.names import natural_key
 
@@ -52,6 +53,24 @@ def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
         first[shape] = ordered[0][1]
     # a shape's place is its first name's in the natural sort (ties: in the order given, as a stable sort keeps them)
     return dict(sorted(alike.items(), key=lambda item: (natural_key(item[1].names[0]), first[item[0]])))
+
+
+def narrowed(shapes: dict[str | tuple[str], Alike], names: Collection[str]) -> dict[str | tuple[str], Alike] | None:
+    """shaped(names), from `shapes`: the shapes of names that hold all of `names` (a composed
+    spec's later stage reads the earlier one's outputs, most of them under their source names).
+    Each shape keeps its names of `names`, already in order; none is read or sorted again. None
+    where two shapes' first names would sort alike (shaped() then orders them as given)."""
+    kept = {}
+    for shape, alike in shapes.items():
+        inside = list(map(names.__contains__, alike.names))
+        if all(inside):
+            kept[shape] = alike
+        elif any(inside):
+            kept[shape] = Alike(list(compress(alike.names, inside)), list(compress(alike.numbers, inside)))
+    keys = {shape: natural_key(alike.names[0]) for shape, alike in kept.items()}
+    if len(set(keys.values())) < len(keys):
+        return None
+    return dict(sorted(kept.items(), key=lambda item: keys[item[0]]))
 
 
 def _numbers(alike: list[str], joinable: bool) -> list[tuple[int, ...]]:

@@ -19,7 +19,7 @@ from remap import dtypes
 from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
-from remap.name_shapes import shaped
+from remap.name_shapes import narrowed, shaped
 from remap.ops import Loss, TensorType
 from remap.names import natural_key
 from remap.plan import Dropped, Output, Plan, Stage, Step
@@ -49,9 +49,9 @@ def build_plan(
 
 def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[str, Any] | None,
            params: Mapping[str, Any] | None, dtype: str | None, variant: str | None, source_variant: str | None,
-           allow_nonfinite: bool = False) -> tuple[Stage, dict[str, TensorType]]:
-    """One plain spec (no parts) applied to the tensors: a Stage, and its outputs' types (a
-    next stage's sources)."""
+           allow_nonfinite: bool = False, shapes: dict | None = None) -> tuple[Stage, "_Planner"]:
+    """One plain spec (no parts) applied to the tensors (`shapes`: their name shapes, where
+    known): a Stage, and the planner that made it (its outputs' types are a next stage's sources)."""
     raw = dict(raw_config or {})
     source, target = get_layout(spec.source_layout), get_layout(spec.target_layout)
     variants = {
@@ -67,7 +67,7 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
     if spec.scope == "target":
         names = namespace(spec, {**target_config, **target.read_config(target_config), **variants}, params)
     tensors = dict(tensors)
-    planner = _Planner(tensors, names, dtypes.canonical(dtype) if dtype else None, target, allow_nonfinite)
+    planner = _Planner(tensors, names, dtypes.canonical(dtype) if dtype else None, target, allow_nonfinite, shapes)
     for rule in spec.rules:
         try:
             planner.add(rule)
@@ -78,7 +78,7 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
     return Stage(spec, tensors, raw, target_config, names, steps=tuple(planner.steps),
                  dropped=tuple(planner.dropped), unmatched=tuple(planner.unmatched),
                  reused={name: tuple(rules) for name, rules in planner.reused.items()},
-                 variant_pinned=bool(variant or spec.variant)), planner.output_types
+                 variant_pinned=bool(variant or spec.variant)), planner
 
 
 def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, allow_nonfinite) -> Plan:
@@ -87,19 +87,21 @@ def _compose(spec, tensors, raw_config, params, dtype, variant, source_variant, 
         raise RemapError(f"unknown parameter '{sorted(set(params) - declared)[0]}'", file=spec.path,
                          expected=", ".join(sorted(declared)) or "no parameters")
     stages: list[Stage] = []
-    last = len(spec.parts) - 1
+    last, shapes = len(spec.parts) - 1, None
     for k, part in enumerate(spec.parts):
-        stage, tensors = _stage(
+        stage, planner = _stage(
             part, tensors, raw_config,
             {key: v for key, v in params.items() if key in part.params},
             dtype if k == last else None,
             # the chosen target variant applies to every stage that writes the final layout
             (variant or spec.variant) if part.target_layout == spec.target_layout else None,
             (source_variant or spec.source_variant) if k == 0 else None,
-            allow_nonfinite,
+            allow_nonfinite, shapes,
         )
         stages.append(stage)
-        raw_config = stage.target_config
+        raw_config, tensors = stage.target_config, planner.output_types
+        # outputs under names the stage read (an FP8 stage dequantizes in place): their shapes are known
+        shapes = narrowed(planner.shapes, tensors) if k < last and tensors.keys() <= planner.tensors.keys() else None
     stages[-1] = dataclasses.replace(stages[-1], variant_pinned=stages[-1].variant_pinned or bool(spec.variant))
     return Plan(tuple(stages), spec.name)
 
@@ -109,7 +111,7 @@ class _Planner:
     drops and re-reads, and checks that no source is used twice and no output written twice."""
 
     def __init__(self, tensors: Mapping[str, TensorType], namespace: Mapping[str, Any], dtype: str | None,
-                 target: Layout, allow_nonfinite: bool = False):
+                 target: Layout, allow_nonfinite: bool = False, shapes: dict | None = None):
         self.tensors, self.namespace, self.dtype, self.target = tensors, namespace, dtype, target
         self.steps: list[Step] = []
         self.dropped: list[Dropped] = []
@@ -119,7 +121,8 @@ class _Planner:
         self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
         self.output_types: dict[str, TensorType] = {}  # output -> its type (shared by alike outputs): a next stage's sources
         self.op_types = OpTypes(namespace, dtype, target, allow_nonfinite)
-        self.shapes = shaped(tensors)  # name shape (numbers as #) -> its names in natural order, their numbers
+        # name shape (numbers as #) -> its names in natural order, their numbers
+        self.shapes = shapes if shapes is not None else shaped(tensors)
         self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
 
     @functools.cached_property
