@@ -110,6 +110,6 @@ def test_narrowed_shapes_are_the_shapes_of_the_subset():
         rng.shuffle(subset)
         got = narrowed(shaped(names), set(subset))
         if got is not None:
-            assert got == shaped(subset)
+            assert list(got.items()) == list(shaped(subset).items())  # (in order: dicts compare without it)
             narrowed_ones += 1
     assert narrowed_ones > 5
