@@ -20,12 +20,12 @@ from remap.errors import RemapError
 from remap.expr import evaluate, evaluate_int, names_in
 from remap.layouts import Layout, get_layout
 from remap.name_shapes import narrowed, shaped
-from remap.ops import Loss, TensorType
 from remap.names import natural_key
-from remap.plan import Dropped, Output, Plan, Stage, Step
-from remap.spec.load import Rule, Spec
 from remap.namespace import namespace, translate_config
 from remap.op_types import OpTypes
+from remap.ops import Loss, TensorType
+from remap.plan import Dropped, Output, Plan, Stage, Step
+from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern, ShapeMatch
 
 
