@@ -25,6 +25,8 @@ from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
 
+_STEP = 8 << 20  # bytes written (or copied) between two reports to the following hash
+
 
 def _layout(
     entries: Iterable[TensorEntry], metadata: dict[str, str] | None, style: str = "safetensors"
@@ -132,8 +134,9 @@ class ShardWriter:
         if piece.nbytes:
             self._claim(name, offset, offset + piece.nbytes)
             with disk_errors(self.path, name):
-                _pwrite_all(self._fd, piece, begin + offset)
-            self._written_at(begin + offset, piece.nbytes)
+                for done in range(0, piece.nbytes, _STEP):  # in steps, as copy_from
+                    _pwrite_all(self._fd, piece[done: done + _STEP], begin + offset + done)
+                    self._written_at(begin + offset + done, min(_STEP, piece.nbytes - done))
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -150,8 +153,13 @@ class ShardWriter:
             return
         self._claim(name, offset, offset + nbytes)
         with disk_errors(self.path, name), open(source, "rb", buffering=0) as f:
-            _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes, where=(str(source), name))
-        self._written_at(begin + offset, nbytes)
+            # in steps, each told to the following hash as it lands: it hashes a tensor's first
+            # bytes while the rest is copied, and is done soon after the file's last byte, instead
+            # of starting on a 400 MB embedding only once all of it is copied
+            for done in range(0, nbytes, _STEP):
+                n = min(_STEP, nbytes - done)
+                _copy_range(f.fileno(), start + done, self._fd, begin + offset + done, n, where=(str(source), name))
+                self._written_at(begin + offset + done, n)
 
     def _claim(self, name: str, lo: int, hi: int) -> None:
         with self._lock:
