@@ -92,6 +92,18 @@ def test_convert_imports_no_jsonschema_pydantic_torch_or_transformers(tmp_path):
     assert heavy(modules, ("jsonschema", "pydantic", "torch", "transformers")) == []
 
 
+def test_a_conversion_that_only_moves_bytes_imports_no_numpy(tmp_path):
+    """Tensors that only change name are copied file to file, never decoded: numpy and
+    ml_dtypes (~0.1-0.2 s to import, before the first byte where the executor imported them)
+    load only once a step computes; where one does (kv_b_proj split per head), they do."""
+    moves = loaded("convert", "fixtures/hf-bf16", tmp_path / "moved", "--spec", "hf-to-mlx", "--variant", "kv_b_proj",
+                   "--quiet", "--workers", "2")
+    assert (tmp_path / "moved" / "model.safetensors").is_file()
+    assert heavy(moves, ("numpy", "ml_dtypes")) == []
+    computes = loaded("convert", "fixtures/hf-bf16", tmp_path / "computed", "--spec", "hf-to-mlx", "--quiet")
+    assert {"numpy", "ml_dtypes"} <= computes
+
+
 @pytest.mark.parametrize("module, table", [(api, api._LAZY), (io, io._HOMES)], ids=["api", "io"])
 def test_lazy_import_tables_name_what_their_modules_hold(module, table):
     for name, home in table.items():

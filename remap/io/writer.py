@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable
 
 from remap.errors import RemapError
 from remap.io.atomic import INCOMPLETE_SUFFIX, disk_errors
@@ -24,6 +23,9 @@ from remap.io.mlx_safetensors import header as mlx_header
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
+
+if TYPE_CHECKING:  # arrays come from code that imported numpy; a conversion of byte moves never does
+    import numpy as np
 
 _STEP = 8 << 20  # bytes written (or copied) between two reports to the following hash
 
@@ -236,7 +238,8 @@ def shard_is_complete(
 
 
 def _as_bytes(data: np.ndarray | bytes | bytearray | memoryview, dtype: str, name: str) -> memoryview:
-    if isinstance(data, np.ndarray):
+    np = sys.modules.get("numpy")  # not imported: `data` cannot be an array
+    if np is not None and isinstance(data, np.ndarray):
         expected = DTYPES[dtype].numpy
         if expected is None or data.dtype != expected:  # (a dtype compares equal to None as float64)
             raise RemapError(
