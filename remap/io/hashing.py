@@ -181,8 +181,8 @@ class FollowingHash:
 
 class _MappedReader:
     """Feeds a digest bytes of an open file straight from the page cache, through a mapped window
-    of it: reading into a buffer first (pread) copied every byte once more, which cost about half
-    as much CPU again as BLAKE3 itself, on cores the copy needs. One window at a time, unmapped as
+    of it: reading into a buffer first (pread) copied every byte once more, ~0.15 s of CPU per
+    1.5 GB (about 40% of BLAKE3's own), on cores the copy needs. One window at a time, unmapped as
     the next is mapped: mapped pages count as resident, and a whole 5 GB file mapped would show so.
     Where the file cannot be mapped, reads into a buffer instead."""
 

@@ -73,8 +73,9 @@ class ShardWriter:
     which is what resuming an interrupted conversion relies on.
 
     With `checksum` (True: sha256; or an algorithm of remap.io.hashing), the file's digest
-    (`.digest` after close, by the algorithm asked for) is computed while it is written: bytes are read
-    back (from the page cache) and hashed as they land, so the file costs no extra pass at the end.
+    (`.digest` after close, by the algorithm asked for) is computed while it is written: bytes are
+    hashed in place in the page cache as they land (told every `_STEP` bytes), so the file costs no
+    extra pass at the end.
     Safe to call from several threads at once. `style` "mlx" lays the file out as mx.save_safetensors
     does (entries' bytes in the given order).
 
