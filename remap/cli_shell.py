@@ -20,6 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
 from remap.errors import RemapError
+from remap.heap import freeze_for_exit
 from remap.render import escape
 
 # Options that may stand alone, as mlx_lm.convert's -q does and `inspect --json` always did; alone,
@@ -111,7 +112,15 @@ def usage_error(exc: click.ClickException) -> RemapError:
 
 
 def run_guarded(app: Callable, err, debug: Callable[[], bool]) -> None:
-    """Run the typer app; every error a user can cause is one line on stderr and exit 2."""
+    """Run the typer app; every error a user can cause is one line on stderr and exit 2. However
+    it ends, the process ends next: what it made is kept from the collector (remap.heap)."""
+    try:
+        _run(app, err, debug)
+    finally:
+        freeze_for_exit()
+
+
+def _run(app: Callable, err, debug: Callable[[], bool]) -> None:
     try:
         code = app(standalone_mode=False)  # click raises its usage errors here instead of boxing them
     except (RemapError, OSError, click.ClickException) as exc:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterator, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.fills import fill_values
 from remap.ops import Finding
 from remap.plan import Stage, Step
 
-Reader = Callable[[str], np.ndarray]
+if TYPE_CHECKING:  # numpy (~0.1 s to import) only once a step computes: a plan of byte moves never needs it
+    import numpy as np
+
+Reader = Callable[[str], "np.ndarray"]
 
 
 def step_pieces(step: Step, read: Reader) -> Iterator[tuple[int | None, list[np.ndarray]]]:
@@ -28,6 +28,8 @@ def step_pieces(step: Step, read: Reader) -> Iterator[tuple[int | None, list[np.
     later stage whose ops act slab by slab on a tensor an earlier stage stacks (quantizing the
     stacked experts quantizes one expert at a time)."""
     if step.fill is not None:
+        from remap.fills import fill_values
+
         yield None, [fill_values(step.fill, o.shape, dtypes.numpy_dtype(o.dtype)) for o in step.outputs]
         return
     if isinstance(read, StagedReader) and (slabs := read.slabs(step)) is not None:
@@ -52,6 +54,8 @@ def _inputs(step: Step, group: tuple[str, ...], read: Reader) -> list[np.ndarray
 
 def step_outputs(step: Step, read: Reader) -> list[np.ndarray]:
     """Whole output arrays of a step (slabs written into place as they come)."""
+    import numpy as np
+
     whole: list[np.ndarray] = []
     for index, arrays in step_pieces(step, read):
         if index is None:

@@ -126,6 +126,33 @@ def test_a_failure_mid_run_leaves_no_dst_and_resume_finishes_it(tiny_hf, tmp_pat
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_byte_moves_run_on_one_thread_in_file_order(tiny_hf, tmp_path, monkeypatch):
+    """With workers, steps that only move bytes still run one after another, on one thread, in
+    the order of their bytes in each file (the file's hash follows its written prefix: two copies
+    taking turns would grow it at half speed); computed steps run beside them, and the files
+    are the same as from one worker."""
+    import threading
+
+    from remap.io.writer import ShardWriter
+
+    real, calls = ShardWriter.copy_from, []
+
+    def recorded(self, name, source, start, nbytes, offset=0):
+        calls.append((threading.current_thread().name, self.path.name, self._spans[name][0] + offset))
+        return real(self, name, source, start, nbytes, offset)
+
+    monkeypatch.setattr(ShardWriter, "copy_from", recorded)
+    threaded = _convert(tiny_hf, tmp_path / "two", "hf-to-mlx", workers=2, max_shard_size="100KB")
+    assert len(calls) > 10 and len({thread for thread, _, _ in calls}) == 1
+    assert calls[0][0] != threading.current_thread().name
+    for file in {file for _, file, _ in calls}:
+        offsets = [offset for _, f, offset in calls if f == file]
+        assert offsets == sorted(offsets)
+    one = _convert(tiny_hf, tmp_path / "one", "hf-to-mlx", workers=1, max_shard_size="100KB")
+    assert {f: d for f, d in threaded.files.items() if f.endswith(".safetensors")} == \
+        {f: d for f, d in one.files.items() if f.endswith(".safetensors")}
+
+
 def test_existing_dst_needs_force(tiny_hf, tmp_path):
     (tmp_path / "out").mkdir()
     run = remap("convert", tiny_hf, tmp_path / "out", "--spec", "hf-to-mlx", check=False)

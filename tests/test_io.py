@@ -614,12 +614,61 @@ def test_writer_tree_digest_that_cannot_read_back_fails_the_file(tmp_path, monke
     assert str(path) in str(caught.value) and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+@pytest.mark.parametrize("order", ["in order", "shuffled"])
+@pytest.mark.parametrize("how", ["write", "copy_from", "no mmap"])
+def test_writer_hash_while_writing_equals_hashing_the_finished_file(tmp_path, monkeypatch, algorithm, order, how):
+    """The following hash reads what was written through mapped windows of the file, told of
+    the bytes in steps as they land (write() and copy_from() alike); where the file cannot be
+    mapped it reads into a buffer. Windows of two pages and steps of 1000 bytes: pieces span
+    steps and windows, and steps end inside pages. Whatever the order, the digest is the
+    finished file's."""
+    from blake3 import blake3
+
+    from remap.io import hashing, writer
+
+    monkeypatch.setattr(hashing, "_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)
+    monkeypatch.setattr(writer, "_STEP", 1000)
+    if how == "no mmap":
+        def unmappable(*args, **kwargs):
+            raise OSError(19, "No such device")
+        monkeypatch.setattr(hashing.mmap, "mmap", unmappable)
+    tensors, pieces = _pieces_in(order)
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"".join(np.ascontiguousarray(piece).tobytes() for _, piece, _ in pieces))
+    path = tmp_path / "out.safetensors"
+    shard = ShardWriter(path, entries_of(tensors), {"format": "pt"}, checksum=algorithm)
+    start = 0
+    for name, piece, offset in pieces:
+        if how == "copy_from":
+            shard.copy_from(name, source, start, piece.nbytes, offset)
+        else:
+            shard.write(name, piece, offset)
+        start += piece.nbytes
+    shard.close()
+    data = path.read_bytes()
+    assert len(data) > 10 * hashing._WINDOW
+    read = _tensors_of(path)
+    assert read.keys() == tensors.keys() and all(read[n].tobytes() == tensors[n].tobytes() for n in tensors)
+    whole = {"blake3": blake3, "sha256": hashlib.sha256}[algorithm]
+    assert shard.digest == whole(data).hexdigest() == hashing.file_digest(path, algorithm)
+
+
+def _tensors_of(path: Path) -> dict:
+    with safe_open(path, "np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 def test_writer_checksum_that_cannot_read_back_fails_the_file(tmp_path, monkeypatch):
-    """A hash that could not follow the writing (here: the read-back fails) never yields a digest
-    of part of the file: close() raises, naming the file, and leaves nothing under its name."""
-    def broken(*args):
+    """A hash that could not follow the writing (here: the file cannot be mapped, and the
+    read-back into a buffer fails) never yields a digest of part of the file: close() raises,
+    naming the file, and leaves nothing under its name."""
+    from remap.io import hashing
+
+    def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
+    monkeypatch.setattr(hashing.mmap, "mmap", broken)
     monkeypatch.setattr(os, "preadv", broken)
     path = tmp_path / "out.safetensors"
     shard = ShardWriter(path, [("a", "F32", (4,))], checksum=True)

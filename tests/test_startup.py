@@ -92,6 +92,39 @@ def test_convert_imports_no_jsonschema_pydantic_torch_or_transformers(tmp_path):
     assert heavy(modules, ("jsonschema", "pydantic", "torch", "transformers")) == []
 
 
+def test_a_conversion_that_only_moves_bytes_imports_no_numpy(tmp_path):
+    """Tensors that only change name are copied file to file, never decoded: numpy and
+    ml_dtypes (~0.1-0.2 s to import, before the first byte where the executor imported them)
+    load only once a step computes; where one does (kv_b_proj split per head), they do."""
+    moves = loaded("convert", "fixtures/hf-bf16", tmp_path / "moved", "--spec", "hf-to-mlx", "--variant", "kv_b_proj",
+                   "--quiet", "--workers", "2")
+    assert (tmp_path / "moved" / "model.safetensors").is_file()
+    assert heavy(moves, ("numpy", "ml_dtypes")) == []
+    computes = loaded("convert", "fixtures/hf-bf16", tmp_path / "computed", "--spec", "hf-to-mlx", "--quiet")
+    assert {"numpy", "ml_dtypes"} <= computes
+
+
+# Prints how many objects the collector was kept from once the command has run.
+FROZEN = """
+import atexit, gc, json, sys
+atexit.register(lambda: sys.__stderr__.write("\\nFROZEN %d\\n" % gc.get_freeze_count()))
+sys.argv = ["remap", *json.loads(sys.argv[1])]
+from remap.cli import run
+run()
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["inspect", "fixtures/hf-bf16"], 0), (["inspect", "no/such/dir"], 2)],
+                         ids=["done", "refused"])
+def test_a_command_leaves_its_objects_to_the_os_not_the_collector(args, code):
+    """However a command ends, what it made is frozen (remap.heap.freeze_for_exit): interpreter
+    shutdown's collections then walk none of it (~40 ms after convert's last byte)."""
+    run = subprocess.run([sys.executable, "-c", FROZEN, json.dumps(args)], capture_output=True, text=True, cwd=ROOT,
+                         env=CLI_ENV)
+    assert run.returncode == code, run.stderr
+    assert int(run.stderr.rpartition("\nFROZEN ")[2]) > 10_000
+
+
 @pytest.mark.parametrize("module, table", [(api, api._LAZY), (io, io._HOMES)], ids=["api", "io"])
 def test_lazy_import_tables_name_what_their_modules_hold(module, table):
     for name, home in table.items():

@@ -2,9 +2,12 @@
 
 Three algorithms, named in the manifest (`digest`):
 - `blake3` (the default): BLAKE3 of the whole file, as `b3sum FILE` prints it. One thread per
-  file follows its bytes as they are written, reading them back from the page cache: BLAKE3 runs
-  at ~6 GB/s on one core here (sha256 at ~1.7), faster than the disk, so the digest is ready with
-  the file's last byte and takes a quarter of sha256's CPU away from the copy.
+  file follows its bytes as they are written (the writer tells it every 8 MB), reading them in
+  place from the page cache through a mapped window: BLAKE3 runs at ~4-6 GB/s on one core here
+  (sha256 at ~1.7), faster than the copy, so the digest is ready with the file's last byte and
+  takes a quarter of sha256's CPU away from the copy. (A mapped page that cannot be read, an I/O
+  error on a page evicted and read again, stops the process with SIGBUS rather than an error:
+  the page was written moments before, and the file stays `.incomplete` for --resume.)
 - `sha256-tree-64MiB`: the sha256 of the concatenated sha256 digests of the file's 64 MiB chunks,
   in order, chunks hashed on every core as each is written; what manifests of remap 0.1 before
   BLAKE3 hold. By hand: `split -b 64M FILE c. && cat c.* | ...` (each chunk's binary sha256,
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +39,7 @@ ALGORITHMS = (BLAKE3, TREE, SHA256)
 _FOLLOWING = {SHA256: hashlib.sha256, BLAKE3: lambda: _blake3()()}  # whole-file digests, in order
 CHUNK = 64 << 20
 _READ = 1 << 22  # read-back buffer: 4 MB per hashing thread, whatever the chunk size
+_WINDOW = 16 << 20  # how much of a file a following hash maps at once (a multiple of the page size)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -156,7 +161,7 @@ class FollowingHash:
         self._thread.join()
 
     def _follow(self) -> None:
-        buffer = memoryview(bytearray(_READ))
+        reader = _MappedReader(self._fd, self._size)
         hashed = 0
         try:
             while hashed < self._size:
@@ -167,13 +172,57 @@ class FollowingHash:
                         return
                     end = self._filled[0][1]
                 while hashed < end and not self._stopped:  # (stop() waits for this loop)
-                    n = os.preadv(self._fd, [buffer[: min(end - hashed, len(buffer))]], hashed)
-                    if n == 0:
-                        raise OSError(f"file ended at {hashed} bytes, {self._size} expected")
-                    self._digest.update(buffer[:n])
-                    hashed += n
+                    hashed += reader.update(self._digest, hashed, end)
         except Exception as exc:  # finish() raises it: a digest of part of the file must never pass
             self._error = exc
+        finally:
+            reader.close()
+
+
+class _MappedReader:
+    """Feeds a digest bytes of an open file straight from the page cache, through a mapped window
+    of it: reading into a buffer first (pread) copied every byte once more, ~0.15 s of CPU per
+    1.5 GB (about 40% of BLAKE3's own), on cores the copy needs. One window at a time, unmapped as
+    the next is mapped: mapped pages count as resident, and a whole 5 GB file mapped would show so.
+    Where the file cannot be mapped, reads into a buffer instead."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size = fd, size
+        self._map: mmap.mmap | None = None
+        self._lo = self._hi = 0
+        self._buffer: memoryview | None = None  # set once mapping failed
+
+    def update(self, digest, start: int, end: int) -> int:
+        """Hash bytes from `start` towards `end` (at least one); how many were hashed."""
+        if self._buffer is None and not self._lo <= start < self._hi:
+            self._remap(start)
+        if self._buffer is not None:
+            n = os.preadv(self._fd, [self._buffer[: min(end - start, len(self._buffer))]], start)
+            if n == 0:
+                raise OSError(f"file ended at {start} bytes, {self._size} expected")
+            digest.update(self._buffer[:n])
+            return n
+        stop = min(end, self._hi)
+        with memoryview(self._map) as whole, whole[start - self._lo: stop - self._lo] as part:
+            digest.update(part)
+        return stop - start
+
+    def _remap(self, start: int) -> None:
+        self.close()
+        lo = start - start % mmap.ALLOCATIONGRANULARITY
+        hi = min(lo + _WINDOW, self._size)
+        try:
+            self._map = mmap.mmap(self._fd, hi - lo, offset=lo, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without mmap
+            self._buffer = memoryview(bytearray(_READ))
+            return
+        self._lo, self._hi = lo, hi
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            self._lo = self._hi = 0
 
 
 def following_hash(algorithm: str, path: Path, fd: int, size: int, header: int) -> TreeHash | FollowingHash:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable
 
 from remap.errors import RemapError
 from remap.io.atomic import INCOMPLETE_SUFFIX, disk_errors
@@ -24,6 +23,11 @@ from remap.io.mlx_safetensors import header as mlx_header
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
 from remap.dtypes import DTYPES
+
+if TYPE_CHECKING:  # arrays come from code that imported numpy; a conversion of byte moves never does
+    import numpy as np
+
+_STEP = 8 << 20  # bytes written (or copied) between two reports to the following hash
 
 
 def _layout(
@@ -69,8 +73,9 @@ class ShardWriter:
     which is what resuming an interrupted conversion relies on.
 
     With `checksum` (True: sha256; or an algorithm of remap.io.hashing), the file's digest
-    (`.digest` after close, by the algorithm asked for) is computed while it is written: bytes are read
-    back (from the page cache) and hashed as they land, so the file costs no extra pass at the end.
+    (`.digest` after close, by the algorithm asked for) is computed while it is written: bytes are
+    hashed in place in the page cache as they land (told every `_STEP` bytes), so the file costs no
+    extra pass at the end.
     Safe to call from several threads at once. `style` "mlx" lays the file out as mx.save_safetensors
     does (entries' bytes in the given order).
 
@@ -132,8 +137,9 @@ class ShardWriter:
         if piece.nbytes:
             self._claim(name, offset, offset + piece.nbytes)
             with disk_errors(self.path, name):
-                _pwrite_all(self._fd, piece, begin + offset)
-            self._written_at(begin + offset, piece.nbytes)
+                for done in range(0, piece.nbytes, _STEP):  # in steps, as copy_from
+                    _pwrite_all(self._fd, piece[done: done + _STEP], begin + offset + done)
+                    self._written_at(begin + offset + done, min(_STEP, piece.nbytes - done))
 
     def copy_from(self, name: str, source: str | os.PathLike, start: int, nbytes: int, offset: int = 0) -> None:
         """Copy `nbytes` at `start` of file `source` into tensor `name` at `offset`, inside the
@@ -150,8 +156,13 @@ class ShardWriter:
             return
         self._claim(name, offset, offset + nbytes)
         with disk_errors(self.path, name), open(source, "rb", buffering=0) as f:
-            _copy_range(f.fileno(), start, self._fd, begin + offset, nbytes, where=(str(source), name))
-        self._written_at(begin + offset, nbytes)
+            # in steps, each told to the following hash as it lands: it hashes a tensor's first
+            # bytes while the rest is copied, and is done soon after the file's last byte, instead
+            # of starting on a 400 MB embedding only once all of it is copied
+            for done in range(0, nbytes, _STEP):
+                n = min(_STEP, nbytes - done)
+                _copy_range(f.fileno(), start + done, self._fd, begin + offset + done, n, where=(str(source), name))
+                self._written_at(begin + offset + done, n)
 
     def _claim(self, name: str, lo: int, hi: int) -> None:
         with self._lock:
@@ -228,7 +239,8 @@ def shard_is_complete(
 
 
 def _as_bytes(data: np.ndarray | bytes | bytearray | memoryview, dtype: str, name: str) -> memoryview:
-    if isinstance(data, np.ndarray):
+    np = sys.modules.get("numpy")  # not imported: `data` cannot be an array
+    if np is not None and isinstance(data, np.ndarray):
         expected = DTYPES[dtype].numpy
         if expected is None or data.dtype != expected:  # (a dtype compares equal to None as float64)
             raise RemapError(

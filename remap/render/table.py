@@ -14,9 +14,9 @@ GAP = "  "  # between plain columns, and before each plain row
 
 
 class FittingConsole(Console):
-    """A Console whose lines wrap only on a terminal (rich wraps at 80 columns in a pipe), and that
-    prints text as it is: a `:name:` in it is no emoji code (rich would print `mine.yaml:100:` as
-    `mine.yaml💯`, and import its 4,000-emoji table to look)."""
+    """A Console whose lines wrap, and are highlighted, only on a terminal (rich wraps at 80
+    columns in a pipe), and that prints text as it is: a `:name:` in it is no emoji code (rich
+    would print `mine.yaml:100:` as `mine.yaml💯`, and import its 4,000-emoji table to look)."""
 
     def __init__(self, *args: Any, **options: Any) -> None:
         options.setdefault("emoji", False)
@@ -25,6 +25,9 @@ class FittingConsole(Console):
     def print(self, *objects: Any, **options: Any) -> None:
         if not self.is_terminal:
             options.setdefault("soft_wrap", True)
+            # styles a pipe never shows: rich's number highlighter compiles its regexes on first
+            # use (~15 ms, after convert's last byte, for its one line)
+            options.setdefault("highlight", False)
         super().print(*objects, **options)
 
 
