@@ -52,8 +52,7 @@ def _quantize_chunk(x: np.ndarray, group_size: int, bits: int, weight: np.ndarra
     import numpy as np
 
     rows = x.shape[0]
-    per_half = 16 // bits  # codes per 16-bit half word
-    f = _groups_down_columns(x, group_size, per_half)  # [group_size, groups]
+    f = _groups_down_columns(x, group_size)  # [group_size, groups]
     hi, lo = f.max(axis=0), f.min(axis=0)
     if not (np.isfinite(hi).all() and np.isfinite(lo).all()):  # max and min spread NaN; Inf is one
         return False
@@ -72,7 +71,7 @@ def _quantize_chunk(x: np.ndarray, group_size: int, bits: int, weight: np.ndarra
     # mlx also clamps at 0, which finite inputs never pass: w - edge has the sign of the scale
     # (edge is the group's min or max), and with q0 == 0, w / scale >= edge / scale >= -0.5
     np.minimum(f, levels, out=f)
-    halves = _halves(f.reshape(per_half, -1, f.shape[-1]), np.float32(1 << bits))
+    halves = _halves(f, bits)
     # uint32 words as their (little-endian) 16-bit halves: group by group, low half first
     weight.view(np.uint16).reshape(f.shape[-1], -1)[...] = halves.T
     scales[...] = scale.reshape(rows, -1).astype(scales.dtype)  # rounded to nearest even, as mlx rounds
@@ -80,29 +79,39 @@ def _quantize_chunk(x: np.ndarray, group_size: int, bits: int, weight: np.ndarra
     return True
 
 
-def _groups_down_columns(x: np.ndarray, group_size: int, per_half: int) -> np.ndarray:
-    """x's values as float32 (exactly), one group per column, so that reductions and per-group
-    arithmetic run along contiguous rows, vectorized (a reduction over each short group is a loop
-    per group). Rows in the order the packing reads them: [position in its half word, half word]."""
+def _groups_down_columns(x: np.ndarray, group_size: int) -> np.ndarray:
+    """x's values as float32 (exactly), one group per column ([position in the group, group]), so
+    that reductions and per-group arithmetic run along contiguous rows, vectorized (a reduction
+    over each short group is a loop per group). Transposed 8 bytes at a time (4 bf16 or f16, 2 f32):
+    numpy's transposing copy costs per element moved, not per byte."""
     import ml_dtypes
     import numpy as np
 
-    groups = x.reshape(-1, group_size // per_half, per_half)
+    units = np.ascontiguousarray(x).reshape(-1, group_size).view(np.uint64)  # [groups, 8-byte units]
+    moved = np.ascontiguousarray(units.T).view(x.dtype)  # [units, groups * values per unit]
+    moved = moved.reshape(units.shape[1], units.shape[0], -1)  # [unit, group, value in unit]
+    per_unit = moved.shape[-1]
     bf16 = x.dtype == ml_dtypes.bfloat16
-    out = np.empty((per_half, *groups.shape[1::-1]), np.uint32 if bf16 else np.float32)
-    for i in range(per_half):  # one position at a time: numpy copies 2-D transposes fastest
-        out[i] = (groups[:, :, i].view(np.uint16) if bf16 else groups[:, :, i]).T
+    out = np.empty((units.shape[1], per_unit, units.shape[0]), np.uint32 if bf16 else np.float32)
+    for i in range(per_unit):
+        out[:, i] = moved[..., i].view(np.uint16) if bf16 else moved[..., i]
     if bf16:  # bfloat16 is float32's upper half
         out <<= 16
         out = out.view(np.float32)
     return out.reshape(group_size, -1)
 
 
-def _halves(codes: np.ndarray, radix: np.float32) -> np.ndarray:
-    """Codes [per half word, half words, groups] (whole floats below `radix`) -> each half word's
-    value, sum of codes[i] * radix**i, the first code lowest. Exact in float32: below 2^16."""
-    total = codes[-1].copy()
-    for i in range(codes.shape[0] - 2, -1, -1):
+def _halves(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [position in the group, group] (whole floats below 2^bits) -> each 16-bit half word's
+    value [half word, group]: sum of its codes times 2^(bits * i), the first code lowest. Exact in
+    float32 (below 2^16), so only these sums are converted to integers."""
+    import numpy as np
+
+    per_half = 16 // bits
+    codes = codes.reshape(-1, per_half, codes.shape[-1])
+    radix = np.float32(1 << bits)
+    total = codes[:, -1].copy()
+    for i in range(per_half - 2, -1, -1):
         total *= radix
-        total += codes[i]
+        total += codes[:, i]
     return total
