@@ -249,8 +249,8 @@ class QuantizeMLX(Op):
                    *(np.empty((rows.shape[0], width // self.group_size), x.dtype) for _ in range(2))]
 
         def quantize(blocks: list[np.ndarray], outs: list[np.ndarray]) -> None:
-            # each block checked on its thread: a whole embedding as float32 would double memory
-            # mlx's arithmetic in numpy where it can (faster), finite blocks only (it tells)
+            # mlx's arithmetic in numpy where it has it (less CPU); it declines a block holding NaN or
+            # Inf, checked here, on the block's thread (a whole embedding as float32 would double memory)
             if affine.handles(self.bits) and affine.quantize_into(blocks[0], self.group_size, self.bits, *outs):
                 return
             if self.nonfinite != "keep" and any_nonfinite(blocks[0]):
