@@ -118,24 +118,24 @@ class Checkpoint:
         return np.frombuffer(self._map(info.file), dtype, info.numel, info.start).reshape(info.shape)
 
     def load(self, tensor: str | TensorInfo) -> np.ndarray:
-        """A private, writable copy of the tensor, read with pread. Unlike read(), its memory is
-        the process's own and goes away with the array: a conversion that loads one tensor at a
-        time keeps its resident memory at one tensor, where mapped pages would pile up."""
+        """A private, writable copy of the tensor. Unlike read(), its memory goes away with the
+        array: a conversion that loads one tensor at a time keeps its resident memory at one
+        tensor, where pages of a whole-file mapping would pile up. A copy-on-write mapping of the
+        tensor's own pages, so reading it neither copies the page cache nor zeroes fresh memory
+        (with pread both were a third of quantizing's CPU); a page is copied only if written."""
         import numpy as np
 
         info = self._info(tensor)
         if info.start is None or info.numel == 0:
             return np.array(self.read(info))
-        array = np.empty(info.shape, DTYPES[info.dtype].numpy)
-        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         with open(info.file, "rb", buffering=0) as f:
-            done = 0
-            while done < info.nbytes:
-                n = os.preadv(f.fileno(), [buffer[done:]], info.start + done)
-                if n == 0:
-                    raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
-                done += n
-        return array
+            if os.fstat(f.fileno()).st_size < info.end:  # (a mapping past the end would fault, not fail)
+                raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
+            mapped = mmap.mmap(f.fileno(), info.end - begin, offset=begin, access=mmap.ACCESS_COPY)
+        if hasattr(mapped, "madvise"):  # read ahead all of it at once, where it is not cached yet
+            mapped.madvise(mmap.MADV_WILLNEED)
+        return np.frombuffer(mapped, DTYPES[info.dtype].numpy, info.numel, info.start - begin).reshape(info.shape)
 
     def read_bytes(self, tensor: str | TensorInfo) -> memoryview:
         """The tensor's raw little-endian bytes, for tensors that move without being decoded."""
