@@ -218,6 +218,13 @@ def test_load_is_a_private_writable_copy_and_a_short_file_an_error(tmp_path):
         loaded[...] = 0
         assert path.read_bytes() == before
         assert same(checkpoint.load(name), tensors[name]) and same(checkpoint.read(name), tensors[name])
+        if os.path.exists("/proc/self/maps"):  # the pages are unmapped with the array; no descriptor stays open
+            mapped = lambda: open("/proc/self/maps").read().count(str(path))  # noqa: E731
+            fds = len(os.listdir("/proc/self/fd"))
+            held = [checkpoint.load(name) for _ in range(50)]
+            assert mapped() >= 50 and len(os.listdir("/proc/self/fd")) <= fds
+            del held, loaded
+            assert mapped() <= 1  # (read()'s own mapping of the whole file)
         last = max(checkpoint.tensors.values(), key=lambda info: info.end)
         os.truncate(path, last.end - 1)
         with pytest.raises(RemapError, match="file ended inside the tensor"):

@@ -27,6 +27,7 @@ from remap.heap import paused_gc
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, loads_unique, read_header
 from remap.io.hub import download
+from remap.io.pages import private_pages
 from remap.io.textfiles import read_json
 
 if TYPE_CHECKING:  # numpy is imported where tensors are read: opening a checkpoint reads headers only
@@ -132,10 +133,8 @@ class Checkpoint:
         with open(info.file, "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size < info.end:  # (a mapping past the end would fault, not fail)
                 raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
-            mapped = mmap.mmap(f.fileno(), info.end - begin, offset=begin, access=mmap.ACCESS_COPY)
-        if hasattr(mapped, "madvise"):  # read ahead all of it at once, where it is not cached yet
-            mapped.madvise(mmap.MADV_WILLNEED)
-        return np.frombuffer(mapped, DTYPES[info.dtype].numpy, info.numel, info.start - begin).reshape(info.shape)
+            pages = private_pages(f.fileno(), begin, info.end - begin)
+        return np.frombuffer(pages, DTYPES[info.dtype].numpy, info.numel, info.start - begin).reshape(info.shape)
 
     def read_bytes(self, tensor: str | TensorInfo) -> memoryview:
         """The tensor's raw little-endian bytes, for tensors that move without being decoded."""
