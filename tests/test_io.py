@@ -201,6 +201,36 @@ def test_read_values_and_dtypes(tmp_path):
     assert array.sum() == expected.sum()  # arrays outlive close()
 
 
+def test_load_is_a_private_writable_copy_and_a_short_file_an_error(tmp_path):
+    """load() maps the tensor's pages copy-on-write: the values of every dtype, writable, and a
+    write changes neither the file nor the next load. A file cut short since it was opened is a
+    RemapError, not a fault when the missing page is touched."""
+    tensors = sample_tensors()
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    with open_checkpoint(str(path)) as checkpoint:
+        for name, expected in tensors.items():
+            assert same(checkpoint.load(name), expected), name
+        name = "model.layers.0.mlp.gate_proj.weight"
+        loaded = checkpoint.load(name)
+        assert loaded.flags.writeable
+        loaded[...] = 0
+        assert path.read_bytes() == before
+        assert same(checkpoint.load(name), tensors[name]) and same(checkpoint.read(name), tensors[name])
+        if os.path.exists("/proc/self/maps"):  # the pages are unmapped with the array; no descriptor stays open
+            mapped = lambda: open("/proc/self/maps").read().count(str(path))  # noqa: E731
+            fds = len(os.listdir("/proc/self/fd"))
+            held = [checkpoint.load(name) for _ in range(50)]
+            assert mapped() >= 50 and len(os.listdir("/proc/self/fd")) <= fds
+            del held, loaded
+            assert mapped() <= 1  # (read()'s own mapping of the whole file)
+        last = max(checkpoint.tensors.values(), key=lambda info: info.end)
+        os.truncate(path, last.end - 1)
+        with pytest.raises(RemapError, match="file ended inside the tensor"):
+            checkpoint.load(last.name)
+
+
 def save_sharded(root: Path, shards: dict[str, dict[str, np.ndarray]], index: dict | None = None) -> None:
     root.mkdir(exist_ok=True)
     for file, tensors in shards.items():

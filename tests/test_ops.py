@@ -404,6 +404,38 @@ def test_dequant_fp8_matches_deepseek_bit_for_bit(block, rows, cols):
     assert np.array_equal(ours.view(np.uint16), reference.view(torch.int16).numpy().view(np.uint16))
 
 
+@pytest.mark.parametrize("out", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("scale_dtype", [np.float32, ml_dtypes.bfloat16, np.float16, np.uint8])
+def test_dequant_fp8_by_table_is_each_weights_product_for_every_code(out, scale_dtype):
+    """dequant_fp8 looks each weight up in its block's 256 products: the bits of computing each
+    weight (float32 product, through a 16-bit scale's dtype, rounded to the output dtype) for all
+    256 codes, NaN codes too, in full and partial blocks, with scales that round, overflow the
+    output dtype, are subnormal, zero or negative."""
+    block, rows, cols = (16, 32), 40, 280  # 3 x 9 blocks, the last row and column of blocks partial
+    codes = np.concatenate([np.arange(256, dtype=np.uint8)] * (rows * cols // 256 + 1))[: rows * cols]
+    codes = RNG.permutation(codes).reshape(rows, cols)
+    codes[:2, :128] = np.arange(256, dtype=np.uint8).reshape(2, 128)  # every code in one block
+    grid = (-(-rows // block[0]), -(-cols // block[1]))
+    specials = [1.0, 3.0e-3, -0.7, 0.0, 1e-30, 7e4, 3e38, 1.0 + 2**-20, 5e-8]
+    scale = np.resize(np.array(specials + list(np.exp(RNG.standard_normal(27) * 3)), np.float32), grid)
+    if scale_dtype == np.uint8:  # E8M0 bytes: 2^(byte - 127), 0xFF NaN
+        scale = np.resize(np.array([127, 0, 1, 254, 255, 100, 140, 120, 133], np.uint8), grid)
+    else:
+        with np.errstate(over="ignore"):
+            scale = scale.astype(scale_dtype)
+
+    [ours] = run([{"op": "dequant_fp8", "block": list(block), "dtype": out}], [codes.view(ml_dtypes.float8_e4m3fn), scale])
+
+    values = scale.view(ml_dtypes.float8_e8m0fnu) if scale_dtype == np.uint8 else scale
+    per_weight = np.repeat(np.repeat(values.astype(np.float32), block[0], 0), block[1], 1)[:rows, :cols]
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * per_weight
+        if scale_dtype in (ml_dtypes.bfloat16, np.float16):
+            product = product.astype(scale_dtype)
+        expected = product.astype(dtypes.numpy_dtype(out))
+    assert bits(ours) == bits(expected)
+
+
 def test_dequant_fp8_in_float32_is_the_exact_product():
     weight = random((5, 3)).astype(ml_dtypes.float8_e4m3fn)
     scale = np.array([[2.0, 0.5], [3.0, 0.25]], np.float32)

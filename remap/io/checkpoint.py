@@ -27,6 +27,7 @@ from remap.heap import paused_gc
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, loads_unique, read_header
 from remap.io.hub import download
+from remap.io.pages import private_pages
 from remap.io.textfiles import read_json
 
 if TYPE_CHECKING:  # numpy is imported where tensors are read: opening a checkpoint reads headers only
@@ -118,24 +119,22 @@ class Checkpoint:
         return np.frombuffer(self._map(info.file), dtype, info.numel, info.start).reshape(info.shape)
 
     def load(self, tensor: str | TensorInfo) -> np.ndarray:
-        """A private, writable copy of the tensor, read with pread. Unlike read(), its memory is
-        the process's own and goes away with the array: a conversion that loads one tensor at a
-        time keeps its resident memory at one tensor, where mapped pages would pile up."""
+        """A private, writable copy of the tensor. Unlike read(), its memory goes away with the
+        array: a conversion that loads one tensor at a time keeps its resident memory at one
+        tensor, where pages of a whole-file mapping would pile up. A copy-on-write mapping of the
+        tensor's own pages, so reading it neither copies the page cache nor zeroes fresh memory
+        (with pread both were a third of quantizing's CPU); a page is copied only if written."""
         import numpy as np
 
         info = self._info(tensor)
         if info.start is None or info.numel == 0:
             return np.array(self.read(info))
-        array = np.empty(info.shape, DTYPES[info.dtype].numpy)
-        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         with open(info.file, "rb", buffering=0) as f:
-            done = 0
-            while done < info.nbytes:
-                n = os.preadv(f.fileno(), [buffer[done:]], info.start + done)
-                if n == 0:
-                    raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
-                done += n
-        return array
+            if os.fstat(f.fileno()).st_size < info.end:  # (a mapping past the end would fault, not fail)
+                raise RemapError("file ended inside the tensor", file=str(info.file), tensor=info.name)
+            pages = private_pages(f.fileno(), begin, info.end - begin)
+        return np.frombuffer(pages, DTYPES[info.dtype].numpy, info.numel, info.start - begin).reshape(info.shape)
 
     def read_bytes(self, tensor: str | TensorInfo) -> memoryview:
         """The tensor's raw little-endian bytes, for tensors that move without being decoded."""

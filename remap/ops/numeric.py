@@ -176,18 +176,17 @@ class DequantFP8(Op):
         # computes in the scale's dtype (for bf16 the same bits: 4 x 8 significant bits are exact)
         narrow = arrays[self.input + 1].dtype
         narrow = narrow if narrow in (np.float16, ml_dtypes.bfloat16) else None
-        rows, cols = w.shape
-        b0, b1 = self.block or (128, cols)
-        out = np.empty((rows, cols), dtypes.numpy_dtype(self.dtype))
-        # One band of b0 rows at a time (they share a row of scales), so the float32 values stay
-        # in cache between decoding, scaling and rounding; edge tiles use their own scale.
-        for k, start in enumerate(range(0, rows, b0)):
-            band = _decode_e4m3(w[start : start + b0])
-            if self.block is not None:
-                band *= np.repeat(s[k], b1)[:cols]
-            else:  # a [1, 1] or [rows, 1] column: this band's rows
-                band *= s.reshape(-1, 1)[start : start + b0] if s.size == rows and s.size > 1 else s.reshape(())
-            out[start : start + b0] = band if narrow is None else band.astype(narrow)  # rounded to nearest even
+        out = np.empty(w.shape, dtypes.numpy_dtype(self.dtype))
+        if self.block is not None:
+            _dequant_by_table(w, s, self.block, narrow, out)
+            return [*arrays[: self.input], out, *arrays[self.input + 2 :]]
+        rows = w.shape[0]
+        # One band of 128 rows at a time, so the float32 values stay in cache between decoding,
+        # scaling and rounding.
+        for start in range(0, rows, 128):
+            band = _decode_e4m3(w[start : start + 128])  # times a [1, 1] or [rows, 1] column: this band's rows
+            band *= s.reshape(-1, 1)[start : start + 128] if s.size == rows and s.size > 1 else s.reshape(())
+            out[start : start + 128] = band if narrow is None else band.astype(narrow)  # rounded to nearest even
         return [*arrays[: self.input], out, *arrays[self.input + 2 :]]
 
     def loss(self, inputs: list[TensorType]) -> Loss | None:
@@ -196,6 +195,28 @@ class DequantFP8(Op):
             return None  # the float32 product, as every runtime computes it
         kind = "block scale" if self.block is not None else "scale"
         return Loss("rounding", f"fp8 x {kind} rounded to {self.dtype if self.dtype != 'F32' else scale}")
+
+
+def _dequant_by_table(w: np.ndarray, s: np.ndarray, block: tuple[int, ...], narrow: Any, out: np.ndarray) -> None:
+    """out = e4m3 codes `w` x their block's scale in `s`, rounded to out's dtype (through `narrow` first
+    where given), by table: within one block every weight is one of 256 codes times one scale, so
+    the 256 products of each block, computed as each weight's would be (float32 product, the same
+    casts), are looked up by code: one gather per weight, bit for bit the product's rounding (NaN
+    codes included). A band of b0 rows at a time: its tables, [blocks across, 256], stay in cache."""
+    import numpy as np
+
+    single, _ = _e4m3_tables()
+    rows, cols = w.shape
+    b0, b1 = block
+    index = np.uint16 if s.shape[1] * 256 <= 1 << 16 else np.uint32
+    offsets = (np.arange(cols) // b1 * 256).astype(index)  # each column's block's table
+    codes = np.ascontiguousarray(w).view(np.uint8)
+    for k, start in enumerate(range(0, rows, b0)):
+        with np.errstate(over="ignore", invalid="ignore"):  # (codes no weight may hold: no warning)
+            products = single * s[k][:, None]  # [blocks across, 256], float32
+            table = (products if narrow is None else products.astype(narrow)).astype(out.dtype).reshape(-1)
+        # (mode="clip": every index is in the table, and numpy buffers `out` for mode="raise")
+        np.take(table, np.add(codes[start : start + b0], offsets, dtype=index), out=out[start : start + b0], mode="clip")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from remap import dtypes
 from remap.errors import RemapError
+from remap.ops import affine
 from remap.ops.base import Finding, Loss, Op, Shape, TensorType, any_nonfinite, max_abs, nonfinite, refuse_nonfinite
 from remap.ops.numeric import DequantFP8
 from remap.quant_sizes import MLX_BITS, MLX_GROUP_SIZES
@@ -161,22 +162,27 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_CORES, thread_name_prefix="remap-mlx")
 
 
-def _by_row_blocks(compute: Callable[..., Sequence[Any]], inputs: list[np.ndarray],
+def _by_row_blocks(fill: Callable[[list[np.ndarray], list[np.ndarray]], None], inputs: list[np.ndarray],
                    outputs: list[np.ndarray]) -> None:
-    """Fill `outputs` (2-D) with `compute` (numpy rows of each input -> mlx arrays) run on blocks
-    of rows, side by side on the threads. For ops whose rows are independent (a quantization group
-    never crosses a row), so the bytes equal one call on the whole tensor, while mlx's working
-    memory stays one block per thread (an embedding of 129280 x 7168 would otherwise take several
-    GB of temporaries) and every core gets work (mlx's CPU kernels are single-threaded)."""
+    """Fill `outputs` (2-D) with `fill(input rows, output rows)` run on blocks of rows, side by side
+    on the threads. For ops whose rows are independent (a quantization group never crosses a row),
+    so the bytes equal one call on the whole tensor, while the working memory stays one block per
+    thread (an embedding of 129280 x 7168 would otherwise take several GB of temporaries) and every
+    core gets work (mlx's CPU kernels are single-threaded; numpy's release the GIL)."""
     rows = inputs[0].shape[0]
     row_bytes = max(1, sum(a[:1].nbytes for a in inputs))
     step = max(1, min(_CHUNK_BYTES // row_bytes, -(-rows // _CORES)))
 
     def run(block: slice) -> None:
-        for out, result in zip(outputs, compute(*(a[block] for a in inputs))):
-            out[block] = _view(result)  # copied once, into place
+        fill([a[block] for a in inputs], [o[block] for o in outputs])
 
     list(_threads().map(run, [slice(start, start + step) for start in range(0, rows, step)]))
+
+
+def _store(outputs: list[np.ndarray], results: Sequence[Any]) -> None:
+    """mlx results into their numpy places (copied once)."""
+    for out, result in zip(outputs, results):
+        out[...] = _view(result)
 
 
 def _mlx_dtype(name: str) -> Any:
@@ -242,10 +248,14 @@ class QuantizeMLX(Op):
         outputs = [np.empty((rows.shape[0], width * self.bits // 32), np.uint32),
                    *(np.empty((rows.shape[0], width // self.group_size), x.dtype) for _ in range(2))]
 
-        def quantize(block: np.ndarray):  # each block checked on its thread: a whole embedding as
-            if self.nonfinite != "keep" and any_nonfinite(block):  # float32 would double memory
+        def quantize(blocks: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            # mlx's arithmetic in numpy where it has it (less CPU); it declines a block holding NaN or
+            # Inf, checked here, on the block's thread (a whole embedding as float32 would double memory)
+            if affine.handles(self.bits) and affine.quantize_into(blocks[0], self.group_size, self.bits, *outs):
+                return
+            if self.nonfinite != "keep" and any_nonfinite(blocks[0]):
                 refuse_nonfinite(self, x)
-            return mx.quantize(_to_mlx(block), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+            _store(outs, mx.quantize(_to_mlx(blocks[0]), self.group_size, self.bits, mode=self.mode, stream=mx.cpu))
 
         _by_row_blocks(quantize, [rows], outputs)
         outputs = [o.reshape(*x.shape[:-1], -1) for o in outputs]
@@ -328,10 +338,10 @@ class DequantizeMLX(Op):
         # widening first is exact (see the class doc), where mlx's own dtype= is not
         widen = (lambda a: a.astype(mx.float32)) if target == "F32" else (lambda a: a)
 
-        def dequantize(w: np.ndarray, s: np.ndarray, b: np.ndarray) -> list[Any]:
-            out = mx.dequantize(_to_mlx(w), widen(_to_mlx(s)), widen(_to_mlx(b)), self.group_size, self.bits,
-                                mode=self.mode, stream=mx.cpu)
-            return [out.astype(_mlx_dtype(target), stream=mx.cpu)]
+        def dequantize(blocks: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            w, s, b = (_to_mlx(a) for a in blocks)
+            out = mx.dequantize(w, widen(s), widen(b), self.group_size, self.bits, mode=self.mode, stream=mx.cpu)
+            _store(outs, [out.astype(_mlx_dtype(target), stream=mx.cpu)])
 
         *lead, packed = w.shape
         out = np.empty((int(np.prod(lead)), packed * 32 // self.bits), dtypes.numpy_dtype(target))
