@@ -907,3 +907,24 @@ def test_an_output_may_not_overlap_its_source(tmp_path):
         refuse_overlap(tmp_path / "link", [source])
     refuse_overlap(tmp_path / "mlx", [source, source / "model.safetensors"])  # beside it: fine
     refuse_overlap(tmp_path / "out", [tmp_path / "model.pt"])  # beside a one-file source: fine
+
+
+def test_load_without_a_posix_libc_reads_the_same_bytes(tmp_path, monkeypatch):
+    """Where libc's mmap cannot be had (Windows), load() reads the tensor into memory of its own:
+    the same values, writable, the file unchanged."""
+    from remap.io import pages
+
+    def no_libc():
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(pages, "_libc", no_libc)
+    tensors = sample_tensors()
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    with open_checkpoint(str(path)) as checkpoint:
+        for name, expected in tensors.items():
+            loaded = checkpoint.load(name)
+            assert same(loaded, expected) and loaded.flags.writeable, name
+            loaded[...] = 0
+    assert path.read_bytes() == before

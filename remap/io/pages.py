@@ -24,11 +24,15 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def private_pages(fd: int, offset: int, length: int) -> ctypes.Array:
+def private_pages(fd: int, offset: int, length: int) -> ctypes.Array | bytearray:
     """`length` bytes of the file at `offset` (a multiple of mmap.ALLOCATIONGRANULARITY) as a
     writable buffer: reads come from the page cache in place, a write copies its page. Unmapped
-    when the buffer (and every numpy array made from it) is gone."""
-    libc = _libc()
+    when the buffer (and every numpy array made from it) is gone. Where there is no POSIX libc
+    (Windows), the bytes are read into memory of the process's own instead."""
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return _read(fd, offset, length)
     address = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, offset)
     if address is None or address == ctypes.c_void_p(-1).value:
         error = ctypes.get_errno()
@@ -38,3 +42,21 @@ def private_pages(fd: int, offset: int, length: int) -> ctypes.Array:
     pages = (ctypes.c_char * length).from_address(address)
     weakref.finalize(pages, libc.munmap, address, length)
     return pages
+
+
+def _read(fd: int, offset: int, length: int) -> bytearray:
+    buffer = bytearray(length)
+    view, done = memoryview(buffer), 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(fd, view[done:], offset + done)
+        if n == 0:
+            raise OSError(f"file ended at {offset + done} bytes, {offset + length} expected")
+        done += n
+    return buffer
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    os.lseek(fd, offset, os.SEEK_SET)
+    data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
