@@ -63,8 +63,11 @@ def reference(source, tmp_path_factory) -> dict[str, str]:
 
 
 def convert(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
+    # SIGINT as a terminal gives it: a test run earlier in this worker may have left it ignored,
+    # which a child inherits (then Ctrl-C is never seen)
     return subprocess.Popen([sys.executable, "-m", "remap.cli", "convert", str(src), str(dst), *OPTIONS, *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(process: subprocess.Popen, code: int = 0) -> str:
