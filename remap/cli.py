@@ -16,7 +16,7 @@ import typer
 from remap import __version__, flags
 from remap.cli_shell import Command, Group, run_guarded
 from remap.errors import RemapError
-from remap.heap import paused_gc
+from remap.heap import leave_to_exit, paused_gc
 from remap.render import escape
 from remap.render.table import FittingConsole
 
@@ -100,6 +100,7 @@ def inspect(
         if not outputs.piped:
             render_inspect(summary, list(tensors.values()), detection, console, full=full)
     outputs.write(json=lambda: jsontext.dumps({**summary, "tensor_list": _tensor_list(tensors, sizes)}) + "\n")
+    leave_to_exit(ckpt, tensors, sizes, detection)
     if detection.layout is None and len(detection.unmatched) == detection.total:
         raise RemapError(detection.describe(), file=ckpt.source, expected=f"a checkpoint of a layout remap knows: {flags.listed(LAYOUTS)}")
     if detection.layout is None:
@@ -162,6 +163,7 @@ def report(
         if not outputs.piped:
             render_rich(result, console, full=full)
     outputs.write(json=lambda: render_json(result) + "\n", markdown=lambda: render_markdown(result, full=full))
+    leave_to_exit(ckpt, plan, result)
     raise typer.Exit(0 if result.ok else 1)
 
 

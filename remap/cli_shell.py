@@ -20,7 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
 from remap.errors import RemapError
-from remap.heap import freeze_for_exit
+from remap import heap
 from remap.render import escape
 
 # Options that may stand alone, as mlx_lm.convert's -q does and `inspect --json` always did; alone,
@@ -113,11 +113,16 @@ def usage_error(exc: click.ClickException) -> RemapError:
 
 def run_guarded(app: Callable, err, debug: Callable[[], bool]) -> None:
     """Run the typer app; every error a user can cause is one line on stderr and exit 2. However
-    it ends, the process ends next: what it made is kept from the collector (remap.heap)."""
+    it ends, the process ends next: what it made is kept from the collector, and what a command
+    left to the exit is never freed (remap.heap)."""
+    heap.ends_with_command = True
     try:
         _run(app, err, debug)
+    except SystemExit as exc:
+        heap.end_process(exc.code)
+        raise
     finally:
-        freeze_for_exit()
+        heap.freeze_for_exit()
 
 
 def _run(app: Callable, err, debug: Callable[[], bool]) -> None:

@@ -23,7 +23,7 @@ from remap.ops import Loss, Op, TensorType
 from remap.spec.load import Spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per tensor, built in columns (remap.records)
 class Output:
     name: str
     shape: tuple[int, ...]
@@ -33,16 +33,8 @@ class Output:
     def nbytes(self) -> int:
         return dtypes.byte_size(self.dtype, self.shape)
 
-    @classmethod
-    def of(cls, name: str, shape: tuple[int, ...], dtype: str) -> "Output":
-        """Output(name, shape, dtype) with its fields set directly: the frozen __init__ costs
-        three times as much, and the planner makes one per tensor (47k for DeepSeek-V3)."""
-        output = object.__new__(cls)
-        output.__dict__.update(name=name, shape=shape, dtype=dtype)
-        return output
 
-
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Step:
     """One rule applied to one binding of its variables: sources -> ops -> outputs.
 
@@ -63,16 +55,6 @@ class Step:
     @property
     def sources(self) -> list[str]:
         return list(chain.from_iterable(self.groups))
-
-    @classmethod
-    def of(cls, rule: str, outputs: tuple[Output, ...], groups: tuple[tuple[str, ...], ...] = (),
-           ops: tuple[Op, ...] = (), stacked: bool = False, take: int | None = None, fill: str | None = None,
-           losses: tuple[Loss, ...] = ()) -> "Step":
-        """Step(...) with its fields set directly (as Output.of: one step per tensor of a model)."""
-        step = object.__new__(cls)
-        step.__dict__.update(rule=rule, outputs=outputs, groups=groups, ops=ops, stacked=stacked, take=take,
-                             fill=fill, losses=losses)
-        return step
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import ChainMap
-from itertools import chain, compress
+from itertools import chain, compress, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Mapping
 
@@ -25,6 +25,7 @@ from remap.namespace import namespace, translate_config
 from remap.op_types import OpTypes
 from remap.ops import Loss, TensorType
 from remap.plan import Dropped, Output, Plan, Stage, Step
+from remap.records import built
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern, ShapeMatch
 
@@ -259,12 +260,14 @@ class _Planner:
             return False
         self.written.update(dict.fromkeys(made, rule.id))
         self.used.update(dict.fromkeys(read, rule.id))
-        per_name = list(map(answers.__getitem__, rows))
-        self.output_types.update(zip(made, chain.from_iterable([answer[0] for answer in per_name])))
-        append, output, step, rule_id = self.steps.append, Output.of, Step.of, rule.id
-        for group, made_names, (types, ops, losses) in zip(zip(*sources), zip(*outputs), per_name):
-            outs = tuple([output(name, t.shape, t.dtype) for name, t in zip(made_names, types)])
-            append(step(rule_id, outs, (group,), ops, False, losses=losses))
+        per_name = list(map(answers.__getitem__, rows))  # (output types, ops, losses) of each name
+        made_types = list(chain.from_iterable(map(itemgetter(0), per_name)))
+        self.output_types.update(zip(made, made_types))
+        outs = built(Output, len(made), name=made, shape=map(attrgetter("shape"), made_types),
+                     dtype=map(attrgetter("dtype"), made_types))
+        self.steps += built(Step, len(per_name), rule=repeat(rule.id), outputs=zip(*[iter(outs)] * len(rule.to)),
+                            groups=zip(zip(*sources)), ops=map(itemgetter(1), per_name), stacked=repeat(False),
+                            take=repeat(None), fill=repeat(None), losses=map(itemgetter(2), per_name))
         return True
 
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
@@ -290,10 +293,11 @@ class _Planner:
                              expected=f"{len(rule.to)} tensors after the last op")
         if rule.stack:
             types = [t.with_shape((len(groups),) + t.shape) for t in types]
-        outputs = tuple([Output.of(name, t.shape, t.dtype) for name, t in zip(names, types)])
+        outputs = tuple([Output(name, t.shape, t.dtype) for name, t in zip(names, types)])
         self._record(rule, groups, outputs)
         self.output_types.update(zip(names, types))
-        self.steps.append(Step.of(rule.id, outputs, tuple(map(tuple, groups)), ops, bool(rule.stack), losses=tuple(losses)))
+        self.steps.append(Step(rule=rule.id, outputs=outputs, groups=tuple(map(tuple, groups)), ops=ops, stacked=bool(rule.stack),
+                               losses=tuple(losses)))
 
     def _unstack(self, rule: Rule, binding: dict, group: list[str], ops: tuple, types: list[TensorType]) -> None:
         counts = {t.shape[0] for t in types}
@@ -306,10 +310,10 @@ class _Planner:
             raise RemapError(f"ops leave {len(out_types)} tensors for {len(rule.to)} `to` patterns")
         for index in range(counts.pop()):
             names = {**binding, rule.unstack: index}
-            outputs = tuple(Output.of(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
+            outputs = tuple(Output(p.fill(names), t.shape, t.dtype) for p, t in zip(rule.to, out_types))
             self._record(rule, [group] if index == 0 else [], outputs)
             self.output_types.update((o.name, t) for o, t in zip(outputs, out_types))
-            self.steps.append(Step.of(rule.id, outputs, (tuple(group),), ops, take=index, losses=tuple(losses)))
+            self.steps.append(Step(rule=rule.id, outputs=outputs, groups=(tuple(group),), ops=ops, take=index, losses=tuple(losses)))
 
     def _record(self, rule: Rule, groups: list[list[str]], outputs: tuple[Output, ...]) -> None:
         written, used, rule_id = self.written, self.used, rule.id
@@ -352,10 +356,10 @@ class _Planner:
             dtype = dtypes.canonical(rule.dtype) if rule.dtype else (
                 self.tensors[like].dtype if like else "F32")
             name = rule.to[0].fill(binding)
-            outputs = (Output.of(name, shape, self.dtype if self.dtype and self.op_types.casts(dtype, name) else dtype),)
+            outputs = (Output(name, shape, self.dtype if self.dtype and self.op_types.casts(dtype, name) else dtype),)
             self._record(rule, [], outputs)
             self.output_types[name] = TensorType(outputs[0].shape, outputs[0].dtype)
-            self.steps.append(Step.of(rule.id, outputs, fill=rule.fill))
+            self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
         # sorting what is left gives the order of the sorted names, filtered (a stable sort)

@@ -28,14 +28,31 @@ from remap.spec import schema_check
 from remap.spec.load import MAPPINGS, parse_spec
 from tests.helpers import CLI_ENV, ROOT, remap
 
-# Prints the modules loaded once the command has run (atexit: after its sys.exit).
-LOADED = """
-import atexit, json, sys
-atexit.register(lambda: sys.__stderr__.write("\\nLOADED " + json.dumps(sorted(sys.modules)) + "\\n"))
+# Runs a command, and prints what `{what}` gives as the process ends, however it ends: at exit
+# (atexit: after its sys.exit), or at the os._exit of a command that left what it made to the
+# exit (remap.heap.end_process: no atexit handler runs there).
+AT_END = """
+import atexit, gc, json, os, sys
+def at_end(how):
+    sys.__stderr__.write("\\nAT_END " + json.dumps({{"how": how, "value": {what}}}) + "\\n")
+    sys.__stderr__.flush()
+atexit.register(at_end, "exit")
+_exit = os._exit
+os._exit = lambda code: (at_end("os._exit"), _exit(code))
 sys.argv = ["remap", *json.loads(sys.argv[1])]
 from remap.cli import run
 run()
 """
+
+
+def at_end(what: str, *args: object, codes=(0, 1)) -> dict:
+    """{"how": "exit" or "os._exit", "value": `what` as the command's process ends}."""
+    run = subprocess.run([sys.executable, "-c", AT_END.format(what=what), json.dumps([str(a) for a in args])],
+                         capture_output=True, text=True, cwd=ROOT, env=CLI_ENV)
+    assert run.returncode in codes, run.stderr
+    return json.loads(run.stderr.rpartition("\nAT_END ")[2])
+
+
 HEAVY = ("numpy", "ml_dtypes", "jsonschema", "yaml", "pydantic", "torch", "mlx", "transformers", "huggingface_hub",
          "remap.plan", "remap.planner", "remap.compute", "remap.execute", "remap.spec.load", "remap.ops")
 # What planning from headers with a bundled spec does without: array code, and the schema check.
@@ -44,10 +61,7 @@ PLANNING_HEAVY = ("numpy", "ml_dtypes", "jsonschema", "pydantic", "torch", "mlx"
 
 
 def loaded(*args: object) -> set[str]:
-    run = subprocess.run([sys.executable, "-c", LOADED, json.dumps([str(a) for a in args])], capture_output=True,
-                         text=True, cwd=ROOT, env=CLI_ENV)
-    assert run.returncode in (0, 1), run.stderr
-    return set(json.loads(run.stderr.rpartition("\nLOADED ")[2]))
+    return set(at_end("sorted(sys.modules)", *args)["value"])
 
 
 def heavy(modules: set[str], names=HEAVY) -> list[str]:
@@ -104,25 +118,35 @@ def test_a_conversion_that_only_moves_bytes_imports_no_numpy(tmp_path):
     assert {"numpy", "ml_dtypes"} <= computes
 
 
-# Prints how many objects the collector was kept from once the command has run.
-FROZEN = """
-import atexit, gc, json, sys
-atexit.register(lambda: sys.__stderr__.write("\\nFROZEN %d\\n" % gc.get_freeze_count()))
-sys.argv = ["remap", *json.loads(sys.argv[1])]
-from remap.cli import run
-run()
-"""
-
-
-@pytest.mark.parametrize("args, code", [(["inspect", "fixtures/hf-bf16"], 0), (["inspect", "no/such/dir"], 2)],
-                         ids=["done", "refused"])
-def test_a_command_leaves_its_objects_to_the_os_not_the_collector(args, code):
+@pytest.mark.parametrize("args, code, how", [
+    (["inspect", "fixtures/hf-bf16"], 0, "os._exit"),
+    (["report", "fixtures/hf-bf16", "--spec", "hf-to-mlx"], 0, "os._exit"),
+    (["inspect", "no/such/dir"], 2, "exit"),
+    (["convert", "fixtures/hf-bf16", "{tmp}/out", "--spec", "hf-to-mlx", "--quiet"], 0, "exit"),
+], ids=["inspect", "report", "refused", "convert"])
+def test_a_command_leaves_its_objects_to_the_os_not_the_collector(args, code, how, tmp_path):
     """However a command ends, what it made is frozen (remap.heap.freeze_for_exit): interpreter
-    shutdown's collections then walk none of it (~40 ms after convert's last byte)."""
-    run = subprocess.run([sys.executable, "-c", FROZEN, json.dumps(args)], capture_output=True, text=True, cwd=ROOT,
-                         env=CLI_ENV)
-    assert run.returncode == code, run.stderr
-    assert int(run.stderr.rpartition("\nFROZEN ")[2]) > 10_000
+    shutdown's collections then walk none of it (~40 ms after convert's last byte). A command that
+    writes no files and has finished (inspect, report) leaves its objects unfreed and ends at once,
+    its output flushed; one that writes files (convert) ends as Python does, atexit handlers run."""
+    ended = at_end("[gc.get_freeze_count(), len(__import__('remap.heap').heap._left)]",
+                   *[a.format(tmp=tmp_path) for a in args], codes=(code,))
+    frozen, left = ended["value"]
+    assert ended["how"] == how
+    if how == "exit":
+        assert frozen > 10_000 and left == 0
+    else:
+        assert left > 0
+
+
+def test_a_finished_report_is_all_there_when_the_process_ends_at_once(tmp_path):
+    """The text on stdout and the JSON file are whole although no interpreter teardown runs."""
+    run = remap("report", "fixtures/hf-bf16", "--spec", "hf-to-mlx", "--json", tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip().splitlines()[-1].startswith("OK")
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+    piped = remap("report", "fixtures/hf-bf16", "--spec", "hf-to-mlx", "--json", "-")
+    assert json.loads(piped.stdout)["spec"] == "hf-to-mlx"
 
 
 @pytest.mark.parametrize("module, table", [(api, api._LAZY), (io, io._HOMES)], ids=["api", "io"])
