@@ -237,7 +237,8 @@ class _Planner:
         names, numbers = match.names, match.numbers
         if keep is not None:
             names, numbers = [names[k] for k in keep], [numbers[k] for k in keep]
-        filled = [[template.format(*values) for values in numbers] for template in templates]
+        number_columns = list(zip(*numbers))  # (a shape of several names has numbers: none is empty)
+        filled = [list(map(template.format, *number_columns)) for template in templates]
         sources, outputs = [names, *filled[:len(rule.sources) - 1]], filled[len(rule.sources) - 1:]
         try:
             types = [list(map(self.tensors.__getitem__, column)) for column in sources]
