@@ -8,7 +8,7 @@ collapsed line with two sets does not promise every combination exists.
 from __future__ import annotations
 
 import re
-from itertools import compress, repeat
+from itertools import compress
 from operator import itemgetter
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
@@ -97,20 +97,33 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
                     key: Callable[[T], Hashable] = lambda _: None) -> list[tuple[str, list[T]]]:
     """collapse(sorted(items, key=natural_key(name))), without a natural key for every name: within
     a group names sort by their numbers (the text between is the same), so only each group's
-    first name needs one, to place the group where the sorted list would first meet it."""
+    first name needs one, to place the group where the sorted list would first meet it. The names
+    are read joined, a regex pass in C for all (as collapse_names; a name holding a newline or `#`
+    sends all through a regex call each)."""
     items = list(items)
-    pieces = list(map(_NUMBER.split, map(name, items)))  # text, number, text, ...
+    names = list(map(name, items))
+    joined = "\n".join(names)
+    if "#" in joined or joined.count("\n") != len(names) - 1:
+        pieces = list(map(_NUMBER.split, names))  # text, number, text, ...
+        shapes: list = list(map(tuple, map(_TEXTS, pieces)))
+        numbers_of = lambda positions: [tuple(map(int, _NUMBERS(pieces[k]))) for k in positions]
+    else:
+        shapes = _NUMBER_LINES.sub(".#", joined).split("\n")
+        def numbers_of(positions: list[int]) -> list[tuple[int, ...]]:
+            flat = list(map(int, _NUMBER_LINES.findall("\n".join(map(names.__getitem__, positions)))))
+            count = len(flat) // len(positions)
+            return list(zip(*[iter(flat)] * count)) if count else [()] * len(positions)
     groups: dict[tuple, list[int]] = {}
-    for position, group in enumerate(zip(map(tuple, map(_TEXTS, pieces)), map(key, items))):
+    for position, group in enumerate(zip(shapes, map(key, items))):
         groups.setdefault(group, []).append(position)  # (the one loop in Python: inspect's 92k tensors)
     placed = []
-    for (texts, _), positions in groups.items():
-        numbers = list(map(tuple, map(map, repeat(int), map(_NUMBERS, map(pieces.__getitem__, positions)))))
-        # numbers, then the order given (ties: 7 and 007)
-        order = list(map(itemgetter(1), sorted(zip(numbers, positions))))
-        first = order[0]
-        placed.append(((natural_key(name(items[first])), first), _filled(texts, map(format_indices, zip(*numbers))),
-                       list(map(items.__getitem__, order))))
+    for (shape, _), positions in groups.items():
+        numbers = numbers_of(positions)
+        order = sorted(range(len(positions)), key=numbers.__getitem__)  # (stable: 7 and 007 as given)
+        first = positions[order[0]]
+        texts = shape.split(".#") if type(shape) is str else shape
+        placed.append(((natural_key(names[first]), first), _filled(texts, map(format_indices, zip(*numbers))),
+                       [items[positions[k]] for k in order]))
     placed.sort(key=itemgetter(0))
     return [(collapsed, members) for _, collapsed, members in placed]
 

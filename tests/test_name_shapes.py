@@ -36,8 +36,12 @@ def test_shapes_are_the_natural_sort_grouped():
 
 
 def test_collapse_sorted_is_collapse_of_the_natural_sort():
-    for seed in range(20):
+    for seed in range(30):
         names = _names(seed)
+        if seed % 3 == 1:  # a name holding a newline, or `#` (a hostile header's): names one at a time
+            names.append("model.layers.3\n.7.w1")
+        elif seed % 3 == 2:
+            names += ["model.layers.#.w1", "model.layers.#.7"]
         kind = {name: len(name) % 3 for name in names}
         assert collapse_sorted(names, str, kind.get) == collapse(sorted(names, key=natural_key), str, kind.get)
 
