@@ -202,16 +202,20 @@ def test_read_values_and_dtypes(tmp_path):
     assert array.sum() == expected.sum()  # arrays outlive close()
 
 
-@pytest.mark.parametrize("libc", [True, False], ids=["mapped", "no-libc"])
-def test_load_is_a_private_writable_copy_and_a_short_file_an_error(tmp_path, monkeypatch, libc):
+@pytest.mark.parametrize("libc, preadv", [(True, True), (False, True), (False, False)],
+                         ids=["mapped", "no-libc", "no-libc-no-preadv"])
+def test_load_is_a_private_writable_copy_and_a_short_file_an_error(tmp_path, monkeypatch, libc, preadv):
     """load() maps the tensor's pages copy-on-write (or, with no POSIX libc to map them, as on
-    Windows, reads them into memory of its own): the values of every dtype, writable, and a write
-    changes neither the file nor the next load. A file cut short since it was opened is a
-    RemapError, not a fault when the missing page is touched."""
+    Windows, reads them into memory of its own, by preadv or, where there is none, a seek and a
+    read): the values of every dtype, writable, and a write changes neither the file nor the next
+    load. A file cut short since it was opened is a RemapError, not a fault when the missing page
+    is touched."""
     if not libc:
         from remap.io import pages
 
         monkeypatch.setattr(pages, "_libc", lambda: ctypes.CDLL("no-such-libc.so"))
+    if not preadv:
+        monkeypatch.delattr(os, "preadv")
     tensors = sample_tensors()
     path = tmp_path / "m.safetensors"
     save_file(tensors, path)

@@ -30,6 +30,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from remap.io.positional import read_into
 from remap.io.ranges import claim_range
 
 BLAKE3 = "blake3"
@@ -63,9 +64,7 @@ def _chunk_digest(fd: int, start: int, end: int) -> bytes:
         buffer = _buffers.buffer = memoryview(bytearray(_READ))
     digest = hashlib.sha256()
     while start < end:
-        n = os.preadv(fd, [buffer[: min(end - start, _READ)]], start)
-        if n == 0:
-            raise OSError(f"file ended at {start} bytes, {end} expected")
+        n = read_into(fd, buffer[: min(end - start, _READ)], start, end)
         digest.update(buffer[:n])
         start += n
     return digest.digest()
@@ -197,9 +196,7 @@ class _MappedReader:
         if self._buffer is None and not self._lo <= start < self._hi:
             self._remap(start)
         if self._buffer is not None:
-            n = os.preadv(self._fd, [self._buffer[: min(end - start, len(self._buffer))]], start)
-            if n == 0:
-                raise OSError(f"file ended at {start} bytes, {self._size} expected")
+            n = read_into(self._fd, self._buffer[: min(end - start, len(self._buffer))], start, self._size)
             digest.update(self._buffer[:n])
             return n
         stop = min(end, self._hi)

@@ -13,6 +13,8 @@ import mmap
 import os
 import weakref
 
+from remap.io.positional import read_into
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
@@ -48,15 +50,5 @@ def _read(fd: int, offset: int, length: int) -> bytearray:
     buffer = bytearray(length)
     view, done = memoryview(buffer), 0
     while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(fd, view[done:], offset + done)
-        if n == 0:
-            raise OSError(f"file ended at {offset + done} bytes, {offset + length} expected")
-        done += n
+        done += read_into(fd, view[done:], offset + done, offset + length)
     return buffer
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    os.lseek(fd, offset, os.SEEK_SET)
-    data = os.read(fd, len(view))
-    view[: len(data)] = data
-    return len(data)
