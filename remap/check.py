@@ -58,7 +58,7 @@ BREAKABLE = ("zero", "redundant")
 
 def _claiming(steps: Sequence[Step], wanted: Callable[[str], bool]) -> Iterator[Step]:
     """The steps that read sources and make a wanted claim, decided once per `losses` tuple (a
-    rule's steps share theirs: DeepSeek-V3's 46k dequantizing steps are 9), filtered in C."""
+    rule's steps share theirs: the 46k steps of DeepSeek-V3's FP8 stage hold 15), filtered in C."""
     losses = list(map(attrgetter("losses"), steps))
     decided = {id(own): any(wanted(loss.claim) for loss in own) for own in dict(zip(map(id, losses), losses)).values()}
     claiming = map(decided.__getitem__, map(id, losses))
