@@ -75,10 +75,10 @@ class Report:
         out = []
         changed = sorted({loss.rule for loss in self.losses if loss.claim not in CHECKABLE})
         if changed:
-            out.append(f"changes the function by design in {len(changed)} rules, e.g. {changed[0]}")
+            out.append(f"changes the function by design in {_count(len(changed), 'rule')}, e.g. {changed[0]}")
         unmeasured = [loss for loss in self.losses if loss.claim in ("zero", "redundant") and loss.holds is None]
         if unmeasured:
-            out.append(f"{len(unmeasured)} claims not measured (--check-data), e.g. {unmeasured[0].rule}")
+            out.append(f"{_count(len(unmeasured), 'claim')} not measured (--check-data), e.g. {unmeasured[0].rule}")
         return out
 
     @property
@@ -105,6 +105,10 @@ class Report:
 
 # Claims the bytes can confirm: zero, redundant (an "unused" tensor is exact whatever it holds).
 CHECKABLE = ("zero", "redundant", "unused")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 def _dtype_fits(dtype: str, want: str) -> bool:

@@ -101,35 +101,74 @@ def test_loads_unique_is_the_hook_parse(value, random, tail):
 
 
 _ENTRIES = st.lists(
-    st.tuples(st.text(alphabet="ab.:", min_size=1, max_size=4), st.sampled_from(list(DTYPES)),
+    st.tuples(st.text(alphabet='ab.:,{}"\\\né', min_size=1, max_size=4), st.sampled_from(list(DTYPES)),
               st.lists(st.integers(0, 3), max_size=3)),
     max_size=5, unique_by=lambda t: t[0],
 )
+_SPELLING = st.sampled_from([("dtype", "shape", "data_offsets"), ("data_offsets", "dtype", "shape"),
+                             ("shape", "dtype", "data_offsets")])
+_METADATA = st.one_of(st.none(), st.dictionaries(st.text(alphabet='ab"\\', max_size=2), st.text(alphabet='ab:,"', max_size=2), max_size=2))
+
+
+def _careful(text: str, data_len: int):
+    """What read_header's careful path finds in `text`: (columns, metadata), or None where it refuses."""
+    try:
+        header = loads_unique(text)
+        metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+        if not isinstance(header, dict) or not (metadata is None or _metadata_ok(metadata)):
+            return None
+        spans = _spans(header, None)
+        _check_tiling(spans, data_len, None)
+    except (RemapError, DuplicateKey, ValueError):
+        return None
+    begins, ends, _, names, dtypes, shapes = (list(c) for c in zip(*spans)) if spans else [[]] * 6
+    return (names, dtypes, shapes, begins, ends), metadata or {}
+
+
+def _metadata_ok(metadata) -> bool:
+    return isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
 
 
 @FUZZ
-@given(_ENTRIES, st.permutations(range(5)), st.integers(-1, 1))
-@example([("a", "U8", [1]), ("b", "U8", [1]), ("c", "U8", [1]), ("d", "U8", [1])], [0, 2, 1, 3, 4], 0)  # first and last in place
-def test_the_header_as_written_reads_as_entry_by_entry(entries, order, misfit):
-    """Where _as_written takes a header (in file order, or shuffled; the data section the right
-    size or not), it finds what _spans and _check_tiling find, and what they refuse it leaves.
-    It takes every header as the crate writes one: in file order, no empty tensor."""
+@given(_ENTRIES, _SPELLING, _METADATA, st.permutations(range(5)), st.integers(-1, 1), st.booleans(),
+       st.tuples(st.integers(0, 10**6), st.sampled_from(["", " ", ",", "0", "{", "}", '"', "\\", ",0", "00"])))
+@example([("a", "U8", [1]), ("b", "U8", [1]), ("c", "U8", [1]), ("d", "U8", [1])], ("dtype", "shape", "data_offsets"),
+         None, [0, 2, 1, 3, 4], 0, False, (0, ""))  # first and last in place
+@example([("a", "U8", [1]), ("b", "U8", [10])], ("dtype", "shape", "data_offsets"), {"k": "v"}, [0, 1, 2, 3, 4], 0, True,
+         (10**6, ""))  # as the crate writes it: read fast
+def test_the_header_as_written_reads_as_the_careful_path(entries, spelling, metadata, order, misfit, padded, edit):
+    """Where _as_written reads a header's text (any of three field orders, shuffled or in file
+    order, the data section the right size or not, with a character put in anywhere), it finds
+    what json and _spans and _check_tiling find, and what they refuse it refuses. It reads every
+    header spelled as the crate or mlx spell one: compact, in file order, no empty tensor, no name
+    that needs an escape."""
     header, offset = {}, 0
     for name, dtype, shape in entries:
         size = -(-math.prod(shape) * DTYPES[dtype].bits // 8)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        fields = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        header[name] = {field: fields[field] for field in spelling}
         offset += size
     in_file_order = list(header)
     header = {name: header[name] for _, name in sorted(zip(order, in_file_order))}
+    if metadata is not None:
+        header = {"__metadata__": metadata, **header}
+    written = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    written += " " * (-len(written) % 8 if padded else 0)
+    at, put = edit
+    text = written[:at] + put + written[at:]
     data_len = max(0, offset + misfit)
-    columns = _as_written(header, data_len)
-    try:
-        spans = _spans(header, None)
-        _check_tiling(spans, data_len, None)
-    except RemapError:
-        assert columns is None
+    fast = _as_written(text, data_len)
+    careful = _careful(text, data_len)
+    assert fast in (None, careful)
+    if careful is None:
         return
-    begins, ends, _, names, dtypes, shapes = (list(c) for c in zip(*spans)) if spans else [[]] * 6
-    assert columns in (None, (names, dtypes, shapes, begins, ends))
-    as_written = list(header) == in_file_order and all(DTYPES[d].bits % 8 == 0 and all(shape) for _, d, shape in entries)
-    assert (columns is not None) == (as_written and bool(entries))
+    # what writers write: compact, in file order, the crate's or mlx's field order, nothing escaped
+    (names, dtypes, shapes, begins, ends), found = careful
+    spelled = set()
+    for fields in (("dtype", "shape", "data_offsets"), ("data_offsets", "dtype", "shape")):
+        entries = {n: {"dtype": d, "shape": list(s), "data_offsets": [b, e]} for n, d, s, b, e in zip(*careful[0])}
+        entries = {n: {f: entry[f] for f in fields} for n, entry in entries.items()}
+        for head in ({"__metadata__": found}, {}) if found == {} else ({"__metadata__": found},):
+            spelled.add(json.dumps({**head, **entries}, separators=(",", ":"), ensure_ascii=False))
+    whole = names and all(DTYPES[d].bits % 8 == 0 and all(s) for d, s in zip(dtypes, shapes))
+    assert (fast is not None) == bool(text.rstrip(" ") in spelled and "\\" not in text and whole)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from itertools import accumulate, chain, compress, repeat
@@ -74,12 +75,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     except OSError as e:
         raise RemapError(f"cannot read: {e.strerror}", file=str(path)) from e
 
-    header = _parse_json(raw, path)
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else _metadata(metadata, path)  # null is none, as for the crate
     data_start = 8 + header_len
-    columns = _as_written(header, file_size - data_start)
-    if columns is None:  # anything else is checked entry by entry, each failure worded
+    text = _text(raw, path)
+    written = _as_written(text, file_size - data_start)
+    if written:
+        columns, metadata = written
+    else:  # anything else is parsed, and checked entry by entry, each failure worded
+        header = _parse_json(text, path)
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else _metadata(metadata, path)  # null is none, as for the crate
         spans = _spans(header, path)
         _check_tiling(spans, file_size - data_start, path)
         begins, ends, _, names, dtypes, shapes = zip(*spans) if spans else ((),) * 6
@@ -161,12 +165,20 @@ def _keys_held(value: Any) -> int:
     return len(value) + sum(map(len, inner))
 
 
-def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
-    expected = "a JSON object of tensor entries"
+_EXPECTED = "a JSON object of tensor entries"
+
+
+def _text(raw: bytes, path: Path) -> str:
     try:
-        header = loads_unique(raw.decode("utf-8"))
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RemapError(f"header is not UTF-8 text (byte {e.start})", file=str(path), expected=expected) from e
+        raise RemapError(f"header is not UTF-8 text (byte {e.start})", file=str(path), expected=_EXPECTED) from e
+
+
+def _parse_json(text: str, path: Path) -> dict[str, Any]:
+    expected = _EXPECTED
+    try:
+        header = loads_unique(text)
     except DuplicateKey as e:
         raise RemapError(f"header names '{e}' twice", file=str(path), expected="unique names") from e
     except (ValueError, RecursionError) as e:  # JSONDecodeError, and integers of thousands of digits
@@ -244,36 +256,80 @@ def _entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int
 Span = tuple[int, int, int, str, str, tuple[int, ...]]  # begin, end, position in the header, name, dtype, shape
 
 
-def _as_written(header: dict[str, Any], data_len: int) -> tuple[list, ...] | None:
-    """(names, dtypes, shapes, begins, ends) of a header as the safetensors crate writes one:
-    entries in file order, whole-byte dtypes, no empty dimension; checked list by list in C, as
-    _entry and _check_tiling would find them. None for any other header, which they decide."""
-    entries = list(header.values())
+# The spellings writers give a header's entries: the safetensors crate's (and remap's own) fields
+# dtype, shape, data_offsets, and mlx's, sorted; both compact (the crate pads the header with
+# spaces). Each entry is read after a comma: the header's opening brace is read as one.
+_NAME = r'"([^"\\\x00-\x1f]*)"'  # a JSON string without escapes or control characters is its own text
+_ENTRY_FIELDS = {"dtype": r'"dtype":"([A-Z0-9_]+)"', "shape": r'"shape":\[([0-9,]*)\]',
+                 "data_offsets": r'"data_offsets":\[([0-9]+),([0-9]+)\]'}
+
+
+def _spelling(fields: tuple[str, ...]) -> tuple[re.Pattern, list[int]]:
+    """The regex of entries whose fields come in this order, and where split() puts the name,
+    dtype, shape, begin and end of each entry (after the text before it)."""
+    regex = re.compile(",{}:\\{{{}\\}}".format(_NAME, ",".join(map(_ENTRY_FIELDS.__getitem__, fields))))
+    groups = ["name", *chain.from_iterable(("begin", "end") if f == "data_offsets" else (f,) for f in fields)]
+    return regex, [groups.index(g) + 1 for g in ("name", "dtype", "shape", "begin", "end")]
+
+
+_SPELLINGS = (_spelling(("dtype", "shape", "data_offsets")), _spelling(("data_offsets", "dtype", "shape")))
+_GROUPS = 6  # what split() gives per entry: the text before it, then name, and its fields in spelled order
+_METADATA = re.compile(r'\{"__metadata__":(\{(?:"[^"\\\x00-\x1f]*":"[^"\\\x00-\x1f]*"'
+                       r'(?:,"[^"\\\x00-\x1f]*":"[^"\\\x00-\x1f]*")*)?\})')
+
+
+def _as_written(text: str, data_len: int) -> tuple[tuple[list, ...], dict[str, str]] | None:
+    """((names, dtypes, shapes, begins, ends), metadata) of a header spelled as writers spell one
+    (_SPELLINGS), its tensors in file order, of whole-byte dtypes, none empty: read with one regex
+    pass in C, and checked column by column as _entry and _check_tiling would find them. None for
+    any other header, which json and they decide.
+
+    Why not json.loads: it builds a dict and two lists per tensor (92k for DeepSeek-V3), most of
+    reading the headers, only to be taken apart into these columns. Split on its entries, the
+    text must leave nothing between them, so no text goes unread."""
+    end = len(text.rstrip(" ")) - 1  # the closing brace
+    head = _METADATA.match(text) if text.startswith('{"__metadata__":') else None
+    if head:
+        body = text[head.end():end]
+    elif text.startswith("{"):
+        body = "," + text[1:end]
+    else:
+        return None
+    if end < 1 or text[end] != "}":
+        return None
+    for spelling, positions in _SPELLINGS:
+        pieces = spelling.split(body)
+        if len(pieces) > 1 and not any(pieces[0::_GROUPS]):
+            break
+    else:
+        return None
+    names, dtypes, shapes, begins, ends = (pieces[k::_GROUPS] for k in positions)
+    if len(set(names)) < len(names) or "__metadata__" in names:
+        return None  # (json's path words the error)
+    element_bytes = list(map(_BYTES.get, dtypes))
+    if None in element_bytes:
+        return None
+    # A number after a comma starts with 0 only as 0 (an empty tensor, or its offset, for the
+    # careful path) or written with a leading zero (no JSON); the first begin must be 0.
+    if begins[0] != "0" or ",0" in ",".join(("", *begins[1:], *ends, *set(shapes))):
+        return None
     try:
-        dtypes = list(map(itemgetter("dtype"), entries))
-        shapes = list(map(itemgetter("shape"), entries))
-        offsets = list(map(itemgetter("data_offsets"), entries))
-        element_bytes = list(map(_BYTES.__getitem__, dtypes))  # also refuses a dtype that is no string
-    except (TypeError, KeyError):  # an entry that is no object, or lacks a field
+        dims = {shape: tuple(map(int, shape.split(","))) if shape else () for shape in set(shapes)}
+        begins, ends = list(map(int, begins)), list(map(int, ends))
+    except ValueError:  # a dimension left out (`[1,,2]`), or thousands of digits
         return None
-    if not entries or _types(shapes) != {list} or _types(offsets) != {list} or set(map(len, offsets)) != {2}:
-        return None
-    dims, bounds = list(chain.from_iterable(shapes)), list(chain.from_iterable(offsets))
-    if _types(dims) | _types(bounds) != {int} or min(dims, default=1) < 1:
-        return None  # (a bool is no int here; a 0 dimension takes the careful path)
-    # In header order each tensor starts where the one before ends, and ends where its size says:
-    # they tile [0, data_len], each of its shape's size. Every size (>= 1) is then at most
-    # data_len: below 2**64 bits, as _overflows requires (dimensions >= 1: no partial product is larger).
-    begins, ends = bounds[::2], bounds[1::2]
+    # In order each tensor starts where the one before ends, and ends where its size says: they
+    # tile [0, data_len], each of its shape's size (dimensions >= 1: every size is at most
+    # data_len, below 2**64 bits, as _overflows requires).
     if begins[0] != 0 or begins[1:] != ends[:-1] or ends[-1] != data_len or data_len >= _USIZE // 8:
         return None
+    shapes = list(map(dims.__getitem__, shapes))
     if list(accumulate(map(mul, map(math.prod, shapes), element_bytes))) != ends:
         return None
-    return list(header), dtypes, list(map(tuple, shapes)), begins, ends
-
-
-def _types(values: list[Any]) -> set[type]:
-    return set(map(type, values))
+    metadata = json.loads(head.group(1)) if head else {}
+    if head and len(metadata) != head.group(1).count('":"'):
+        return None  # a metadata key given twice
+    return (names, dtypes, shapes, begins, ends), metadata
 
 
 def _spans(header: dict[str, Any], path: Path) -> list[Span]:

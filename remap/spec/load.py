@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from remap.errors import RemapError
+from remap.errors import RemapError, flattened
 from remap.io.textfiles import read_bounded
 from remap.ops import op_class
 from remap.spec import yaml_lines
@@ -176,7 +176,7 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
         if "equals" in raw and raw["claim"] != "redundant":
             raise RemapError(f"`equals: {raw['equals']}` with claim '{raw['claim']}'",
                              expected="claim: redundant (the tensor is what the target computes by itself)")
-        return Rule(kind="drop", sources=_patterns(raw["drop"]), claim=raw["claim"], reason=raw["reason"],
+        return Rule(kind="drop", sources=_patterns(raw["drop"]), claim=raw["claim"], reason=flattened(raw["reason"]),
                     same_as=Pattern(raw["same_as"]) if "same_as" in raw else None, equals=raw.get("equals"),
                     **common)
     if "fill" in raw:
@@ -184,7 +184,7 @@ def _build_rule(index: int, line: int, raw: dict) -> Rule:
             raise RemapError(f"`unstack: {raw['unstack']}` counts the elements of the `like` tensor", expected="a `like` pattern")
         return Rule(kind="fill", to=_patterns(raw["to"]), fill=raw["fill"], shape=tuple(raw["shape"]),
                     dtype=raw.get("dtype"), like=Pattern(raw["like"]) if "like" in raw else None,
-                    unstack=raw.get("unstack"), reason=raw.get("reason", ""), **common)
+                    unstack=raw.get("unstack"), reason=flattened(raw.get("reason", "")), **common)
     rule = Rule(kind="map", to=_patterns(raw["to"]), sources=_patterns(raw["from"]),
                 ops=tuple(yaml_lines.plain(op) for op in raw.get("ops", [])), stack=raw.get("stack"),
                 unstack=raw.get("unstack"), reuse=bool(raw.get("reuse", False)), **common)
