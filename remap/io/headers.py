@@ -20,7 +20,7 @@ import re
 import stat
 from dataclasses import dataclass
 from itertools import accumulate, chain, compress, repeat
-from operator import add, itemgetter, mul
+from operator import add, mul
 from pathlib import Path
 from typing import Any, Sequence
 
