@@ -47,10 +47,12 @@ def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
         groups.setdefault(shape, []).append(position)
     alike, first = {}, {}
     for shape, members in groups.items():
+        members_names = list(map(names.__getitem__, members))
+        numbers = _numbers(members_names, whole)
         # sorted by numbers: unique within a shape (an index has no leading zeros)
-        ordered = sorted(zip(_numbers([names[k] for k in members], whole), members))
-        alike[shape] = Alike([names[k] for _, k in ordered], [numbers for numbers, _ in ordered])
-        first[shape] = ordered[0][1]
+        order = sorted(range(len(members)), key=numbers.__getitem__)
+        alike[shape] = Alike(list(map(members_names.__getitem__, order)), list(map(numbers.__getitem__, order)))
+        first[shape] = members[order[0]]
     # a shape's place is its first name's in the natural sort (ties: in the order given, as a stable sort keeps them)
     return dict(sorted(alike.items(), key=lambda item: (natural_key(item[1].names[0]), first[item[0]])))
 

@@ -236,7 +236,8 @@ class _Planner:
         if keep is not None:
             names, numbers = [names[k] for k in keep], [numbers[k] for k in keep]
         number_columns = list(zip(*numbers))  # (a shape of several names has numbers: none is empty)
-        filled = [list(map(template.format, *number_columns)) for template in templates]
+        own = match.template(rule.sources[0])  # a template giving back the names (an FP8 stage's `to`) reuses them
+        filled = [names if template == own else list(map(template.format, *number_columns)) for template in templates]
         sources, outputs = [names, *filled[:len(rule.sources) - 1]], filled[len(rule.sources) - 1:]
         try:
             types = [list(map(self.tensors.__getitem__, column)) for column in sources]
@@ -255,7 +256,8 @@ class _Planner:
             return False
         made, read = list(chain.from_iterable(zip(*outputs))), list(chain.from_iterable(zip(*sources)))
         if (any(len(out) != len(rule.to) for out, _, _ in answers.values()) or len(set(made)) < len(made)
-                or not self.written.keys().isdisjoint(made) or any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
+                or not self.written.keys().isdisjoint(made)
+                or not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
             return False
         self.written.update(dict.fromkeys(made, rule.id))
         self.used.update(dict.fromkeys(read, rule.id))
@@ -361,6 +363,9 @@ class _Planner:
             self.steps.append(Step(rule=rule.id, outputs=outputs, fill=rule.fill))
 
     def finish(self) -> None:
+        if not self.reused and len(self.used) == len(self.tensors):  # all used (used names are source names)
+            self.unmatched = []
+            return
         # sorting what is left gives the order of the sorted names, filtered (a stable sort)
         left = self.tensors.keys() - self.used.keys() - self.reused.keys()
         self.unmatched = sorted((n for n in self.tensors if n in left), key=natural_key) if left else []
