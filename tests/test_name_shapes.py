@@ -32,7 +32,10 @@ def test_shapes_are_the_natural_sort_grouped():
         grouped: dict = {}
         for name in sorted(names, key=natural_key):
             grouped.setdefault((name,) if "#" in name else _INDEX.sub("#", name), []).append(name)
-        assert [(shape, alike.names) for shape, alike in shaped(names).items()] == list(grouped.items())
+        got = shaped(names)
+        assert [(shape, alike.names) for shape, alike in got.items()] == list(grouped.items())
+        for alike in got.values():  # each name's numbers, as its shape counts them
+            assert alike.numbers == [tuple(map(int, _INDEX.findall(name))) for name in alike.names]
 
 
 def test_collapse_sorted_is_collapse_of_the_natural_sort():
