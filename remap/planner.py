@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import ChainMap
-from itertools import chain, compress, repeat, starmap
+from itertools import chain, compress, groupby, repeat, starmap
 from operator import attrgetter, itemgetter
 from typing import Any, Mapping
 
@@ -125,6 +125,7 @@ class _Planner:
         # name shape (numbers as #) -> its names in natural order, their numbers
         self.shapes = shapes if shapes is not None else shaped(tensors)
         self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
+        self.fields: dict[tuple[int, str], list] = {}  # (id of one of those matches, dtype | shape) -> its names' values
 
     @functools.cached_property
     def names(self) -> list[str]:
@@ -145,7 +146,7 @@ class _Planner:
         text, found = self.matched
         if pattern.text != text:  # consecutive rules often share a pattern (FP8 weights, by two scale forms)
             found = [m for alike in self.shapes.values() if (m := pattern.match_alike(alike.names, alike.numbers))]
-            self.matched = (pattern.text, found)
+            self.matched, self.fields = (pattern.text, found), {}
         return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
@@ -166,11 +167,15 @@ class _Planner:
         read = names_in(rule.when)
         variables = list(dict.fromkeys(v for v in pattern.variables if v in read))
         tensors, decided, kept = self.tensors, {}, []
+        # a shape's dtypes and shapes, kept while its match is (the next rule of this pattern asks again)
+        fields = self.fields if found is self.matched[1] else {}
         for match in found:
             columns = [match.column(v) for v in variables]
             for field in ("dtype", "shape"):
                 if field in read:
-                    columns.append(list(map(attrgetter(field), map(tensors.__getitem__, match.names))))
+                    if (id(match), field) not in fields:
+                        fields[id(match), field] = list(map(attrgetter(field), map(tensors.__getitem__, match.names)))
+                    columns.append(fields[id(match), field])
             keys = list(zip(*columns)) if columns else [()] * len(match.names)
             for key in dict.fromkeys(keys):  # (in name order: an expression that fails, fails on the first name)
                 if key not in decided:
@@ -207,9 +212,10 @@ class _Planner:
                 pattern.fill(match.binding)  # raises: which variable is not bound
             columns = [match.column(v) for v in (*rest, rule.stack)]
             groups = zip(match.names, *[starmap(template.format, match.numbers) for template in templates])
-            rows = zip(zip(*columns[:-1]), columns[-1], groups)  # (key, index, group): 45k experts in C
-            for key, index, group in (rows if keep is None else map(list(rows).__getitem__, keep)):
-                stacks.setdefault(key, []).append((index, group))
+            rows = zip(zip(*columns[:-1]), zip(columns[-1], groups))  # (key, (index, group)): 45k experts in C
+            # names in order of their numbers: a key's rows mostly in one run, each run taken in C
+            for key, run in groupby(rows if keep is None else map(list(rows).__getitem__, keep), itemgetter(0)):
+                stacks.setdefault(key, []).extend(map(itemgetter(1), run))
         for key_values, members in stacks.items():
             members.sort(key=itemgetter(0))
             indices = [m[0] for m in members]
@@ -274,17 +280,20 @@ class _Planner:
     def _step(self, rule: Rule, binding: dict[str, int], groups: list[list[str]]) -> None:
         tensors = self.tensors
         try:
-            group_types = [list(map(tensors.__getitem__, group)) for group in groups]
+            types = list(map(tensors.__getitem__, groups[0]))
+            # every stacked element must look like the first: all at once, in C (a step of 256 experts)
+            alike = len(groups) == 1 or (set(map(len, groups)) == {len(types)} and
+                                         list(map(tensors.__getitem__, chain.from_iterable(groups[1:]))) == types * (len(groups) - 1))
         except KeyError:
             name, group = next((n, g) for g in groups for n in g if n not in tensors)
             raise RemapError(f"source tensor '{name}' is missing (needed together with '{group[0]}')",
                              expected="every `from` pattern to exist for each match of the first") from None
         ops = self.op_types.ops(rule, binding)
-        types = group_types[0]
         if rule.unstack:
             return self._unstack(rule, binding, groups[0], ops, types)
         losses: list[Loss] = []
-        for group, other in zip(groups[1:], group_types[1:]):  # every stacked element must look like the first
+        for group in groups[1:] if not alike else ():  # (the first that does not, for the error)
+            other = list(map(tensors.__getitem__, group))
             if other != types:
                 raise RemapError(f"cannot stack '{group[0]}' {list(other[0].shape)} with '{groups[0][0]}' {list(types[0].shape)}")
         names = [p.fill(binding) for p in rule.to]
@@ -323,15 +332,17 @@ class _Planner:
                 raise RemapError(f"output '{output.name}' is written by two rules: {written[output.name]} and this one",
                                  expected="each output tensor written by one rule")
             written[output.name] = rule_id
-        for group in groups:
-            for name in group:
-                if rule.reuse:
-                    self.reused.setdefault(name, []).append(rule_id)
-                elif used.get(name, rule_id) != rule_id:
-                    raise RemapError(f"source tensor '{name}' is matched by two rules: {used[name]} and this one",
-                                     tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
-                else:
-                    used[name] = rule_id
+        names = list(chain.from_iterable(groups))
+        if rule.reuse:
+            for name in names:
+                self.reused.setdefault(name, []).append(rule_id)
+            return
+        if not used.keys().isdisjoint(names):  # (checked in C: a stacked step reads 256 experts)
+            name = next((n for n in names if used.get(n, rule_id) != rule_id), None)
+            if name is not None:
+                raise RemapError(f"source tensor '{name}' is matched by two rules: {used[name]} and this one",
+                                 tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
+        used.update(dict.fromkeys(names, rule_id))
 
     def _drop(self, rule: Rule) -> None:
         for pattern in rule.sources:

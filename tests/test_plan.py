@@ -246,3 +246,24 @@ def test_dtype_option_casts_float_outputs_and_names_the_rounding():
     plan = build_plan(load_spec("hf-to-mlx"), tensors, config, dtype="bf16")
     assert {o.dtype for o in plan.outputs} == {"BF16"}
     assert {loss.claim for _, loss in plan.last.losses} == {"rounding"}
+
+
+def test_a_stack_names_the_first_element_unlike_the_first():
+    config, tensors = _source("hf", "bf16", {})
+    tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = TensorType((16, 33), "BF16")
+    tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = TensorType((16, 32), "F32")  # (the second unlike one)
+    with pytest.raises(RemapError, match=r"cannot stack 'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' \[16, 33\] "
+                                         r"with 'model\.layers\.1\.mlp\.experts\.0\.up_proj\.weight' \[16, 32\]"):
+        build_plan(load_spec("hf-to-mlx"), tensors, config)
+    tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = TensorType((16, 32), "BF16")
+    with pytest.raises(RemapError, match=r"cannot stack 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight' \[16, 32\]"):
+        build_plan(load_spec("hf-to-mlx"), tensors, config)  # a dtype unlike the first's
+
+
+def test_a_stack_reading_a_source_another_rule_used_names_it():
+    rules = ("  - {to: a, from: model.layers.1.mlp.experts.2.up_proj.weight}\n"
+             "  - to: 'model.layers.{i}.mlp.switch_mlp.up_proj.weight'\n"
+             "    from: 'model.layers.{i}.mlp.experts.{e}.up_proj.weight'\n"
+             "    stack: e\n")
+    with pytest.raises(RemapError, match=r"source tensor 'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' is matched by two rules"):
+        _plan(rules)

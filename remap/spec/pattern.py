@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import starmap
+from operator import itemgetter
 from typing import Mapping
 
 from remap.errors import RemapError
@@ -160,10 +162,10 @@ class ShapeMatch:
         """Each name's value of `variable`."""
         for name, k in self.on_number:
             if name == variable:
-                return [values[k] for values in self.numbers]
+                return list(map(itemgetter(k), self.numbers))  # (by map: in C, 46k names a column)
         for name, template, a, b in self.over_numbers:
             if name == variable:
-                return [template.format(*values[a:b]) for values in self.numbers]
+                return list(starmap(template.format, map(itemgetter(slice(a, b)), self.numbers)))
         return [self.binding[variable]] * len(self.names)
 
     def template(self, pattern: "Pattern") -> str | None:
