@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass, field
 from itertools import chain, compress, filterfalse, repeat
 from operator import attrgetter, is_not
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from remap import dtypes
 from remap.names import natural_key  # noqa: F401  (re-exported: callers found it here)
@@ -23,8 +23,7 @@ from remap.ops import Loss, Op, TensorType
 from remap.spec.load import Spec
 
 
-@dataclass(frozen=True, slots=True)  # slots: one per tensor, built in columns (remap.records)
-class Output:
+class Output(NamedTuple):  # one per tensor, built in C (remap.records)
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -34,8 +33,7 @@ class Output:
         return dtypes.byte_size(self.dtype, self.shape)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Step:
+class Step(NamedTuple):  # one per output tensor or stack, built in C (remap.records); made with keywords
     """One rule applied to one binding of its variables: sources -> ops -> outputs.
 
     `groups` holds the source names: one group normally; one group per stacked element when the
@@ -234,7 +232,7 @@ def _op_names(step: Step) -> list[str]:
 def _step_dict(step: Step) -> dict:
     return {
         "rule": step.rule,
-        "outputs": [dataclasses.asdict(o) for o in step.outputs],
+        "outputs": [o._asdict() for o in step.outputs],
         "sources": [list(g) for g in step.groups],
         "ops": [{"op": op.name, **{k: v for k, v in dataclasses.asdict(op).items() if v is not None}} for op in step.ops],
         "stacked": step.stacked,

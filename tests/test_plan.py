@@ -267,3 +267,18 @@ def test_a_stack_reading_a_source_another_rule_used_names_it():
              "    stack: e\n")
     with pytest.raises(RemapError, match=r"source tensor 'model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight' is matched by two rules"):
         _plan(rules)
+
+
+def test_records_built_in_columns_are_the_records_made_one_by_one():
+    from itertools import repeat
+
+    from remap.plan import Output, Step
+    from remap.records import built
+
+    outputs = built(Output, 2, name=["a", "b"], shape=[(2, 3), ()], dtype=repeat("BF16"))
+    assert outputs == [Output("a", (2, 3), "BF16"), Output("b", (), "BF16")] and outputs[0].nbytes == 12
+    steps = built(Step, 1, rule=["r"], outputs=[tuple(outputs)], groups=[(("x",),)], ops=[()], stacked=[True],
+                  take=[None], fill=[None], losses=[()])
+    assert steps == [Step(rule="r", outputs=tuple(outputs), groups=(("x",),), stacked=True)] and steps[0].sources == ["x"]
+    with pytest.raises(TypeError, match="fields"):
+        built(Output, 1, name=["a"], shape=[()])  # a field left out is no default here

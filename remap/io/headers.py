@@ -18,11 +18,10 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
 from itertools import accumulate, chain, compress, repeat
 from operator import add, mul
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from remap.dtypes import DTYPES, byte_size
 from remap.errors import RemapError
@@ -34,8 +33,7 @@ from remap.records import built
 MAX_HEADER_BYTES = 100_000_000
 
 
-@dataclass(frozen=True, slots=True)  # slots: 92k of them for DeepSeek-V3, built field by field in C (remap.records)
-class TensorInfo:
+class TensorInfo(NamedTuple):  # 92k of them for DeepSeek-V3, built in C (remap.records)
     """Where one tensor lives. `start`/`end` are absolute byte offsets in `file`
     (8 + header length + data_offsets); None for a tensor that is not a byte span of a
     safetensors file (one from a torch state dict)."""
