@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, compress, filterfalse, repeat
 from operator import attrgetter, is_not
@@ -188,6 +189,17 @@ class Plan:
         """Each source tensor of the first stage: ("used", None) when it reaches a final output,
         ("dropped", claim) when it is dropped (here or, through what it became, in a later
         stage), ("unmatched", None) when no rule took it (or what it became)."""
+        fates = dict.fromkeys(self.stages[0].source_tensors, ("used", None))  # most are
+        fates.update(self._unused())
+        return fates
+
+    def fate_counts(self) -> Counter:
+        """Counter(fates().values()), counting the used without a fate each (92k for DeepSeek-V3)."""
+        unused = self._unused()
+        return Counter({("used", None): len(self.stages[0].source_tensors) - len(unused), **Counter(unused.values())})
+
+    def _unused(self) -> dict[str, tuple[str, str | None]]:
+        """The fates of the source tensors that reach no final output, in source order."""
         stages = self.stages
         needed = set(_sources(stages[-1].steps))
         dropped = {d.name: d.claim for d in stages[-1].dropped}
@@ -202,10 +214,8 @@ class Plan:
             needed, dropped = reached, claims
         # a tensor whose later form no rule of a later stage took is unmatched, as if never taken
         unmatched = set(stages[0].unmatched) | {name for name, claim in dropped.items() if claim is None}
-        fates = dict.fromkeys(stages[0].source_tensors, ("used", None))  # most are; the others set below
-        for name in list(filterfalse(needed.__contains__, fates)):
-            fates[name] = ("unmatched", None) if name in unmatched else ("dropped", dropped[name])
-        return fates
+        return {name: ("unmatched", None) if name in unmatched else ("dropped", dropped[name])
+                for name in filterfalse(needed.__contains__, stages[0].source_tensors)}
 
     def to_dict(self) -> dict:
         if len(self.stages) > 1:

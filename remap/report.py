@@ -189,7 +189,7 @@ def _status(output: Output, want: Expected | None) -> str:
 def _coverage(plan: Plan, rows: list[Row], unmatched: list[str]) -> dict:
     """Where every source tensor went (used, dropped by which claim, unmatched), and the sizes."""
     first = plan.first
-    fates = Counter(plan.fates().values())
+    fates = plan.fate_counts()
     by_claim = Counter()
     for (fate, claim), n in fates.items():
         if fate == "dropped":

@@ -4,6 +4,7 @@ errors a bad spec must give at plan time."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -85,6 +86,7 @@ def test_bundled_spec_meets_its_target_layout(spec, layout, source_variant, vari
     assert report.ok, report.problems
     fates = plan.fates()
     assert set(fates) == set(tensors)  # every source tensor accounted for
+    assert plan.fate_counts() == Counter(fates.values())
     assert report.coverage["used"] + report.coverage["dropped"] == len(tensors)
     json.dumps(plan.to_dict())  # the plan is plain data
 
