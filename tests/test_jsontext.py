@@ -6,7 +6,9 @@ import json
 import random
 from collections import OrderedDict
 
-from remap.render.jsontext import dumps
+import pytest
+
+from remap.render.jsontext import Columns, dumps
 
 
 class Name(str):
@@ -53,3 +55,21 @@ def test_rows_alike_as_json_dumps_writes_them():
             rows[0] = {**rows[0], "extra": 1}
         value = {"tensor_list": rows} if rng.random() < 0.5 else rows
         assert dumps(value) == json.dumps(value, indent=2), value
+
+
+def test_rows_given_as_columns_are_written_as_their_rows():
+    """A Columns (inspect's tensors) is the list of its rows: the same text json.dumps writes for
+    them, whatever the cells (tuples as lists, values only json.dumps can write), none too."""
+    rng = random.Random(5)
+    keys = ["name", "shape", "100%", 'q"k']
+    for _ in range(2000):
+        count = rng.choice([0, 1, 2, 5])
+        columns = {key: [rng.choice(_CELLS) for _ in range(count)] for key in rng.sample(keys, rng.randint(1, 4))}
+        rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
+        assert dumps({"tensor_list": Columns(**columns), "n": count}) == json.dumps({"tensor_list": rows, "n": count}, indent=2)
+    odd = {"tensor_list": Columns(name=["a"], kind=[OrderedDict(x=1)]), "other": {1: 2}}  # json.dumps's path
+    assert dumps(odd) == json.dumps({"tensor_list": [{"name": "a", "kind": {"x": 1}}], "other": {1: 2}}, indent=2)
+    with pytest.raises(TypeError):
+        dumps({"tensor_list": Columns(name=[{1, 2}])})  # as json.dumps refuses a set
+    with pytest.raises(ValueError, match="different lengths"):
+        Columns(name=["a", "b"], shape=[[1]])
