@@ -67,9 +67,11 @@ def interleaved(tools: dict[str, list[str]], runs: int, clean: Path | None = Non
             for tool, rs in results.items()}
 
 
-def row(job: str, remap: Run, reference: str, ref: Run, ratio: float, goal: str, met: bool) -> None:
+def row(job: str, remap: Run, reference: str, ref: Run, ratio: float, goal: str, met: bool | None) -> None:
+    """One line of the table; `met` None for a row shown for scale, with no goal of its own."""
+    verdict = "" if met is None else "met" if met else "NOT met"
     print(f"| {job} | {remap.wall:.2f} s, {remap.rss:.0f} MB | {reference}: {ref.wall:.2f} s | {ratio:.2f}x "
-          f"| {goal} | {'met' if met else 'NOT met'} |", flush=True)
+          f"| {goal} | {verdict} |", flush=True)
 
 
 def made(path: Path, script: str, *args: str) -> Path:
@@ -99,8 +101,7 @@ def plan_jobs(work: Path, runs: int) -> None:
             if model == "deepseek-v3":
                 row(job, got[tool], "safetensors floor", got["floor"], ratio, "<= 4x", ratio <= 4)
             else:
-                print(f"| {job} | {got[tool].wall:.2f} s, {got[tool].rss:.0f} MB | safetensors floor: "
-                      f"{got['floor'].wall:.2f} s | {ratio:.2f}x | for scale: linear below | |", flush=True)
+                row(job, got[tool], "safetensors floor", got["floor"], ratio, "for scale: linear below", None)
             per_tensor[tool][model] = got[tool].wall / tensors * 1000
     for tool, per in per_tensor.items():
         growth = per["kimi-k2"] / per["deepseek-v3"]
