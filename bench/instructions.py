@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/remap-bench"))
     parser.add_argument("args", nargs="*", help="remap's arguments (after --)")
     options = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt install valgrind): it counts the instructions")
     args = options.args
     if not args:
         standin = options.work / "deepseek-v3-standin"

@@ -8,6 +8,7 @@ traceback). Every flag is checked before any work.
 from __future__ import annotations
 
 import json
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -109,8 +110,6 @@ def inspect(
 
 def _tensor_list(tensors: dict, sizes: list[int]) -> Any:
     """inspect's JSON rows, made only for --json, as columns (not 92k dicts for DeepSeek-V3)."""
-    from operator import attrgetter
-
     from remap.render.jsontext import Columns
 
     infos = tensors.values()

@@ -124,8 +124,9 @@ class _Planner:
         self.op_types = OpTypes(namespace, dtype, target, allow_nonfinite)
         # name shape (numbers as #) -> its names in natural order, their numbers
         self.shapes = shapes if shapes is not None else shaped(tensors)
-        self.matched: tuple[str | None, list] = (None, [])  # the last pattern _matches answered, and its answer
-        self.fields: dict[tuple[int, str], list] = {}  # (id of one of those matches, dtype | shape) -> its names' values
+        # the last pattern _matches answered, its answer, and what _kept read of those matches:
+        # (id of one, dtype | shape) -> its names' values (the next rule of this pattern asks again)
+        self.matched: tuple[str | None, list, dict[tuple[int, str], list]] = (None, [], {})
 
     @functools.cached_property
     def names(self) -> list[str]:
@@ -143,10 +144,10 @@ class _Planner:
         DeepSeek-V3) rules out most names, and the rest bind by their numbers."""
         if not pattern.shapewise:
             return [ShapeMatch.one(n, b) for n in self.names if (b := pattern.match(n)) is not None]
-        text, found = self.matched
+        text, found, _ = self.matched
         if pattern.text != text:  # consecutive rules often share a pattern (FP8 weights, by two scale forms)
             found = [m for alike in self.shapes.values() if (m := pattern.match_alike(alike.names, alike.numbers))]
-            self.matched, self.fields = (pattern.text, found), {}
+            self.matched = (pattern.text, found, {})
         return found
 
     def _bindings(self, pattern: Pattern, rule: Rule) -> list[tuple[str, dict]]:
@@ -167,8 +168,7 @@ class _Planner:
         read = names_in(rule.when)
         variables = list(dict.fromkeys(v for v in pattern.variables if v in read))
         tensors, decided, kept = self.tensors, {}, []
-        # a shape's dtypes and shapes, kept while its match is (the next rule of this pattern asks again)
-        fields = self.fields if found is self.matched[1] else {}
+        fields = self.matched[2] if found is self.matched[1] else {}  # (kept only while its matches are)
         for match in found:
             columns = [match.column(v) for v in variables]
             for field in ("dtype", "shape"):
