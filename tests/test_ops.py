@@ -10,7 +10,7 @@ import torch
 
 from remap import dtypes
 from remap.errors import RemapError
-from remap.ops import OPS, Loss, NotInvertible, TensorType, build_op, invert_ops
+from remap.ops import OPS, Loss, NotInvertible, TensorType, build_op, invert_ops, tensor_types
 
 RNG = np.random.default_rng(0)
 NAMES = {"heads": 4, "nope": 3, "rope": 2, "v": 5, "rank": 6}
@@ -469,3 +469,14 @@ def test_lossy_passes_bytes_and_names_what_it_changes():
     loss = op.loss([TensorType((4, 3), "F32")])
     assert (loss.claim, loss.reason) == ("lossy", "the router scores by sigmoid there")
     assert invert_ops([{"op": "lossy", "reason": "r"}]) == [{"op": "lossy", "reason": "r"}]
+
+
+def test_tensor_types_gives_one_object_per_distinct_type():
+    """Shared shape tuples, equal ones apart, lists, and a dtype telling two shapes apart."""
+    shared = (4, 8)
+    names = ["a", "b", "c", "d", "e"]
+    shapes = [shared, shared, (4, 8), [4, 8], shared]
+    types = tensor_types(names, shapes, ["BF16", "BF16", "BF16", "BF16", "F32"])
+    assert [types[n] for n in names] == [TensorType((4, 8), "BF16")] * 4 + [TensorType((4, 8), "F32")]
+    assert len({id(t) for t in types.values()}) == 2
+    assert all(type(t.shape) is tuple for t in types.values())

@@ -56,9 +56,14 @@ def tensor_types(names: Iterable[str], shapes: Iterable[Sequence[int]], dtypes: 
     """name -> TensorType, from the names and their shapes and dtypes: one object per distinct
     type. The 45k experts of one shape share theirs, so a step tells that its types are the step
     before's by identity. (Columns, so that the 140k tensors of Kimi-K2 map in C.)"""
-    keys = list(zip(map(tuple, shapes), dtypes))
-    alike = {key: TensorType(*key) for key in dict.fromkeys(keys)}
-    return dict(zip(names, map(alike.__getitem__, keys)))
+    shapes = list(shapes)  # (held while their ids key them below)
+    # keyed by the shape object's id: a header reader shares one tuple among a file's tensors of
+    # one shape, so 92k keys are a few thousand, and ints hash in C where tuples of ints do not
+    keys = list(zip(map(id, shapes), dtypes))
+    alike: dict[tuple, TensorType] = {}
+    types = {key: alike.setdefault((tuple(shape), key[1]), TensorType(tuple(shape), key[1]))
+             for key, shape in dict(zip(keys, shapes)).items()}
+    return dict(zip(names, map(types.__getitem__, keys)))
 
 
 @dataclass(frozen=True)
