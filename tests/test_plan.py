@@ -11,6 +11,7 @@ import pytest
 
 from remap.errors import RemapError
 from remap.ops import TensorType
+from remap.plan import Dropped, Output, Plan, Stage, Step
 from remap.planner import build_plan
 from remap.report import build_report
 from remap.spec.invert import invert_spec
@@ -74,6 +75,57 @@ def _low_rank_tensors(spec, source: dict, target: dict) -> set[str]:
             for name in (*source, *target) if pattern.match(name) is not None}
 
 
+def _forward_fates(plan: Plan) -> dict:
+    """Each first-stage source's fate, followed forward name by name (Plan.fates works backward
+    from the last stage): used if some step reading it leads to a final output; else the claim of
+    its drop, or, read only by steps leading nowhere, that of the first such step's first output
+    with one (the first of its outputs dropped, or so read in turn); else unmatched."""
+    stages, last = plan.stages, len(plan.stages) - 1
+
+    def entry(i: int, name: str):  # "used", ("claim", claim or None), or None (no rule took it)
+        readers = [step for step in stages[i].steps if name in step.sources]
+        if any(i == last or entry(i + 1, o.name) == "used" for step in readers for o in step.outputs):
+            return "used"
+        drops = [d.claim for d in stages[i].dropped if d.name == name]
+        if drops or not readers:
+            return ("claim", drops[0]) if drops else None
+        later = [entry(i + 1, o.name) for o in readers[0].outputs]
+        return "claim", next((e[1] for e in later if e is not None), None)
+
+    fates = {}
+    for name in stages[0].source_tensors:
+        found = entry(0, name)
+        fates[name] = ("used", None) if found == "used" else (
+            ("dropped", found[1]) if found is not None and found[1] is not None else ("unmatched", None))
+    return fates
+
+
+def test_fates_through_stages_agree_with_following_each_name_forward():
+    """Three stages: a tensor re-read by a step leading nowhere, a step of two outputs both lost
+    (one dropped later, one read by a step whose output is dropped), what a later stage leaves
+    unmatched, a drop, and what no rule took."""
+    t = TensorType((2,), "BF16")
+
+    def stage(sources, steps, dropped=(), unmatched=(), reused=None):
+        return Stage(None, dict.fromkeys(sources, t), {}, {}, {}, steps=tuple(
+            Step(rule, tuple(Output(o, (2,), "BF16") for o in outs), (tuple(ins),)) for rule, ins, outs in steps),
+            dropped=tuple(Dropped(n, "drop", c, "why") for n, c in dropped), unmatched=tuple(unmatched), reused=reused or {})
+
+    plan = Plan((
+        stage([f"a{k}" for k in range(1, 8)],
+              [("A1", ["a1"], ["x1"]), ("A2", ["a2", "a3"], ["x2", "x3"]), ("A3", ["a4"], ["x4"]),
+               ("A4", ["a1"], ["x5"]), ("A5", ["a7"], ["x6"])],
+              dropped=[("a5", "zero")], unmatched=["a6"], reused={"a1": ("A4",)}),
+        stage(["x1", "x2", "x3", "x4", "x5", "x6"], [("B1", ["x1"], ["y1"]), ("B2", ["x2"], ["y2"]), ("B3", ["x6"], ["y3"])],
+              dropped=[("x3", "unused"), ("x5", "redundant")], unmatched=["x4"]),
+        stage(["y1", "y2", "y3"], [("C1", ["y1"], ["z1"])], dropped=[("y2", "zero")], unmatched=["y3"]),
+    ), "t")
+    want = {"a1": ("used", None), "a2": ("dropped", "zero"), "a3": ("dropped", "zero"), "a4": ("unmatched", None),
+            "a5": ("dropped", "zero"), "a6": ("unmatched", None), "a7": ("unmatched", None)}
+    assert plan.fates() == _forward_fates(plan) == want
+    assert plan.fate_counts() == Counter(want.values())
+
+
 def test_every_bundled_spec_is_exercised():
     assert {s for s, *_ in CASES} == {p.stem for p in bundled_specs()}
 
@@ -87,6 +139,7 @@ def test_bundled_spec_meets_its_target_layout(spec, layout, source_variant, vari
     fates = plan.fates()
     assert set(fates) == set(tensors)  # every source tensor accounted for
     assert plan.fate_counts() == Counter(fates.values())
+    assert fates == _forward_fates(plan)
     assert report.coverage["used"] + report.coverage["dropped"] == len(tensors)
     json.dumps(plan.to_dict())  # the plan is plain data
 
