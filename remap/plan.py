@@ -15,7 +15,7 @@ import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from operator import attrgetter, is_not
+from operator import attrgetter
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from remap import dtypes
@@ -81,23 +81,22 @@ class Stage:
     unmatched: tuple[str, ...] = ()
     reused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tensor -> rules re-reading it
     variant_pinned: bool = True  # False: the target variant is whichever the outputs turn out to be
+    makers: Mapping[str, int] | None = None  # output name -> index in `steps` of the step making it
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    def __post_init__(self) -> None:
+        if self.makers is None:  # (the planner gives its own; one made of steps by hand is worked out)
+            outputs = list(map(attrgetter("outputs"), self.steps))
+            names = map(attrgetter("name"), chain.from_iterable(outputs))
+            object.__setattr__(self, "makers", dict(zip(names, chain.from_iterable(map(repeat, range(len(self.steps)), map(len, outputs))))))
+
     @functools.cached_property
     def producers(self) -> dict[str, Step]:
         """Output name -> the step that makes it."""
-        names, makers = self.output_makers
-        return dict(zip(names, map(self.steps.__getitem__, makers)))
-
-    @functools.cached_property
-    def output_makers(self) -> tuple[list[str], list[int]]:
-        """The output names, and the index in `steps` of the step making each (built in C)."""
-        outputs = list(map(attrgetter("outputs"), self.steps))
-        makers = list(chain.from_iterable(map(repeat, range(len(self.steps)), map(len, outputs))))
-        return list(map(attrgetter("name"), chain.from_iterable(outputs))), makers
+        return dict(zip(self.makers, map(self.steps.__getitem__, self.makers.values())))
 
     @property
     def outputs(self) -> list[Output]:
@@ -175,8 +174,9 @@ class Plan:
         applied on the way, through any earlier stages."""
         names, ops = step.sources, _op_names(step)
         for stage in reversed(self.stages[:-1]):
-            makers = list(map(stage.producers.get, names))
-            if all(map(is_not, makers, repeat(None))):  # each made by this stage: in C (256 experts a step)
+            where = list(map(stage.makers.get, names))
+            if None not in where:  # each made by this stage: in C (256 experts a step)
+                makers = list(map(stage.steps.__getitem__, where))
                 ops = list(dict.fromkeys(chain.from_iterable(map(_op_names, _alike_once(makers))))) + ops
                 names = list(_sources(makers))
                 continue
@@ -223,8 +223,7 @@ def _unneeded(stage: Stage, claims: dict[str, str | None], unmatched: set[str]) 
     gone = {d.name: d.claim for d in stage.dropped}
     steps, unneeded, wanted = stage.steps, claims.keys() | unmatched, set(range(len(stage.steps)))
     if unneeded:
-        names, makers = stage.output_makers
-        where = dict(zip(names, makers))
+        where = stage.makers
         for k in sorted({where[n] for n in unneeded if n in where}):  # in step order: the first claim on a source counts
             outputs = [o.name for o in steps[k].outputs]
             if unneeded.issuperset(outputs):  # (a step making anything needed is needed)

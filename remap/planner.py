@@ -78,7 +78,7 @@ def _stage(spec: Spec, tensors: Mapping[str, TensorType], raw_config: Mapping[st
     target.record(target_config, planner.steps)
     return Stage(spec, tensors, raw, target_config, names, steps=tuple(planner.steps),
                  dropped=tuple(planner.dropped), unmatched=tuple(planner.unmatched),
-                 reused={name: tuple(rules) for name, rules in planner.reused.items()},
+                 reused={name: tuple(rules) for name, rules in planner.reused.items()}, makers=planner.written,
                  variant_pinned=bool(variant or spec.variant)), planner
 
 
@@ -119,7 +119,7 @@ class _Planner:
         self.reused: dict[str, list[str]] = {}  # tensor -> rules re-reading it
         self.unmatched: list[str] = []
         self.used: dict[str, str] = {}  # source tensor -> the rule that consumed it
-        self.written: dict[str, str] = {}  # output tensor -> the rule that wrote it
+        self.written: dict[str, int] = {}  # output tensor -> index in `steps` of the step writing it
         self.output_types: dict[str, TensorType] = {}  # output -> its type (shared by alike outputs): a next stage's sources
         self.op_types = OpTypes(namespace, dtype, target, allow_nonfinite)
         # name shape (numbers as #) -> its names in natural order, their numbers
@@ -265,7 +265,8 @@ class _Planner:
                 or not self.written.keys().isdisjoint(made)
                 or not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
             return False
-        self.written.update(dict.fromkeys(made, rule.id))
+        self.written.update(zip(made, chain.from_iterable(map(repeat, range(len(self.steps), len(self.steps) + len(rows)),
+                                                              repeat(len(rule.to))))))
         self.used.update(dict.fromkeys(read, rule.id))
         per_name = list(map(answers.__getitem__, rows))  # (output types, ops, losses) of each name
         made_types = list(chain.from_iterable(map(itemgetter(0), per_name)))
@@ -329,9 +330,10 @@ class _Planner:
         written, used, rule_id = self.written, self.used, rule.id
         for output in outputs:
             if output.name in written:
-                raise RemapError(f"output '{output.name}' is written by two rules: {written[output.name]} and this one",
+                k = written[output.name]  # (not yet a step: written twice by the step being recorded)
+                raise RemapError(f"output '{output.name}' is written by two rules: {self.steps[k].rule if k < len(self.steps) else rule_id} and this one",
                                  expected="each output tensor written by one rule")
-            written[output.name] = rule_id
+            written[output.name] = len(self.steps)  # (the step recorded is appended next)
         names = list(chain.from_iterable(groups))
         if rule.reuse:
             for name in names:

@@ -3,6 +3,7 @@ errors a bad spec must give at plan time."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -140,6 +141,8 @@ def test_bundled_spec_meets_its_target_layout(spec, layout, source_variant, vari
     assert set(fates) == set(tensors)  # every source tensor accounted for
     assert plan.fate_counts() == Counter(fates.values())
     assert fates == _forward_fates(plan)
+    for stage in plan.stages:  # the planner's index of each output's step, against one made of the steps
+        assert stage.makers == dataclasses.replace(stage, makers=None).makers
     assert report.coverage["used"] + report.coverage["dropped"] == len(tensors)
     json.dumps(plan.to_dict())  # the plan is plain data
 
@@ -253,7 +256,8 @@ def _plan(rules: str, **kw):
 
 @pytest.mark.parametrize("rules, message", [
     ("  - {to: a, from: model.norm.weight}\n  - {to: b, from: model.norm.weight}\n", "matched by two rules"),
-    ("  - {to: a, from: model.norm.weight}\n  - {to: a, from: lm_head.weight}\n", "written by two rules"),
+    ("  - {to: a, from: model.norm.weight}\n  - {to: a, from: lm_head.weight}\n", "written by two rules: rules[0] a and this one"),
+    ("  - {to: [a, a], from: [model.norm.weight, lm_head.weight]}\n", "written by two rules: rules[0] a a and this one"),
     ("  - {to: a, from: [model.norm.weight, nope.weight]}\n", "'nope.weight' is missing"),
     ("  - {to: a, from: model.norm.weight}\n  - {drop: model.norm.weight, claim: zero, reason: r}\n", "both dropped and used"),
     ("  - to: a\n    from: [model.norm.weight, lm_head.weight]\n    ops: [{op: concat}]\n", "differ off that axis"),
