@@ -8,6 +8,7 @@ collapsed line with two sets does not promise every combination exists.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from itertools import compress
 from operator import itemgetter
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
@@ -57,9 +58,10 @@ def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Ha
 
 def collapse_names(names: Iterable[str]) -> list[str]:
     """The lines of collapse(dict.fromkeys(names), str) (a name given twice changes no line), without
-    the members: a report's text collapses its ~140k source names so. The names are read joined,
-    one regex pass in C for all; a name holding a newline or `#` (a hostile header's) would blur
-    the lines or the slots, and sends all through the name-by-name path."""
+    the members: a report's text collapses its ~140k source names so. The names are read joined:
+    by where their digits lie where each digit is in a number (_by_layout), else one regex pass in
+    C for all; a name holding a newline or `#` (a hostile header's) would blur the lines or the
+    slots, and sends all through the name-by-name path."""
     names = list(names)
     joined = "\n".join(names)
     if "#" in joined or joined.count("\n") != len(names) - 1:
@@ -67,6 +69,9 @@ def collapse_names(names: Iterable[str]) -> list[str]:
         for pieces in map(_NUMBER.split, names):
             groups.setdefault(tuple(pieces[0::2]), []).append(pieces[1::2])
         return [_filled(texts, _indices(zip(*numbers))) for texts, numbers in groups.items()]
+    by_layout = _by_layout(names, joined)
+    if by_layout is not None:
+        return [_filled(texts, _indices(columns)) for texts, columns in by_layout.items()]
     shapes = _NUMBER_LINES.sub(".#", joined).split("\n")
     alike = dict.fromkeys(shapes)
     if len(alike) > 16:  # many shapes: one pass that sorts names into them (else a pass per shape, in C)
@@ -81,6 +86,34 @@ def collapse_names(names: Iterable[str]) -> list[str]:
         flat = _NUMBER_LINES.findall("\n".join(members))
         lines.append(_filled(shape.split(".#"), _indices(flat[k::count] for k in range(count))))
     return lines
+
+
+_HASHES = str.maketrans("0123456789", "#" * 10)
+_NUMBER_RUN = re.compile(r"\.#+(?=\.|$)")  # a number, in a name with each digit turned to `#`
+
+
+def _by_layout(names: list[str], joined: str) -> dict[tuple[str, ...], list[list[str]]] | None:
+    """Shape (the texts around its numbers) -> each number's column of digit strings, for `names`
+    (`joined`: them joined by newlines), read where every digit lies in a number. Names whose digits
+    lie at the same places (a layout: each digit turned to `#`, in C) hold their numbers at the
+    same places, so a layout's columns are slices of its names, taken in C: no regex runs per name.
+    None where a digit lies in a word (`w1`) or the layouts are many."""
+    layouts = joined.translate(_HASHES).split("\n")
+    distinct = list(dict.fromkeys(layouts))
+    if len(distinct) > 32 or any("#" in _NUMBER_RUN.sub("", layout) for layout in distinct):
+        return None
+    ids = list(map({layout: k for k, layout in enumerate(distinct)}.__getitem__, layouts))
+    ordered = list(map(names.__getitem__, sorted(range(len(names)), key=ids.__getitem__)))  # (ints sort fast)
+    counts = Counter(ids)
+    by_shape: dict[tuple[str, ...], list[list[str]]] = {}
+    start = 0
+    for k, layout in enumerate(distinct):
+        members, start = ordered[start:start + counts[k]], start + counts[k]
+        slots = [slice(m.start() + 1, m.end()) for m in _NUMBER_RUN.finditer(layout)]
+        columns = by_shape.setdefault(tuple(_NUMBER_RUN.split(layout)), [[] for _ in slots])
+        for column, slot in zip(columns, slots):
+            column.extend(map(itemgetter(slot), members))
+    return by_shape
 
 
 def _indices(columns: Iterable[Iterable[str]]) -> list[str]:

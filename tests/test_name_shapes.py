@@ -5,7 +5,7 @@ import re
 
 from remap.name_shapes import narrowed, shaped
 from remap.spec.pattern import Pattern
-from remap.names import collapse, collapse_sorted, natural_key
+from remap.names import collapse, collapse_names, collapse_sorted, natural_key
 
 _INDEX = re.compile(r"(?<=\.)(?:0|[1-9][0-9]*)(?=\.|$)")
 
@@ -47,6 +47,26 @@ def test_collapse_sorted_is_collapse_of_the_natural_sort():
             names += ["model.layers.#.w1", "model.layers.#.7"]
         kind = {name: len(name) % 3 for name in names}
         assert collapse_sorted(names, str, kind.get) == collapse(sorted(names, key=natural_key), str, kind.get)
+
+
+def test_collapse_names_is_collapse_without_the_members():
+    """Names whose every digit lies in a number (read by where their digits lie), with numbers of
+    several lengths and leading zeros; names with digits in words (`w1`, read by regex); and
+    layouts too many to take one by one."""
+    for seed in range(30):
+        rng = random.Random(seed)
+        if seed % 3 == 0:
+            names = [f"model.layers.{i}.mlp.experts.{e}.{w}" for i in rng.sample([0, 3, 10, 2, 61, 7], 3)
+                     for e in range(seed % 5 + 1) for w in ("gate_proj.weight", "up_proj", "weight_scale_inv")]
+            names += ["model.layers.007.mlp.experts.1.up_proj", "model.norm", "lm_head.5"] * (seed % 2)
+            rng.shuffle(names)
+        elif seed % 3 == 1:
+            names = [".".join(str(rng.randrange(10 ** rng.randrange(1, 4))) for _ in range(4)).join(["a.", ".b"])
+                     for _ in range(300)]  # > 32 layouts (up to 81)
+        else:
+            names = _names(seed)
+        lines = [line for line, _ in collapse(dict.fromkeys(names), str)]
+        assert collapse_names(names) == lines, seed
 
 
 PATTERNS = ["model.layers.{i}.{w*}.weight", "model.{rest*}", "{a}.layers.{b}", "{x*}", "{x*}.{i}",
