@@ -176,11 +176,13 @@ class _Planner:
                     if (id(match), field) not in fields:
                         fields[id(match), field] = list(map(attrgetter(field), map(tensors.__getitem__, match.names)))
                     columns.append(fields[id(match), field])
-            keys = list(zip(*columns)) if columns else [()] * len(match.names)
+            # one column is its own keys (a dtype's or number's hash is cached or cheap; a tuple's is not)
+            keys = columns[0] if len(columns) == 1 else list(zip(*columns)) if columns else [()] * len(match.names)
             for key in dict.fromkeys(keys):  # (in name order: an expression that fails, fails on the first name)
                 if key not in decided:
-                    scope = dict(zip(variables, key))
-                    scope.update(zip([k for k in ("dtype", "shape") if k in read], key[len(variables):]))
+                    values = (key,) if len(columns) == 1 else key
+                    scope = dict(zip(variables, values))
+                    scope.update(zip([k for k in ("dtype", "shape") if k in read], values[len(variables):]))
                     decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
             passed = list(map(decided.__getitem__, keys))
             if all(passed):
