@@ -10,15 +10,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from itertools import compress
+from operator import itemgetter
 from typing import Collection, Iterable
 
-from remap.names import natural_key
+from remap.names import digit_layouts, layout_texts, natural_key, number_slots
 
 # A dot-separated decimal index, as a pattern's `{i}` matches it (no leading zeros). _LINES reads
 # names joined by newlines, so that one regex call in C does every name (its leading literal dot,
 # where _INDEX looks behind, makes it twice as fast: 92k names in ~0.05 s).
 _INDEX = re.compile(r"(?<=\.)(0|[1-9][0-9]*)(?=\.|$)")
 _LINES = re.compile(r"\.(0|[1-9][0-9]*)(?=[.\n]|\Z)")
+_LEADING_ZERO = re.compile(r"\.0[0-9]")  # (`.007` is no index: such names are read by regex)
 
 
 @dataclass(frozen=True)
@@ -39,22 +41,43 @@ def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
     names = list(names)
     joined = "\n".join(names)
     whole = joined.count("\n") == len(names) - 1  # else a name holds a newline (a hostile header)
-    shapes: list = _LINES.sub(".#", joined).split("\n") if whole else [_INDEX.sub("#", name) for name in names]
-    if "#" in joined:  # a name holding `#` would pass for the shape of others (`a.#.b`, `a.5.b`): it goes alone
-        shapes = [(name,) if "#" in name else shape for name, shape in zip(names, shapes)]
-    groups: dict[str, list[int]] = {}  # shape -> positions of its names
-    for position, shape in enumerate(shapes):
-        groups.setdefault(shape, []).append(position)
+    # where every digit lies in a number with no leading zero, the names are read by where their digits lie
+    found = digit_layouts(names, joined) if whole and "#" not in joined and not _LEADING_ZERO.search(joined) else None
+    groups = _by_layout(names, found) if found is not None else _by_regex(names, joined, whole)
     alike, first = {}, {}
-    for shape, members in groups.items():
+    for shape, (members, numbers) in groups.items():
         members_names = list(map(names.__getitem__, members))
-        numbers = _numbers(members_names, whole)
         # sorted by numbers: unique within a shape (an index has no leading zeros)
         order = sorted(range(len(members)), key=numbers.__getitem__)
         alike[shape] = Alike(list(map(members_names.__getitem__, order)), list(map(numbers.__getitem__, order)))
         first[shape] = members[order[0]]
     # a shape's place is its first name's in the natural sort (ties: in the order given, as a stable sort keeps them)
     return dict(sorted(alike.items(), key=lambda item: (natural_key(item[1].names[0]), first[item[0]])))
+
+
+def _by_layout(names: list[str], found: list[tuple[str, list[int]]]) -> dict[str, tuple[list[int], list[tuple[int, ...]]]]:
+    """Shape -> the positions of its names and their numbers, from digit_layouts' `found`."""
+    groups: dict[str, tuple[list[int], list[list[int]]]] = {}
+    for layout, positions in found:
+        slots = number_slots(layout)
+        members, columns = groups.setdefault(".#".join(layout_texts(layout)), ([], [[] for _ in slots]))
+        members.extend(positions)
+        layout_names = list(map(names.__getitem__, positions))
+        for column, slot in zip(columns, slots):
+            column.extend(map(int, map(itemgetter(slot), layout_names)))
+    return {shape: (members, list(zip(*columns)) if columns else [()] * len(members))
+            for shape, (members, columns) in groups.items()}
+
+
+def _by_regex(names: list[str], joined: str, whole: bool) -> dict:
+    """Shape -> the positions of its names and their numbers, read by regex."""
+    shapes: list = _LINES.sub(".#", joined).split("\n") if whole else [_INDEX.sub("#", name) for name in names]
+    if "#" in joined:  # a name holding `#` would pass for the shape of others (`a.#.b`, `a.5.b`): it goes alone
+        shapes = [(name,) if "#" in name else shape for name, shape in zip(names, shapes)]
+    groups: dict[str, list[int]] = {}  # shape -> positions of its names
+    for position, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(position)
+    return {shape: (members, _numbers(list(map(names.__getitem__, members)), whole)) for shape, members in groups.items()}
 
 
 def narrowed(shapes: dict[str | tuple[str], Alike], names: Collection[str]) -> dict[str | tuple[str], Alike] | None:

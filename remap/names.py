@@ -92,25 +92,45 @@ _HASHES = str.maketrans("0123456789", "#" * 10)
 _NUMBER_RUN = re.compile(r"\.#+(?=\.|$)")  # a number, in a name with each digit turned to `#`
 
 
-def _by_layout(names: list[str], joined: str) -> dict[tuple[str, ...], list[list[str]]] | None:
-    """Shape (the texts around its numbers) -> each number's column of digit strings, for `names`
-    (`joined`: them joined by newlines), read where every digit lies in a number. Names whose digits
-    lie at the same places (a layout: each digit turned to `#`, in C) hold their numbers at the
-    same places, so a layout's columns are slices of its names, taken in C: no regex runs per name.
-    None where a digit lies in a word (`w1`) or the layouts are many."""
+def digit_layouts(names: list[str], joined: str) -> list[tuple[str, list[int]]] | None:
+    """(layout, the positions of its names), for `names` (`joined`: them joined by newlines), each
+    layout where its first name comes, where every digit lies in a dot-separated number. A name's
+    layout is where its digits lie (each digit turned to `#`, in C): names of one layout hold their
+    numbers at the same places (number_slots), to be sliced out in C with no regex per name. None
+    where a digit lies in a word (`w1`), or where most names have a layout of their own (nothing to share)."""
     layouts = joined.translate(_HASHES).split("\n")
     distinct = list(dict.fromkeys(layouts))
-    if len(distinct) > 32 or any("#" in _NUMBER_RUN.sub("", layout) for layout in distinct):
+    if 4 * len(distinct) > len(names) or any("#" in _NUMBER_RUN.sub("", layout) for layout in distinct):
         return None
     ids = list(map({layout: k for k, layout in enumerate(distinct)}.__getitem__, layouts))
-    ordered = list(map(names.__getitem__, sorted(range(len(names)), key=ids.__getitem__)))  # (ints sort fast)
-    counts = Counter(ids)
-    by_shape: dict[tuple[str, ...], list[list[str]]] = {}
-    start = 0
+    order = sorted(range(len(names)), key=ids.__getitem__)  # each layout's names in one run, in order (ints sort fast)
+    counts, found, start = Counter(ids), [], 0
     for k, layout in enumerate(distinct):
-        members, start = ordered[start:start + counts[k]], start + counts[k]
-        slots = [slice(m.start() + 1, m.end()) for m in _NUMBER_RUN.finditer(layout)]
-        columns = by_shape.setdefault(tuple(_NUMBER_RUN.split(layout)), [[] for _ in slots])
+        found.append((layout, order[start:start + counts[k]]))
+        start += counts[k]
+    return found
+
+
+def number_slots(layout: str) -> list[slice]:
+    """Where the numbers of the names of `layout` lie."""
+    return [slice(m.start() + 1, m.end()) for m in _NUMBER_RUN.finditer(layout)]
+
+
+def layout_texts(layout: str) -> list[str]:
+    """The texts around the numbers of the names of `layout`."""
+    return _NUMBER_RUN.split(layout)
+
+
+def _by_layout(names: list[str], joined: str) -> dict[tuple[str, ...], list[list[str]]] | None:
+    """Shape (the texts around its numbers) -> each number's column of digit strings, read by
+    digit_layouts (None where it cannot)."""
+    found = digit_layouts(names, joined)
+    if found is None:
+        return None
+    by_shape: dict[tuple[str, ...], list[list[str]]] = {}
+    for layout, positions in found:
+        members, slots = list(map(names.__getitem__, positions)), number_slots(layout)
+        columns = by_shape.setdefault(tuple(layout_texts(layout)), [[] for _ in slots])
         for column, slot in zip(columns, slots):
             column.extend(map(itemgetter(slot), members))
     return by_shape

@@ -38,6 +38,23 @@ def test_shapes_are_the_natural_sort_grouped():
             assert alike.numbers == [tuple(map(int, _INDEX.findall(name))) for name in alike.names]
 
 
+def test_names_whose_digits_are_all_numbers_shape_as_by_regex():
+    """Read by where their digits lie (numbers of several lengths, one shape over many layouts,
+    names without digits), the shapes are those of the natural sort grouped, as by regex."""
+    for seed in range(20):
+        rng = random.Random(seed)
+        names = [f"model.layers.{i}.mlp.experts.{e}.{w}" for i in rng.sample(range(120), 5) for e in rng.sample(range(300), 4)
+                 for w in ("gate_proj.weight", "weight_scale_inv")] + ["model.norm.weight", "lm_head.weight", "model.layers.3"]
+        rng.shuffle(names)
+        grouped: dict = {}
+        for name in sorted(names, key=natural_key):
+            grouped.setdefault(_INDEX.sub("#", name), []).append(name)
+        got = shaped(names)
+        assert [(shape, alike.names) for shape, alike in got.items()] == list(grouped.items())
+        for alike in got.values():
+            assert alike.numbers == [tuple(map(int, _INDEX.findall(name))) for name in alike.names]
+
+
 def test_collapse_sorted_is_collapse_of_the_natural_sort():
     for seed in range(30):
         names = _names(seed)
@@ -62,7 +79,7 @@ def test_collapse_names_is_collapse_without_the_members():
             rng.shuffle(names)
         elif seed % 3 == 1:
             names = [".".join(str(rng.randrange(10 ** rng.randrange(1, 4))) for _ in range(4)).join(["a.", ".b"])
-                     for _ in range(300)]  # > 32 layouts (up to 81)
+                     for _ in range(200)]  # up to 81 layouts: too many to share (4 x layouts > names)
         else:
             names = _names(seed)
         lines = [line for line, _ in collapse(dict.fromkeys(names), str)]
