@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from itertools import compress
+from itertools import compress, repeat
 from operator import itemgetter
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
@@ -151,8 +151,8 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
     """collapse(sorted(items, key=natural_key(name))), without a natural key for every name: within
     a group names sort by their numbers (the text between is the same), so only each group's
     first name needs one, to place the group where the sorted list would first meet it. The names
-    are read joined, a regex pass in C for all (as collapse_names; a name holding a newline or `#`
-    sends all through a regex call each)."""
+    are read joined, by where their digits lie or a regex pass in C for all (as collapse_names; a
+    name holding a newline or `#` sends all through a regex call each)."""
     items = list(items)
     names = list(map(name, items))
     joined = "\n".join(names)
@@ -160,6 +160,14 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
         pieces = list(map(_NUMBER.split, names))  # text, number, text, ...
         shapes: list = list(map(tuple, map(_TEXTS, pieces)))
         numbers_of = lambda positions: [tuple(map(int, _NUMBERS(pieces[k]))) for k in positions]
+    elif (found := digit_layouts(names, joined)) is not None:
+        shapes, numbers_at = [""] * len(names), [()] * len(names)
+        for layout, positions in found:  # each name's shape and numbers put in its place, in C
+            layout_names = list(map(names.__getitem__, positions))
+            columns = [list(map(int, map(itemgetter(slot), layout_names))) for slot in number_slots(layout)]
+            list(map(shapes.__setitem__, positions, repeat(".#".join(layout_texts(layout)))))
+            list(map(numbers_at.__setitem__, positions, zip(*columns) if columns else repeat(())))
+        numbers_of = lambda positions: list(map(numbers_at.__getitem__, positions))
     else:
         shapes = _NUMBER_LINES.sub(".#", joined).split("\n")
         def numbers_of(positions: list[int]) -> list[tuple[int, ...]]:
