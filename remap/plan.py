@@ -221,7 +221,7 @@ def _unneeded(stage: Stage, claims: dict[str, str | None], unmatched: set[str]) 
     making nothing needed, each with its claim (None: unmatched, as what it became), and those no
     rule took. `claims` and `unmatched` say the same of the stage's outputs (nothing, for the last)."""
     gone = {d.name: d.claim for d in stage.dropped}
-    steps, unneeded, wanted = stage.steps, claims.keys() | unmatched, set(range(len(stage.steps)))
+    steps, unneeded, idle = stage.steps, claims.keys() | unmatched, set()  # idle: steps making nothing needed
     if unneeded:
         where = stage.makers
         for k in sorted({where[n] for n in unneeded if n in where}):  # in step order: the first claim on a source counts
@@ -229,10 +229,10 @@ def _unneeded(stage: Stage, claims: dict[str, str | None], unmatched: set[str]) 
             if unneeded.issuperset(outputs):  # (a step making anything needed is needed)
                 claim = next((claims[o] for o in outputs if o in claims), None)
                 gone.update((n, claim) for n in steps[k].sources if n not in gone)
-                wanted.discard(k)
+                idle.add(k)
     suspects = gone.keys() & stage.reused.keys()  # read by a needed step too (a `reuse` rule), they are needed
-    for k in sorted(wanted) if suspects else ():
-        for name in suspects.intersection(steps[k].sources):
+    for k in range(len(steps)) if suspects else ():
+        for name in () if k in idle else suspects.intersection(steps[k].sources):
             del gone[name]
             suspects.discard(name)
     return gone, set(stage.unmatched)
