@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from itertools import compress
-from operator import itemgetter
 from typing import Collection, Iterable
 
-from remap.names import digit_layouts, layout_texts, natural_key, number_slots
+from remap.names import as_numbers, layout_shapes, natural_key
 
 # A dot-separated decimal index, as a pattern's `{i}` matches it (no leading zeros). _LINES reads
 # names joined by newlines, so that one regex call in C does every name (its leading literal dot,
@@ -42,8 +41,12 @@ def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
     joined = "\n".join(names)
     whole = joined.count("\n") == len(names) - 1  # else a name holds a newline (a hostile header)
     # where every digit lies in a number with no leading zero, the names are read by where their digits lie
-    found = digit_layouts(names, joined) if whole and "#" not in joined and not _LEADING_ZERO.search(joined) else None
-    groups = _by_layout(names, found) if found is not None else _by_regex(names, joined, whole)
+    by_layout = layout_shapes(names, joined) if whole and "#" not in joined and not _LEADING_ZERO.search(joined) else None
+    if by_layout is not None:
+        groups = {".#".join(texts): (positions, as_numbers(columns, len(positions)))
+                  for texts, (positions, columns) in by_layout.items()}
+    else:
+        groups = _by_regex(names, joined, whole)
     alike, first = {}, {}
     for shape, (members, numbers) in groups.items():
         members_names = list(map(names.__getitem__, members))
@@ -53,20 +56,6 @@ def shaped(names: Iterable[str]) -> dict[str | tuple[str], Alike]:
         first[shape] = members[order[0]]
     # a shape's place is its first name's in the natural sort (ties: in the order given, as a stable sort keeps them)
     return dict(sorted(alike.items(), key=lambda item: (natural_key(item[1].names[0]), first[item[0]])))
-
-
-def _by_layout(names: list[str], found: list[tuple[str, list[int]]]) -> dict[str, tuple[list[int], list[tuple[int, ...]]]]:
-    """Shape -> the positions of its names and their numbers, from digit_layouts' `found`."""
-    groups: dict[str, tuple[list[int], list[list[int]]]] = {}
-    for layout, positions in found:
-        slots = number_slots(layout)
-        members, columns = groups.setdefault(".#".join(layout_texts(layout)), ([], [[] for _ in slots]))
-        members.extend(positions)
-        layout_names = list(map(names.__getitem__, positions))
-        for column, slot in zip(columns, slots):
-            column.extend(map(int, map(itemgetter(slot), layout_names)))
-    return {shape: (members, list(zip(*columns)) if columns else [()] * len(members))
-            for shape, (members, columns) in groups.items()}
 
 
 def _by_regex(names: list[str], joined: str, whole: bool) -> dict:

@@ -59,7 +59,7 @@ def collapse(items: Iterable[T], name: Callable[[T], str], key: Callable[[T], Ha
 def collapse_names(names: Iterable[str]) -> list[str]:
     """The lines of collapse(dict.fromkeys(names), str) (a name given twice changes no line), without
     the members: a report's text collapses its ~140k source names so. The names are read joined:
-    by where their digits lie where each digit is in a number (_by_layout), else one regex pass in
+    by where their digits lie where each digit is in a number (layout_shapes), else one regex pass in
     C for all; a name holding a newline or `#` (a hostile header's) would blur the lines or the
     slots, and sends all through the name-by-name path."""
     names = list(names)
@@ -69,9 +69,9 @@ def collapse_names(names: Iterable[str]) -> list[str]:
         for pieces in map(_NUMBER.split, names):
             groups.setdefault(tuple(pieces[0::2]), []).append(pieces[1::2])
         return [_filled(texts, _indices(zip(*numbers))) for texts, numbers in groups.items()]
-    by_layout = _by_layout(names, joined)
+    by_layout = layout_shapes(names, joined)
     if by_layout is not None:
-        return [_filled(texts, _indices(columns)) for texts, columns in by_layout.items()]
+        return [_filled(texts, _indices(columns)) for texts, (_, columns) in by_layout.items()]
     shapes = _NUMBER_LINES.sub(".#", joined).split("\n")
     alike = dict.fromkeys(shapes)
     if len(alike) > 16:  # many shapes: one pass that sorts names into them (else a pass per shape, in C)
@@ -92,11 +92,11 @@ _HASHES = str.maketrans("0123456789", "#" * 10)
 _NUMBER_RUN = re.compile(r"\.#+(?=\.|$)")  # a number, in a name with each digit turned to `#`
 
 
-def digit_layouts(names: list[str], joined: str) -> list[tuple[str, list[int]]] | None:
+def _digit_layouts(names: list[str], joined: str) -> list[tuple[str, list[int]]] | None:
     """(layout, the positions of its names), for `names` (`joined`: them joined by newlines), each
     layout where its first name comes, where every digit lies in a dot-separated number. A name's
     layout is where its digits lie (each digit turned to `#`, in C): names of one layout hold their
-    numbers at the same places (number_slots), to be sliced out in C with no regex per name. None
+    numbers at the same places, to be sliced out in C with no regex per name. None
     where a digit lies in a word (`w1`), or where most names have a layout of their own (nothing to share)."""
     layouts = joined.translate(_HASHES).split("\n")
     distinct = list(dict.fromkeys(layouts))
@@ -111,29 +111,28 @@ def digit_layouts(names: list[str], joined: str) -> list[tuple[str, list[int]]] 
     return found
 
 
-def number_slots(layout: str) -> list[slice]:
-    """Where the numbers of the names of `layout` lie."""
-    return [slice(m.start() + 1, m.end()) for m in _NUMBER_RUN.finditer(layout)]
-
-
-def layout_texts(layout: str) -> list[str]:
-    """The texts around the numbers of the names of `layout`."""
-    return _NUMBER_RUN.split(layout)
-
-
-def _by_layout(names: list[str], joined: str) -> dict[tuple[str, ...], list[list[str]]] | None:
-    """Shape (the texts around its numbers) -> each number's column of digit strings, read by
-    digit_layouts (None where it cannot)."""
-    found = digit_layouts(names, joined)
+def layout_shapes(names: list[str], joined: str) -> dict[tuple[str, ...], tuple[list[int], list[list[str]]]] | None:
+    """Shape (the texts around its numbers) -> the positions of its names, and each number's column
+    of digit strings, for `names` (`joined`: them joined by newlines) whose every digit lies in a
+    dot-separated number: read by where their digits lie (_digit_layouts), no regex per name. Shapes
+    in the order of their first names. None where a digit lies in a word, or nothing is shared."""
+    found = _digit_layouts(names, joined)
     if found is None:
         return None
-    by_shape: dict[tuple[str, ...], list[list[str]]] = {}
+    by_shape: dict[tuple[str, ...], tuple[list[int], list[list[str]]]] = {}
     for layout, positions in found:
-        members, slots = list(map(names.__getitem__, positions)), number_slots(layout)
-        columns = by_shape.setdefault(tuple(layout_texts(layout)), [[] for _ in slots])
+        layout_names = list(map(names.__getitem__, positions))
+        slots = [slice(m.start() + 1, m.end()) for m in _NUMBER_RUN.finditer(layout)]  # where its numbers lie
+        members, columns = by_shape.setdefault(tuple(_NUMBER_RUN.split(layout)), ([], [[] for _ in slots]))
+        members.extend(positions)
         for column, slot in zip(columns, slots):
-            column.extend(map(itemgetter(slot), members))
+            column.extend(map(itemgetter(slot), layout_names))
     return by_shape
+
+
+def as_numbers(columns: list[list[str]], count: int) -> list[tuple[int, ...]]:
+    """Each of `count` names' numbers, from layout_shapes' columns of digit strings."""
+    return list(zip(*[list(map(int, column)) for column in columns])) if columns else [()] * count
 
 
 def _indices(columns: Iterable[Iterable[str]]) -> list[str]:
@@ -160,13 +159,11 @@ def collapse_sorted(items: Iterable[T], name: Callable[[T], str],
         pieces = list(map(_NUMBER.split, names))  # text, number, text, ...
         shapes: list = list(map(tuple, map(_TEXTS, pieces)))
         numbers_of = lambda positions: [tuple(map(int, _NUMBERS(pieces[k]))) for k in positions]
-    elif (found := digit_layouts(names, joined)) is not None:
+    elif (by_layout := layout_shapes(names, joined)) is not None:
         shapes, numbers_at = [""] * len(names), [()] * len(names)
-        for layout, positions in found:  # each name's shape and numbers put in its place, in C
-            layout_names = list(map(names.__getitem__, positions))
-            columns = [list(map(int, map(itemgetter(slot), layout_names))) for slot in number_slots(layout)]
-            list(map(shapes.__setitem__, positions, repeat(".#".join(layout_texts(layout)))))
-            list(map(numbers_at.__setitem__, positions, zip(*columns) if columns else repeat(())))
+        for texts, (positions, columns) in by_layout.items():  # each name's shape and numbers put in its place, in C
+            list(map(shapes.__setitem__, positions, repeat(".#".join(texts))))
+            list(map(numbers_at.__setitem__, positions, as_numbers(columns, len(positions))))
         numbers_of = lambda positions: list(map(numbers_at.__getitem__, positions))
     else:
         shapes = _NUMBER_LINES.sub(".#", joined).split("\n")

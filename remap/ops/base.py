@@ -60,9 +60,11 @@ def tensor_types(names: Iterable[str], shapes: Iterable[Sequence[int]], dtypes: 
     # keyed by the shape object's id: a header reader shares one tuple among a file's tensors of
     # one shape, so 92k keys are a few thousand, and ints hash in C where tuples of ints do not
     keys = list(zip(map(id, shapes), dtypes))
-    alike: dict[tuple, TensorType] = {}
-    types = {key: alike.setdefault((tuple(shape), key[1]), TensorType(tuple(shape), key[1]))
-             for key, shape in dict(zip(keys, shapes)).items()}
+    alike: dict[tuple, TensorType] = {}  # (shape, dtype) -> its one TensorType
+    types: dict[tuple, TensorType] = {}
+    for key, shape in dict(zip(keys, shapes)).items():
+        kind = (tuple(shape), key[1])
+        types[key] = alike.setdefault(kind, TensorType(*kind))
     return dict(zip(names, map(types.__getitem__, keys)))
 
 
