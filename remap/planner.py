@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from collections import ChainMap
 from itertools import chain, compress, groupby, repeat, starmap
-from operator import attrgetter, itemgetter
+from operator import add, attrgetter, itemgetter
 from typing import Any, Mapping
 
 from remap import dtypes
@@ -176,15 +176,21 @@ class _Planner:
                     if (id(match), field) not in fields:
                         fields[id(match), field] = list(map(attrgetter(field), map(tensors.__getitem__, match.names)))
                     columns.append(fields[id(match), field])
-            # one column is its own keys (a dtype's or number's hash is cached or cheap; a tuple's is not)
-            keys = columns[0] if len(columns) == 1 else list(zip(*columns)) if columns else [()] * len(match.names)
+            # names differ only in the columns not of one value throughout (a shape's dtype often is):
+            # those alone key them, one column as itself (an int's or str's hash is cheap; a tuple's is not)
+            moving = [column.count(column[0]) != len(column) for column in columns]
+            varying = list(compress(columns, moving))
+            keys = varying[0] if len(varying) == 1 else list(zip(*varying)) if varying else [()] * len(match.names)
+            answers = {}
             for key in dict.fromkeys(keys):  # (in name order: an expression that fails, fails on the first name)
-                if key not in decided:
-                    values = (key,) if len(columns) == 1 else key
+                parts = iter((key,) if len(varying) == 1 else key)
+                values = tuple(next(parts) if moves else column[0] for column, moves in zip(columns, moving))
+                if values not in decided:
                     scope = dict(zip(variables, values))
                     scope.update(zip([k for k in ("dtype", "shape") if k in read], values[len(variables):]))
-                    decided[key] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
-            passed = list(map(decided.__getitem__, keys))
+                    decided[values] = bool(evaluate(rule.when, ChainMap(scope, self.namespace)))
+                answers[key] = decided[values]
+            passed = list(map(answers.__getitem__, keys))
             if all(passed):
                 kept.append((match, None))
             elif any(passed):
@@ -245,7 +251,8 @@ class _Planner:
             names, numbers = [names[k] for k in keep], [numbers[k] for k in keep]
         number_columns = list(zip(*numbers))  # (a shape of several names has numbers: none is empty)
         own = match.template(rule.sources[0])  # a template giving back the names (an FP8 stage's `to`) reuses them
-        filled = [names if template == own else list(map(template.format, *number_columns)) for template in templates]
+        filled = [names if template == own else _suffixed(names, template, own) or list(map(template.format, *number_columns))
+                  for template in templates]
         sources, outputs = [names, *filled[:len(rule.sources) - 1]], filled[len(rule.sources) - 1:]
         try:
             types = [list(map(self.tensors.__getitem__, column)) for column in sources]
@@ -267,9 +274,9 @@ class _Planner:
                 or not self.written.keys().isdisjoint(made)
                 or not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
             return False
-        self.written.update(zip(made, chain.from_iterable(map(repeat, range(len(self.steps), len(self.steps) + len(rows)),
-                                                              repeat(len(rule.to))))))
-        self.used.update(dict.fromkeys(read, rule.id))
+        indices = range(len(self.steps), len(self.steps) + len(rows))  # each step's index, once per output
+        self.written.update(zip(made, indices if len(rule.to) == 1 else chain.from_iterable(map(repeat, indices, repeat(len(rule.to))))))
+        self.used.update(zip(read, repeat(rule.id)))  # (zip's pairs: no 92k-entry dict made on the way)
         per_name = list(map(answers.__getitem__, rows))  # (output types, ops, losses) of each name
         made_types = list(chain.from_iterable(map(itemgetter(0), per_name)))
         self.output_types.update(zip(made, made_types))
@@ -346,7 +353,7 @@ class _Planner:
             if name is not None:
                 raise RemapError(f"source tensor '{name}' is matched by two rules: {used[name]} and this one",
                                  tensor=name, expected="each source tensor used once (mark tied weights `reuse: true`)")
-        used.update(dict.fromkeys(names, rule_id))
+        used.update(zip(names, repeat(rule_id)))
 
     def _drop(self, rule: Rule) -> None:
         for pattern in rule.sources:
@@ -386,4 +393,11 @@ class _Planner:
         self.unmatched = sorted((n for n in self.tensors if n in left), key=natural_key) if left else []
 
 
-
+def _suffixed(names: list[str], template: str, own: str) -> list[str] | None:
+    """The names `template` gives, where it is `own` (the template giving back `names`) and a
+    literal tail (an FP8 weight's `weight_scale_inv`): each name and the tail joined, in C, no
+    format per name. None for any other template."""
+    tail = template[len(own or ""):]
+    if own is None or not template.startswith(own) or "{" in tail or "}" in tail:
+        return None
+    return list(map(add, names, repeat(tail)))

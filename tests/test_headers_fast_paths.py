@@ -160,6 +160,7 @@ def test_the_header_as_written_reads_as_the_careful_path(entries, spelling, meta
     fast = _as_written(text, data_len)
     careful = _careful(text, data_len)
     assert fast in (None, careful)
+    assert fast is None or len(set(map(id, fast[0][1]))) == len(set(fast[0][1]))  # one str object per dtype
     if careful is None:
         return
     # what writers write: compact, in file order, the crate's or mlx's field order, nothing escaped

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
+from collections import ChainMap, Counter
 
 import numpy as np
 import pytest
@@ -13,7 +13,8 @@ import pytest
 from remap.errors import RemapError
 from remap.ops import TensorType
 from remap.plan import Dropped, Output, Plan, Stage, Step
-from remap.planner import build_plan
+from remap.expr import evaluate
+from remap.planner import _Planner, build_plan
 from remap.report import build_report
 from remap.spec.invert import invert_spec
 from remap.spec.load import bundled_specs, load_spec, parse_spec
@@ -145,6 +146,35 @@ def test_bundled_spec_meets_its_target_layout(spec, layout, source_variant, vari
         assert stage.makers == dataclasses.replace(stage, makers=None).makers
     assert report.coverage["used"] + report.coverage["dropped"] == len(tensors)
     json.dumps(plan.to_dict())  # the plan is plain data
+
+
+def _kept_name_by_name(self, pattern, rule):
+    """_Planner._kept as its doc says, plainly: `when` evaluated on each name's binding, dtype and shape."""
+    kept = []
+    for match in self._matches(pattern):
+        if rule.when is None:
+            kept.append((match, None))
+            continue
+        types = [self.tensors[name] for name in match.names]
+        passed = [bool(evaluate(rule.when, ChainMap({**binding, "dtype": t.dtype, "shape": t.shape}, self.namespace)))
+                  for (_, binding), t in zip(match.bindings(), types)]
+        if any(passed):
+            kept.append((match, None if all(passed) else [k for k, p in enumerate(passed) if p]))
+    return kept
+
+
+@pytest.mark.parametrize("spec, layout, source_variant, variant, overrides", _cases())
+def test_a_shape_planned_at_once_is_the_plan_made_name_by_name(spec, layout, source_variant, variant, overrides, monkeypatch):
+    """The planner's per-shape paths (a shape's steps at once, names filled from templates or as
+    a name and a tail; `when` decided once per distinct value of what it reads) plan what the
+    name-by-name path plans, with `when` evaluated on every name."""
+    config, tensors = _source(layout, source_variant, overrides)
+    fast = build_plan(load_spec(spec), tensors, config, variant=variant, source_variant=source_variant)
+    monkeypatch.setattr(_Planner, "_steps_alike", lambda self, *args: False)
+    monkeypatch.setattr(_Planner, "_kept", _kept_name_by_name)
+    slow = build_plan(load_spec(spec), tensors, config, variant=variant, source_variant=source_variant)
+    assert fast.to_dict() == slow.to_dict()
+    assert [dict(s.makers) for s in fast.stages] == [dict(s.makers) for s in slow.stages]
 
 
 @pytest.mark.parametrize("spec, layout, source_variant, variant, overrides",

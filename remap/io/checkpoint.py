@@ -12,10 +12,8 @@ from __future__ import annotations
 import copy
 import mmap
 import os
-import pickle
 import re
 import stat
-import zipfile
 from fnmatch import fnmatch
 from itertools import repeat
 from operator import contains
@@ -349,6 +347,9 @@ def _index_entry_path(root: Path, file: str, tensor: str, index_path: Path) -> P
 
 
 def _open_torch(src: str, path: Path, allow_pickle: bool) -> Checkpoint:
+    import pickle  # (here: only a torch source needs them)
+    import zipfile
+
     import torch
 
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block is_zipfile's open forever

@@ -197,6 +197,7 @@ _USIZE = 2**64
 # bits (bytes) per element of the dtypes whose elements are whole bytes (the fast paths')
 _BITS = {name: d.bits for name, d in DTYPES.items() if d.bits % 8 == 0}
 _BYTES = {name: bits // 8 for name, bits in _BITS.items()}
+_NAMES = {name: name for name in _BYTES}
 
 
 def _is_count(value: Any) -> bool:
@@ -307,6 +308,7 @@ def _as_written(text: str, data_len: int) -> tuple[tuple[list, ...], dict[str, s
     element_bytes = list(map(_BYTES.get, dtypes))
     if None in element_bytes:
         return None
+    dtypes = list(map(_NAMES.__getitem__, dtypes))  # one str object per dtype, not one per tensor
     # A number after a comma starts with 0 only as 0 (an empty tensor, or its offset, for the
     # careful path) or written with a leading zero (no JSON); the first begin must be 0.
     if begins[0] != "0" or ",0" in ",".join(("", *begins[1:], *ends, *set(shapes))):
