@@ -471,11 +471,13 @@ def test_lossy_passes_bytes_and_names_what_it_changes():
     assert invert_ops([{"op": "lossy", "reason": "r"}]) == [{"op": "lossy", "reason": "r"}]
 
 
-def test_tensor_types_gives_one_object_per_distinct_type():
-    """Shared shape tuples, equal ones apart, lists, and a dtype telling two shapes apart."""
-    shared = (4, 8)
+@pytest.mark.parametrize("one_dtype_per_shape_object", [True, False])
+def test_tensor_types_gives_one_object_per_distinct_type(one_dtype_per_shape_object):
+    """Shared shape tuples, equal ones apart, lists, and a dtype telling two shapes apart: where a
+    shape object goes with one dtype (keyed by it alone), and where one goes with two."""
+    shared, equal, other = tuple([4, 8]), tuple([4, 8]), tuple([4, 8])  # (literals would be one constant)
     names = ["a", "b", "c", "d", "e"]
-    shapes = [shared, shared, (4, 8), [4, 8], shared]
+    shapes = [shared, shared, equal, [4, 8], other if one_dtype_per_shape_object else shared]
     types = tensor_types(names, shapes, ["BF16", "BF16", "BF16", "BF16", "F32"])
     assert [types[n] for n in names] == [TensorType((4, 8), "BF16")] * 4 + [TensorType((4, 8), "F32")]
     assert len({id(t) for t in types.values()}) == 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from operator import itemgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -56,14 +57,20 @@ def tensor_types(names: Iterable[str], shapes: Iterable[Sequence[int]], dtypes: 
     """name -> TensorType, from the names and their shapes and dtypes: one object per distinct
     type. The 45k experts of one shape share theirs, so a step tells that its types are the step
     before's by identity. (Columns, so that the 140k tensors of Kimi-K2 map in C.)"""
-    shapes = list(shapes)  # (held while their ids key them below)
+    shapes, dtypes = list(shapes), list(dtypes)  # (held while their ids key them below)
     # keyed by the shape object's id: a header reader shares one tuple among a file's tensors of
-    # one shape, so 92k keys are a few thousand, and ints hash in C where tuples of ints do not
-    keys = list(zip(map(id, shapes), dtypes))
+    # one shape, so 92k keys are a few thousand, and ints hash in C where tuples do not. Where a
+    # shape object goes with one dtype (as a header's do), its id alone is the key; else with the dtype.
+    ids = list(map(id, shapes))
+    dtype_of = dict(zip(ids, dtypes))
+    if list(map(dtype_of.__getitem__, ids)) == dtypes:
+        keys, dtype_for = ids, dtype_of.__getitem__
+    else:
+        keys, dtype_for = list(zip(ids, dtypes)), itemgetter(1)
     alike: dict[tuple, TensorType] = {}  # (shape, dtype) -> its one TensorType
-    types: dict[tuple, TensorType] = {}
+    types: dict = {}
     for key, shape in dict(zip(keys, shapes)).items():
-        kind = (tuple(shape), key[1])
+        kind = (tuple(shape), dtype_for(key))
         types[key] = alike.setdefault(kind, TensorType(*kind))
     return dict(zip(names, map(types.__getitem__, keys)))
 
