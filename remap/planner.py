@@ -258,13 +258,19 @@ class _Planner:
             types = [list(map(self.tensors.__getitem__, column)) for column in sources]
         except KeyError:
             return False
-        rows = list(zip(*[map(id, column) for column in types]))  # (equal types are one object)
-        if self.dtype:  # whether --dtype casts an output depends on its name
-            rows = list(zip(rows, [tuple(map(self.target.keeps_dtype, made)) for made in zip(*outputs)]))
+        # each name's row of source types, told apart by identity (equal types are one object); one
+        # row for all where each source column is of one type (an FP8 shape's weights and scales)
+        if not self.dtype and all(column.count(column[0]) == len(column) for column in types):
+            rows, firsts = None, {(): 0}
+        else:
+            rows = list(zip(*[map(id, column) for column in types]))
+            if self.dtype:  # whether --dtype casts an output depends on its name
+                rows = list(zip(rows, [tuple(map(self.target.keeps_dtype, made)) for made in zip(*outputs)]))
+            firsts = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1)))  # each row's first name
         answers = {}
         try:
             ops = self.op_types.ops(rule, match.binding)
-            for row, k in dict(zip(reversed(rows), range(len(rows) - 1, -1, -1))).items():  # each row's first
+            for row, k in firsts.items():
                 losses: list[Loss] = []
                 answers[row] = (*self.op_types.types(ops, [c[k] for c in types], losses, [c[k] for c in outputs]), tuple(losses))
         except RemapError:
@@ -274,10 +280,10 @@ class _Planner:
                 or not self.written.keys().isdisjoint(made)
                 or not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
             return False
-        indices = range(len(self.steps), len(self.steps) + len(rows))  # each step's index, once per output
+        indices = range(len(self.steps), len(self.steps) + len(names))  # each step's index, once per output
         self.written.update(zip(made, indices if len(rule.to) == 1 else chain.from_iterable(map(repeat, indices, repeat(len(rule.to))))))
         self.used.update(zip(read, repeat(rule.id)))  # (zip's pairs: no 92k-entry dict made on the way)
-        per_name = list(map(answers.__getitem__, rows))  # (output types, ops, losses) of each name
+        per_name = [answers[()]] * len(names) if rows is None else list(map(answers.__getitem__, rows))  # (output types, ops, losses) of each
         made_types = list(chain.from_iterable(map(itemgetter(0), per_name)))
         self.output_types.update(zip(made, made_types))
         outs = built(Output, len(made), name=made, shape=map(attrgetter("shape"), made_types),

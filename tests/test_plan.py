@@ -169,10 +169,24 @@ def test_a_shape_planned_at_once_is_the_plan_made_name_by_name(spec, layout, sou
     a name and a tail; `when` decided once per distinct value of what it reads) plan what the
     name-by-name path plans, with `when` evaluated on every name."""
     config, tensors = _source(layout, source_variant, overrides)
-    fast = build_plan(load_spec(spec), tensors, config, variant=variant, source_variant=source_variant)
+    _assert_planned_alike(monkeypatch, spec, tensors, config, variant=variant, source_variant=source_variant)
+
+
+@pytest.mark.parametrize("dtype", [None, "F16"])
+def test_a_shape_of_names_of_several_types_is_planned_as_name_by_name(dtype, monkeypatch):
+    """Names of one shape whose types differ (a layer's norm in float32, another's wider) each
+    get their own output types; with --dtype, each output its own cast."""
+    config, tensors = _source("hf", "bf16", {})
+    tensors["model.layers.1.input_layernorm.weight"] = TensorType(tensors["model.layers.1.input_layernorm.weight"].shape, "F32")
+    tensors["model.layers.0.post_attention_layernorm.weight"] = TensorType((3,), "BF16")
+    _assert_planned_alike(monkeypatch, "hf-to-mlx", tensors, config, dtype=dtype)
+
+
+def _assert_planned_alike(monkeypatch, spec, tensors, config, **options):
+    fast = build_plan(load_spec(spec), tensors, config, **options)
     monkeypatch.setattr(_Planner, "_steps_alike", lambda self, *args: False)
     monkeypatch.setattr(_Planner, "_kept", _kept_name_by_name)
-    slow = build_plan(load_spec(spec), tensors, config, variant=variant, source_variant=source_variant)
+    slow = build_plan(load_spec(spec), tensors, config, **options)
     assert fast.to_dict() == slow.to_dict()
     assert [dict(s.makers) for s in fast.stages] == [dict(s.makers) for s in slow.stages]
 
