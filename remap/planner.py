@@ -403,7 +403,7 @@ def _suffixed(names: list[str], template: str, own: str) -> list[str] | None:
     """The names `template` gives, where it is `own` (the template giving back `names`) and a
     literal tail (an FP8 weight's `weight_scale_inv`): each name and the tail joined, in C, no
     format per name. None for any other template."""
-    tail = template[len(own or ""):]
-    if own is None or not template.startswith(own) or "{" in tail or "}" in tail:
+    if own is None or not template.startswith(own):
         return None
-    return list(map(add, names, repeat(tail)))
+    tail = template[len(own):]
+    return None if "{" in tail or "}" in tail else list(map(add, names, repeat(tail)))
