@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 from remap import dtypes
 from remap.names import natural_key  # noqa: F401  (re-exported: callers found it here)
 from remap.ops import Loss, Op, TensorType
+from remap.records import one_value
 from remap.spec.load import Spec
 
 
@@ -247,7 +248,7 @@ def _alike_once(steps: list[Step]) -> Iterable[Step]:
     """One of each kind of step in `steps`, in first-seen order of kinds: steps with the same fill and
     ops tuple (a rule's steps share theirs) have the same _op_names."""
     fills, ops = list(map(attrgetter("fill"), steps)), list(map(attrgetter("ops"), steps))
-    if steps and fills.count(fills[0]) == len(steps) and ops.count(ops[0]) == len(steps):
+    if steps and one_value(fills) and one_value(ops):
         return steps[:1]  # (one kind: a stack's 256 experts, counted in C; equal ops name alike)
     return dict(zip(zip(fills, map(id, ops)), steps)).values()
 

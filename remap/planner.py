@@ -25,7 +25,7 @@ from remap.namespace import namespace, translate_config
 from remap.op_types import OpTypes
 from remap.ops import Loss, TensorType
 from remap.plan import Dropped, Output, Plan, Stage, Step
-from remap.records import built
+from remap.records import built, one_value
 from remap.spec.load import Rule, Spec
 from remap.spec.pattern import Pattern, ShapeMatch
 
@@ -178,7 +178,7 @@ class _Planner:
                     columns.append(fields[id(match), field])
             # names differ only in the columns not of one value throughout (a shape's dtype often is):
             # those alone key them, one column as itself (an int's or str's hash is cheap; a tuple's is not)
-            moving = [column.count(column[0]) != len(column) for column in columns]
+            moving = [not one_value(column) for column in columns]
             varying = list(compress(columns, moving))
             keys = varying[0] if len(varying) == 1 else list(zip(*varying)) if varying else [()] * len(match.names)
             answers = {}
@@ -260,7 +260,7 @@ class _Planner:
             return False
         # each name's row of source types, told apart by identity (equal types are one object); one
         # row for all where each source column is of one type (an FP8 shape's weights and scales)
-        if not self.dtype and all(column.count(column[0]) == len(column) for column in types):
+        if not self.dtype and all(map(one_value, types)):
             rows, firsts = None, {(): 0}
         else:
             rows = list(zip(*[map(id, column) for column in types]))

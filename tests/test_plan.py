@@ -385,3 +385,11 @@ def test_records_built_in_columns_are_the_records_made_one_by_one():
     assert steps == [Step(rule="r", outputs=tuple(outputs), groups=(("x",),), stacked=True)] and steps[0].sources == ["x"]
     with pytest.raises(TypeError, match="fields"):
         built(Output, 1, name=["a"], shape=[()])  # a field left out is no default here
+
+
+def test_one_value_is_every_value_equal_to_the_first():
+    from remap.records import one_value
+
+    shape = (4, 8)
+    assert one_value([]) and one_value([7]) and one_value([shape, tuple([4, 8]), shape])
+    assert not one_value([1, 1, 2]) and not one_value(["BF16", "F32"]) and not one_value([2, 1, 1])
