@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import mmap
@@ -726,6 +727,70 @@ def test_writer_incomplete_leaves_no_file(tmp_path):
     with pytest.raises(RemapError, match=r"2 tensors not fully written: 'a' \(8 bytes\), 'b' \(8 bytes\)"):
         shard.close()
     assert list(tmp_path.iterdir()) == []
+
+
+class _Fallocate:
+    """libc with a fallocate that fails with `error`, the rest the real one's."""
+
+    def __init__(self, error: int):
+        self.error, self.calls = error, []
+
+    def fallocate(self, fd, mode, offset, length):
+        self.calls.append((mode, offset, length))
+        ctypes.set_errno(self.error)
+        return -1
+
+
+def test_writer_reserves_the_file_on_disk_before_its_first_byte(tmp_path):
+    """The file's blocks are allocated when it is opened, not as pieces land (a full disk fails
+    before a 1 TB conversion's first tensor, and a copy writes into allocated blocks)."""
+    from remap.io.libc import reserve
+
+    fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT)
+    try:
+        if not reserve(fd, 1 << 20):
+            pytest.skip("this file system has no fallocate")
+    finally:
+        os.close(fd)
+    tensors = {"big": np.ones(1 << 18, np.float32), "small": np.ones(3, np.float32)}
+    with ShardWriter(tmp_path / "m.safetensors", entries_of(tensors)) as shard:
+        (incomplete,) = tmp_path.glob("m.safetensors.*")
+        assert incomplete.stat().st_blocks * 512 >= incomplete.stat().st_size >= 1 << 20
+        for name, array in tensors.items():
+            shard.write(name, array)
+    save_file(tensors, tmp_path / "reference.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_writer_on_a_full_disk_fails_at_open_naming_the_file_and_its_size(tmp_path, monkeypatch):
+    from remap.io import libc
+
+    fake = _Fallocate(errno.ENOSPC)
+    monkeypatch.setattr(libc, "libc", lambda: fake)
+    entries = [("a", "F32", (1000,))]
+    with pytest.raises(RemapError) as caught:
+        ShardWriter(tmp_path / "out.safetensors", entries)
+    size = fake.calls[0][2]
+    assert fake.calls == [(0, 0, size)] and size > 4000
+    assert "No space left on device" in str(caught.value) and f"needs {size:,} bytes" in str(caught.value)
+    assert caught.value.file == str(tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, None],
+                         ids=["EOPNOTSUPP", "ENOSYS", "EINVAL", "no fallocate"])
+def test_writer_where_nothing_can_be_reserved_writes_a_sparse_file(tmp_path, monkeypatch, error):
+    """A file system without fallocate (or a platform without the call) is no error: the file
+    is written as it would be without."""
+    from remap.io import libc
+
+    monkeypatch.setattr(libc, "libc", (lambda: _Fallocate(error)) if error else (lambda: object()))
+    tensors = sample_tensors()
+    with ShardWriter(tmp_path / "ours.safetensors", entries_of(tensors)) as shard:
+        for name, array in tensors.items():
+            shard.write(name, array)
+    save_file(tensors, tmp_path / "reference.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
 
 def test_writer_exception_leaves_no_file(tmp_path):

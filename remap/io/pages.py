@@ -8,22 +8,12 @@ descriptor open as long as the mapping lives, and a step stacking 384 experts ho
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import os
 import weakref
 
+from remap.io.libc import libc as _libc
 from remap.io.positional import read_into
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def private_pages(fd: int, offset: int, length: int) -> ctypes.Array | bytearray:

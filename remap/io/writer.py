@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 from remap.errors import RemapError
 from remap.io.atomic import INCOMPLETE_SUFFIX, disk_errors
 from remap.io.hashing import SHA256, following_hash
+from remap.io.libc import reserve
 from remap.io.mlx_safetensors import header as mlx_header
 from remap.io.ranges import claim_range
 from remap.io.shards import EntryLike, TensorEntry, checked_entry, file_order
@@ -109,8 +110,10 @@ class ShardWriter:
             with disk_errors(self.path):
                 self._fd = os.open(self._incomplete, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 _pwrite_all(self._fd, memoryview(header), 0)
-                # final size from the start (sparse until written), so pieces can land at any offset
+                # final size from the start, so pieces can land at any offset: reserved on disk
+                # where the file system can (a full disk fails here), else sparse until written
                 os.ftruncate(self._fd, file_size)
+                reserve(self._fd, file_size)
                 if checksum:
                     algorithm = SHA256 if checksum is True else checksum
                     self._hash = following_hash(algorithm, self.path, self._fd, file_size, len(header))
