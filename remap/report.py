@@ -127,7 +127,7 @@ def build_report(plan: Plan, findings: list[RuleFinding] | None = None, *,
     expected = target_layout.expected(target_config, variant)
     # Cut the outputs into files as convert will: a cut the layout refuses (--param mp not dividing
     # the experts or a sliced dim) fails the report with the error convert gives.
-    target_layout.files(plan.outputs, plan.recipe.max_shard_size if plan.recipe else "5GB", plan.names)
+    target_layout.check_files(plan.outputs, plan.recipe.max_shard_size if plan.recipe else "5GB", plan.names)
     rows = _rows(plan, expected)
     produced = {r.name for r in rows}
     missing = [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype} for e in expected.values() if e.name not in produced]

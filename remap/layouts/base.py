@@ -159,6 +159,15 @@ class Layout:
         (mlx: the order of mlx-lm's model parameters). What every command calls."""
         return self.files(outputs, max_shard_size, names)
 
+    def check_files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> None:
+        """Raise what `files` would raise for these outputs (a report fails where convert would),
+        cutting them only where the cut can refuse. Default: transformers' cut refuses only a bad
+        --max-shard-size (a plan's outputs are valid entries, each name once), so nothing is cut
+        and its splitter (huggingface_hub's, ~10 ms to import) is not loaded."""
+        from remap.io.shards import shard_size
+
+        shard_size(max_shard_size)
+
     def files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> FilePlan:
         """How outputs (name, shape, dtype) are cut into files. Default: transformers' scheme,
         shards filled in order (model-0000k-of-0000n.safetensors) with an index when several."""

@@ -319,6 +319,9 @@ class DeepseekLayout(CollectedLayout):
                   for r, rank in enumerate(ranks)]
         return FilePlan(shards, placements)
 
+    def check_files(self, outputs: Sequence[Any], max_shard_size: int | str, names: Mapping[str, Any]) -> None:
+        self.files(outputs, max_shard_size, names)  # --param mp must divide the experts and the sliced dims
+
     def assemble(self, files: Mapping[str, Mapping[str, tuple[Sequence[int], str]]]) -> dict[str, list[Placement]] | None:
         """convert.py's model{r}-mp{N} files (N > 1) read back: each single-rank tensor's pieces,
         as `files` places them; None for other files."""
