@@ -55,9 +55,9 @@ def at_end(what: str, *args: object, codes=(0, 1)) -> dict:
 
 HEAVY = ("numpy", "ml_dtypes", "jsonschema", "yaml", "pydantic", "torch", "mlx", "transformers", "huggingface_hub",
          "remap.plan", "remap.planner", "remap.compute", "remap.execute", "remap.spec.load", "remap.ops")
-# What planning from headers with a bundled spec does without: array code, the schema check, and the
-# hub's splitter (a report cuts no files where the cut cannot refuse).
-PLANNING_HEAVY = ("numpy", "ml_dtypes", "jsonschema", "pydantic", "torch", "mlx", "transformers", "huggingface_hub", "remap.compute",
+# What planning from headers with a bundled spec does without: array code (ctypes maps tensors'
+# pages), the schema check, and the hub's splitter (a report cuts no files where the cut cannot refuse).
+PLANNING_HEAVY = ("numpy", "ml_dtypes", "ctypes", "jsonschema", "pydantic", "torch", "mlx", "transformers", "huggingface_hub", "remap.compute",
                   "remap.fills", "remap.execute")
 
 

@@ -25,7 +25,6 @@ from remap.heap import paused_gc
 from remap.dtypes import DTYPES, safetensors_dtype
 from remap.io.headers import DuplicateKey, TensorInfo, loads_unique, read_header
 from remap.io.hub import download
-from remap.io.pages import private_pages
 from remap.io.textfiles import read_json
 
 if TYPE_CHECKING:  # numpy is imported where tensors are read: opening a checkpoint reads headers only
@@ -123,6 +122,8 @@ class Checkpoint:
         tensor's own pages, so reading it neither copies the page cache nor zeroes fresh memory
         (with pread both were a third of quantizing's CPU); a page is copied only if written."""
         import numpy as np
+
+        from remap.io.pages import private_pages  # (here: planning needs no ctypes)
 
         info = self._info(tensor)
         if info.start is None or info.numel == 0:
