@@ -276,9 +276,10 @@ class _Planner:
         except RemapError:
             return False
         made, read = list(chain.from_iterable(zip(*outputs))), list(chain.from_iterable(zip(*sources)))
+        # (an empty dict is disjoint from anything: isdisjoint would look up each of a list's names in it)
         if (any(len(out) != len(rule.to) for out, _, _ in answers.values()) or len(set(made)) < len(made)
-                or not self.written.keys().isdisjoint(made)
-                or not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
+                or self.written and not self.written.keys().isdisjoint(made)
+                or self.used and not self.used.keys().isdisjoint(read) and any(self.used[n] != rule.id for n in self.used.keys() & set(read))):
             return False
         indices = range(len(self.steps), len(self.steps) + len(names))  # each step's index, once per output
         self.written.update(zip(made, indices if len(rule.to) == 1 else chain.from_iterable(map(repeat, indices, repeat(len(rule.to))))))
