@@ -1,7 +1,7 @@
 """The kernel's floor for a conversion that only moves bytes: the same copies, nothing else.
 
     python bench/copy_floor.py record SRC OUT RECORD -- [remap convert options]
-    python bench/copy_floor.py replay RECORD OUT
+    python bench/copy_floor.py replay RECORD OUT [--aligned]
 
 `record` runs `remap convert SRC OUT` once, in this process, and writes to RECORD (JSON) every
 copy_file_range it made (source file, offsets, length) and each output file's size. `replay`
@@ -10,7 +10,9 @@ first as remap's writer does: the bytes land where remap puts them, with no plan
 Python between the copies. Timed beside `cp -r`, it says what the output's byte layout costs the
 kernel: a safetensors file puts each tensor after its header and neighbours, so a tensor seldom
 lies at the same offset within its page in the source and in the output, and the kernel then
-copies it page by page across two pages of the output.
+copies it page by page across two pages of the output. `--aligned` copies the same pieces to the
+offsets they have in the source instead (each output file as long as its pieces reach): the same
+bytes by the same calls, each page onto one page, for what that layout costs.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def record(src: str, out: str, path: str, options: list[str]) -> None:
           f"{sum(c[4] for c in copies if (c[1] - c[3]) % 4096) / 2**20:.0f} MiB at another offset within their page")
 
 
-def replay(path: str, out: str) -> None:
+def replay(path: str, out: str, aligned: bool = False) -> None:
     recorded = json.loads(Path(path).read_text())
+    if aligned:
+        recorded["copies"] = [[source, at, name, at, count] for source, at, name, _, count in recorded["copies"]]
+        recorded["sizes"] = {name: max(at + count for _, at, file, _, count in recorded["copies"] if file == name)
+                             for name in recorded["sizes"]}
     root = Path(out)
     root.mkdir(parents=True)
     outputs = {}
@@ -69,4 +75,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "record":
         record(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6:] if sys.argv[5:6] == ["--"] else [])
     else:
-        replay(sys.argv[2], sys.argv[3])
+        replay(sys.argv[2], sys.argv[3], aligned="--aligned" in sys.argv[4:])
