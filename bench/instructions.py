@@ -13,6 +13,7 @@ Needs valgrind; each count takes a minute or two (valgrind runs ~50x slower).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -20,10 +21,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUN = "import sys; from remap.cli import run; sys.argv[0] = 'remap'; run()"
+
+
+@contextlib.contextmanager
+def checked_out(ref: str) -> Iterator[Path]:
+    """The code of git `ref`, in a temporary worktree (this checkout itself for `.`)."""
+    if ref == ".":
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory() as parent:
+        tree = Path(parent) / "ref"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), ref], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
 
 
 def instructions(checkout: Path, args: list[str]) -> int:
@@ -58,13 +75,8 @@ def main() -> None:
     here = instructions(ROOT, args)
     print(f"  this checkout: {here:,} instructions")
     if options.vs:
-        with tempfile.TemporaryDirectory() as parent:
-            tree = Path(parent) / "ref"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), options.vs], check=True)
-            try:
-                there = instructions(tree, args)
-            finally:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+        with checked_out(options.vs) as tree:
+            there = instructions(tree, args)
         print(f"  {options.vs}: {there:,} instructions")
         print(f"  change: {here / there - 1:+.1%}")
 

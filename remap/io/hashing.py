@@ -4,10 +4,12 @@ Three algorithms, named in the manifest (`digest`):
 - `blake3` (the default): BLAKE3 of the whole file, as `b3sum FILE` prints it. One thread per
   file follows its bytes as they are written (the writer tells it every 8 MB), reading them in
   place from the page cache through a mapped window, each piece hashed on every core (BLAKE3's
-  own threads; the digest is the same however many): BLAKE3 runs at ~4-6 GB/s on one core here
-  (sha256 at ~1.7), about the copy's speed, and on a shared host one core of it fell behind the
-  copy; spread over two, a 1.6 GB hf -> mlx conversion took 1.13 s where it took 1.23 (medians
-  of 11, interleaved; 1.05 with no digest). It takes a quarter of sha256's CPU away from the copy. (A mapped page that cannot be read, an I/O
+  own threads, as b3sum hashes; the digest is the same however many). BLAKE3 runs at ~4-6 GB/s
+  on one core here (sha256 at ~1.7): about the speed of a copy within the page cache, so one
+  core of it can fall behind the copy (it did, in slow spells of this shared host), and a disk
+  faster than one core would wait for it. Where one core keeps up it costs a little: 1.6 GB
+  hf -> mlx took 0.806 s against 0.777 (bench/ab.py, 15 runs by turns, a fast spell). It takes a
+  quarter of sha256's CPU away from the copy. (A mapped page that cannot be read, an I/O
   error on a page evicted and read again, stops the process with SIGBUS rather than an error:
   the page was written moments before, and the file stays `.incomplete` for --resume.)
 - `sha256-tree-64MiB`: the sha256 of the concatenated sha256 digests of the file's 64 MiB chunks,
