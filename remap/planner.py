@@ -226,7 +226,7 @@ class _Planner:
                 stacks.setdefault(key, []).extend(map(itemgetter(1), run))
         for key_values, members in stacks.items():
             members.sort(key=itemgetter(0))
-            indices = [m[0] for m in members]
+            indices = list(map(itemgetter(0), members))
             if indices != list(range(len(indices))):
                 missing = sorted(set(range(max(indices) + 1)) - set(indices))
                 raise RemapError(f"cannot stack {{{rule.stack}}}: index {missing[0]} is missing",
