@@ -1,28 +1,32 @@
-"""Wall time of one remap command on the code of two git refs, run by turns: medians and bests.
+"""Wall time of one remap command on the code of two git refs, run by turns: medians.
 
     python bench/ab.py NEW OLD [--runs 11] [--clean PATH] -- remap args ...
 
 NEW and OLD are git refs (`.` for this checkout as it is), each checked out into a temporary
 worktree and run with this interpreter, bytecode compiled first (as an installed wheel has it).
-The two take turns run by run, so a slow spell of a shared host hits both alike. With --clean,
-PATH (the command's output) is removed before every run and the disk given the last run's
-writes (`sync`, untimed). A figure of a code change's wall time in docs/benchmarks.md comes from
-here; `bench/instructions.py` counts the same change's instructions, which the host does not move.
+They take turns as the tools of bench/run_all.py do (`interleaved`): a slow spell of a shared
+host hits both alike, and with --clean, PATH (the command's output) is removed before every run
+and the disk given the last run's writes (`sync`, untimed). A figure of a code change's wall time
+in docs/benchmarks.md comes from here; `bench/instructions.py` counts the same change's
+instructions, which the host does not move. Give paths absolute: the command runs from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from instructions import RUN, checked_out
+from instructions import checked_out
+from run_all import interleaved
+
+
+def command(tree: Path, args: list[str]) -> list[str]:
+    """`remap ARGS` on the code in `tree` (first on the path, before this checkout's install)."""
+    run = f"import sys; sys.path.insert(0, {str(tree)!r}); from remap.cli import run; sys.argv[0] = 'remap'; run()"
+    return [sys.executable, "-c", run, *args]
 
 
 def main() -> None:
@@ -33,28 +37,15 @@ def main() -> None:
     parser.add_argument("--clean", type=Path, help="the command's output: removed, and the disk synced, before each run")
     parser.add_argument("args", nargs="+", help="remap's arguments (after --)")
     options = parser.parse_args()
-    times: dict[str, list[float]] = {options.new: [], options.old: []}
     with contextlib.ExitStack() as stack:
-        trees = {ref: stack.enter_context(checked_out(ref)) for ref in times}
+        trees = {ref: stack.enter_context(checked_out(ref)) for ref in (options.new, options.old)}
         for tree in trees.values():
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "remap")], check=True, stdout=subprocess.DEVNULL)
-        for _ in range(options.runs):
-            for ref, tree in trees.items():
-                if options.clean:
-                    shutil.rmtree(options.clean, ignore_errors=True)
-                    subprocess.run(["sync"], check=True)
-                start = time.perf_counter()
-                done = subprocess.run([sys.executable, "-c", RUN, *options.args], cwd=tree, stdout=subprocess.DEVNULL,
-                                      env={**os.environ, "PYTHONPATH": str(tree)})
-                times[ref].append(time.perf_counter() - start)
-                if done.returncode not in (0, 1):  # (1: a report that is not OK still times its work)
-                    sys.exit(f"remap {' '.join(options.args)} exited {done.returncode} on {ref}")
-        if options.clean:
-            shutil.rmtree(options.clean, ignore_errors=True)
+        got = interleaved({ref: command(tree, options.args) for ref, tree in trees.items()}, options.runs, options.clean)
     print(f"remap {' '.join(options.args)} ({options.runs} runs each, by turns)")
-    for ref, runs in times.items():
-        print(f"  {ref}: median {statistics.median(runs):.3f} s, best {min(runs):.3f} s")
-    print(f"  change of the median: {statistics.median(times[options.new]) / statistics.median(times[options.old]) - 1:+.1%}")
+    for ref, run in got.items():
+        print(f"  {ref}: median {run.wall:.3f} s, {run.rss:.0f} MB")
+    print(f"  change of the median: {got[options.new].wall / got[options.old].wall - 1:+.1%}")
 
 
 if __name__ == "__main__":
