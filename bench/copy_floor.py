@@ -4,7 +4,8 @@
     python bench/copy_floor.py replay RECORD OUT [--aligned]
 
 `record` runs `remap convert SRC OUT` once, in this process, and writes to RECORD (JSON) every
-copy_file_range it made (source file, offsets, length) and each output file's size. `replay`
+copy_file_range it made (source file, offsets, length) and each output file's size; it prints
+when remap's modules were imported, its first copy began, its last ended and the command returned. `replay`
 makes those files again with the same calls in the same order, each file sized and reserved
 first as remap's writer does: the bytes land where remap puts them, with no planning, hashing or
 Python between the copies. Timed beside `cp -r`, it says what the output's byte layout costs the
@@ -20,25 +21,33 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
 def record(src: str, out: str, path: str, options: list[str]) -> None:
     copies: list[list] = []
     real = os.copy_file_range
+    start, ended = time.perf_counter(), [0.0]  # (workers copy in threads: the last to end is the latest)
 
     def recorded(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
-        copies.append([os.readlink(f"/proc/self/fd/{src_fd}"), offset_src, os.readlink(f"/proc/self/fd/{dst_fd}"), offset_dst, count])
-        return real(src_fd, dst_fd, count, offset_src, offset_dst)
+        copies.append([os.readlink(f"/proc/self/fd/{src_fd}"), offset_src, os.readlink(f"/proc/self/fd/{dst_fd}"), offset_dst, count,
+                       time.perf_counter() - start])
+        done = real(src_fd, dst_fd, count, offset_src, offset_dst)
+        ended[0] = max(ended[0], time.perf_counter() - start)
+        return done
 
     os.copy_file_range = recorded
     from remap.cli import app
 
+    imported = time.perf_counter() - start
     try:
         app(["convert", src, out, *options], standalone_mode=False)
     except SystemExit as exit:  # (0: done)
         if exit.code:
             raise
+    returned = time.perf_counter() - start
+    began = min((copy.pop() for copy in copies), default=float("nan"))
     finals = {}
     for copy in copies:  # written as NAME.incomplete in DST.partial, renamed when done
         final = Path(copy[2].removesuffix(".incomplete").replace(".partial/", "/", 1))
@@ -48,6 +57,8 @@ def record(src: str, out: str, path: str, options: list[str]) -> None:
     moved = sum(c[4] for c in copies)
     print(f"{len(copies)} copies, {moved / 2**20:.0f} MiB, of files of {sum(finals.values()) / 2**20:.0f} MiB; "
           f"{sum(c[4] for c in copies if (c[1] - c[3]) % 4096) / 2**20:.0f} MiB at another offset within their page")
+    print(f"from this script's start: remap imported at {imported:.3f} s, its first copy began at {began:.3f} s and its "
+          f"last ended at {ended[0]:.3f} s, the command returned at {returned:.3f} s")
 
 
 def replay(path: str, out: str, aligned: bool = False) -> None:
