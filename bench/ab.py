@@ -8,7 +8,9 @@ They take turns as the tools of bench/run_all.py do (`interleaved`): a slow spel
 host hits both alike, and with --clean, PATH (the command's output) is removed before every run
 and the disk given the last run's writes (`sync`, untimed). A figure of a code change's wall time
 in docs/benchmarks.md comes from here; `bench/instructions.py` counts the same change's
-instructions, which the host does not move. Give paths absolute: the command runs from here.
+instructions, which the host does not move. The CPU time (user + system, the command's tree) is
+shown beside the wall: a slow spell of a shared disk moves it far less. Give paths absolute: the
+command runs from here.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def main() -> None:
         got = interleaved({ref: command(tree, options.args) for ref, tree in trees.items()}, options.runs, options.clean)
     print(f"remap {' '.join(options.args)} ({options.runs} runs each, by turns)")
     for ref, run in got.items():
-        print(f"  {ref}: median {run.wall:.3f} s, {run.rss:.0f} MB")
-    print(f"  change of the median: {got[options.new].wall / got[options.old].wall - 1:+.1%}")
+        print(f"  {ref}: median {run.wall:.3f} s wall, {run.cpu:.3f} s CPU (user + system), {run.rss:.0f} MB")
+    new, old = got[options.new], got[options.old]
+    print(f"  change of the median: {new.wall / old.wall - 1:+.1%} wall, {new.cpu / old.cpu - 1:+.1%} CPU")
 
 
 if __name__ == "__main__":

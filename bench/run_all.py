@@ -48,6 +48,8 @@ class Run:
     wall: float  # seconds
     rss: float  # peak resident MB, the largest process of the command's tree (/usr/bin/time -v)
     walls: tuple[float, ...] = ()  # a median's: each round's wall, in order
+    cpu: float = 0.0  # seconds of CPU, user and system, of the command's tree: what a change costs the
+    # cores, which a slow spell of the host's disk moves far less than the wall
 
 
 def rounds(numerator: Run, *denominator: Run) -> tuple[float, float]:
@@ -63,7 +65,8 @@ def timed(command: list[str]) -> Run:
         raise SystemExit(f"{' '.join(command)} exited {run.returncode}:\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}")
     fields = dict(line.strip().rsplit(": ", 1) for line in run.stderr.splitlines() if ": " in line)
     minutes, seconds = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")[-2:]
-    return Run(60 * float(minutes) + float(seconds), int(fields["Maximum resident set size (kbytes)"]) / 1024)
+    return Run(60 * float(minutes) + float(seconds), int(fields["Maximum resident set size (kbytes)"]) / 1024,
+               cpu=float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]))
 
 
 def interleaved(tools: dict[str, list[str]], runs: int, clean: Path | None = None) -> dict[str, Run]:
@@ -77,7 +80,8 @@ def interleaved(tools: dict[str, list[str]], runs: int, clean: Path | None = Non
             results[tool].append(timed(command))
     if clean:
         shutil.rmtree(clean, ignore_errors=True)
-    return {tool: Run(statistics.median(r.wall for r in rs), statistics.median(r.rss for r in rs), tuple(r.wall for r in rs))
+    return {tool: Run(statistics.median(r.wall for r in rs), statistics.median(r.rss for r in rs), tuple(r.wall for r in rs),
+                      statistics.median(r.cpu for r in rs))
             for tool, rs in results.items()}
 
 
