@@ -5,8 +5,8 @@
 
 `record` runs `remap convert SRC OUT` once, in this process, and writes to RECORD (JSON) every
 copy_file_range it made (source file, offsets, length) and each output file's size; it prints
-when remap's modules were imported, its first copy began, its last ended and the command returned. `replay`
-makes those files again with the same calls in the same order, each file sized and reserved
+when remap's modules were imported, its first copy began, its last ended and the command
+returned. `replay` makes those files again with the same calls in the same order, each file sized and reserved
 first as remap's writer does: the bytes land where remap puts them, with no planning, hashing or
 Python between the copies. Timed beside `cp -r`, it says what the output's byte layout costs the
 kernel: a safetensors file puts each tensor after its header and neighbours, so a tensor seldom
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,13 +29,15 @@ from pathlib import Path
 def record(src: str, out: str, path: str, options: list[str]) -> None:
     copies: list[list] = []
     real = os.copy_file_range
-    start, ended = time.perf_counter(), [0.0]  # (workers copy in threads: the last to end is the latest)
+    start, last_end, lock = time.perf_counter(), 0.0, threading.Lock()  # (workers copy in threads)
 
     def recorded(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
+        nonlocal last_end
         copies.append([os.readlink(f"/proc/self/fd/{src_fd}"), offset_src, os.readlink(f"/proc/self/fd/{dst_fd}"), offset_dst, count,
                        time.perf_counter() - start])
         done = real(src_fd, dst_fd, count, offset_src, offset_dst)
-        ended[0] = max(ended[0], time.perf_counter() - start)
+        with lock:
+            last_end = max(last_end, time.perf_counter() - start)
         return done
 
     os.copy_file_range = recorded
@@ -58,7 +61,7 @@ def record(src: str, out: str, path: str, options: list[str]) -> None:
     print(f"{len(copies)} copies, {moved / 2**20:.0f} MiB, of files of {sum(finals.values()) / 2**20:.0f} MiB; "
           f"{sum(c[4] for c in copies if (c[1] - c[3]) % 4096) / 2**20:.0f} MiB at another offset within their page")
     print(f"from this script's start: remap imported at {imported:.3f} s, its first copy began at {began:.3f} s and its "
-          f"last ended at {ended[0]:.3f} s, the command returned at {returned:.3f} s")
+          f"last ended at {last_end:.3f} s, the command returned at {returned:.3f} s")
 
 
 def replay(path: str, out: str, aligned: bool = False) -> None:
