@@ -37,10 +37,10 @@ import contextlib, hashlib, io, json, os, sys, tempfile
 sys.path.insert(0, sys.argv[1])  # (this ref's remap before the installed one)
 from remap.cli import app
 
-tree = os.path.realpath(sys.argv[1])
+code = os.path.join(os.path.realpath(sys.argv[1]), "remap")
 
-def same_paths(text):  # this ref's checkout named alike in both (a spec's path is in its errors)
-    return text.replace(tree, "<checkout>")
+def same_paths(text):  # this ref's code named alike in both (a bundled spec's path is in its errors)
+    return text.replace(code, "<checkout>/remap")
 
 def digest(text):
     return hashlib.sha256(same_paths(text).encode("utf-8", "surrogateescape")).hexdigest()[:16]
