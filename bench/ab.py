@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 import sys
 from pathlib import Path
 
 from instructions import checked_out
-from run_all import interleaved
+from run_all import compile_code, interleaved
 
 
 def command(tree: Path, args: list[str]) -> list[str]:
@@ -42,7 +41,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         trees = {ref: stack.enter_context(checked_out(ref)) for ref in (options.new, options.old)}
         for tree in trees.values():
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "remap")], check=True, stdout=subprocess.DEVNULL)
+            compile_code(tree)
         got = interleaved({ref: command(tree, options.args) for ref, tree in trees.items()}, options.runs, options.clean)
     print(f"remap {' '.join(options.args)} ({options.runs} runs each, by turns)")
     for ref, run in got.items():

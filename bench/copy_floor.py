@@ -29,12 +29,12 @@ from pathlib import Path
 def record(src: str, out: str, path: str, options: list[str]) -> None:
     copies: list[list] = []
     real = os.copy_file_range
-    start, last_end, lock = time.perf_counter(), 0.0, threading.Lock()  # (workers copy in threads)
+    start, starts, last_end, lock = time.perf_counter(), [], 0.0, threading.Lock()  # (workers copy in threads)
 
     def recorded(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
         nonlocal last_end
-        copies.append([os.readlink(f"/proc/self/fd/{src_fd}"), offset_src, os.readlink(f"/proc/self/fd/{dst_fd}"), offset_dst, count,
-                       time.perf_counter() - start])
+        copies.append([os.readlink(f"/proc/self/fd/{src_fd}"), offset_src, os.readlink(f"/proc/self/fd/{dst_fd}"), offset_dst, count])
+        starts.append(time.perf_counter() - start)
         done = real(src_fd, dst_fd, count, offset_src, offset_dst)
         with lock:
             last_end = max(last_end, time.perf_counter() - start)
@@ -50,7 +50,7 @@ def record(src: str, out: str, path: str, options: list[str]) -> None:
         if exit.code:
             raise
     returned = time.perf_counter() - start
-    began = min((copy.pop() for copy in copies), default=float("nan"))
+    began = min(starts, default=float("nan"))
     finals = {}
     for copy in copies:  # written as NAME.incomplete in DST.partial, renamed when done
         final = Path(copy[2].removesuffix(".incomplete").replace(".partial/", "/", 1))

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from run_all import compile_code
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUN = "import sys; from remap.cli import run; sys.argv[0] = 'remap'; run()"
@@ -34,6 +36,11 @@ def checked_out(ref: str) -> Iterator[Path]:
     if ref == ".":
         yield ROOT
         return
+    known = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                           capture_output=True)
+    if known.returncode:
+        print(f"{ref}: not a commit of this repository (expected a git ref, or . for this checkout)", file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory() as parent:
         tree = Path(parent) / "ref"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), ref], check=True)
@@ -45,7 +52,7 @@ def checked_out(ref: str) -> Iterator[Path]:
 
 def instructions(checkout: Path, args: list[str]) -> int:
     """Instructions (valgrind's `I refs`) of `remap ARGS` run on the code in `checkout`."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "remap")], check=True, stdout=subprocess.DEVNULL)
+    compile_code(checkout)
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out",

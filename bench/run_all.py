@@ -59,6 +59,13 @@ def rounds(numerator: Run, *denominator: Run) -> tuple[float, float]:
     return min(ratios), max(ratios)
 
 
+def compile_code(tree: Path) -> None:
+    """Bytecode for the remap package in `tree`, as an installed wheel has it (pip compiles on
+    install; an editable checkout run with PYTHONDONTWRITEBYTECODE would compile ~8k lines on
+    every command, ~90 ms)."""
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(tree / "remap")], check=True)  # (-q: errors only)
+
+
 def timed(command: list[str]) -> Run:
     run = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     if run.returncode:  # a failed run's time means nothing
@@ -147,15 +154,15 @@ def convert_jobs(work: Path, runs: int) -> None:
         if label == "13 GB":  # there only memory is a goal: mlx_lm.convert (13 GB resident) and the rest left out
             tools = {"cp": tools["cp"], "remap": remap}
         got = interleaved(tools, runs, clean=out)
-        floor = got["cp"].wall + (got["python"].wall if label == "1.6 GB" else 0)
+        references = [got["cp"], got["python"]] if label == "1.6 GB" else [got["cp"]]
+        floor = sum(run.wall for run in references)
         reference = "cp -r" + (" + python -c pass" if label == "1.6 GB" else "")
         ratio, rss_met = got["remap"].wall / floor, got["remap"].rss <= 150
         if label == "13 GB":
             row(f"hf -> mlx {label}", got["remap"], reference, Run(floor, 0), ratio, "RSS <= 150 MB", rss_met)
             continue
-        spread = rounds(got["remap"], *([got["cp"], got["python"]] if label == "1.6 GB" else [got["cp"]]))
         row(f"hf -> mlx {label}", got["remap"], reference, Run(floor, 0), ratio, "<= 1.25x, RSS <= 150 MB",
-            ratio <= 1.25 and rss_met, spread)
+            ratio <= 1.25 and rss_met, rounds(got["remap"], *references))
         gain = got["remap"].wall / got["bare"].wall
         row(f"hf -> mlx {label} --no-checksums", got["bare"], "remap default", got["remap"], gain,
             "default <= 1.10x of it", gain <= 1.10, rounds(got["remap"], got["bare"]))
@@ -191,9 +198,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["plan", "convert", "quant"], default=["plan", "convert", "quant"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    # remap's bytecode, as an installed wheel has it (pip compiles on install; an editable checkout
-    # run with PYTHONDONTWRITEBYTECODE would compile ~8k lines on every command, ~90 ms)
-    subprocess.run([PYTHON, "-m", "compileall", "-q", str(HERE.parent / "remap")], check=True)
+    compile_code(HERE.parent)
     print("| job | remap (median wall, peak RSS) | reference | ratio (round by round: lowest-highest) | goal | this run |")
     print("|---|---|---|---|---|---|")
     jobs = {"plan": plan_jobs, "convert": convert_jobs, "quant": quant_jobs}

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from instructions import checked_out
-from run_all import made
+from run_all import compile_code, made
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,7 +74,7 @@ with tempfile.TemporaryDirectory() as out:
 
 def outputs(tree: Path, sources: list[str], specs: list[str]) -> subprocess.Popen:
     """The cases run on the code in `tree`, in a process of its own (started, not waited for)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "remap")], check=True, stdout=subprocess.DEVNULL)
+    compile_code(tree)
     return subprocess.Popen([sys.executable, "-c", CASES, str(tree), json.dumps(sources), json.dumps(specs),
                              json.dumps(FLAG_SETS)], stdout=subprocess.PIPE, text=True)
 
